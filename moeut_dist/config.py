@@ -1,0 +1,133 @@
+"""Model configuration dataclasses.
+
+Every field has the spec's name for it in the comment; `validate()` runs at construction, so an
+impossible model is rejected before any weight is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Self
+
+KernelBackend = Literal["auto", "torch", "triton"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a valid model or run."""
+
+
+def _check_keys(cls: type, values: dict[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown {cls.__name__} key(s) {unknown}; known keys are {sorted(known)}"
+        )
+
+
+class _DictConfig:
+    """Round trip through plain dicts (JSON/YAML) with unknown keys rejected by name."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        _check_keys(cls, values)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Self:
+        _check_keys(type(self), changes)
+        return dataclasses.replace(self, **changes)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class MoEUTConfig(_DictConfig):
+    vocab_size: int
+    d_model: int  # d
+    n_layers: int  # L, total depth
+    group_size: int  # G, distinct layers; the group repeats L / G times
+    n_heads: int  # H
+    head_dim: int  # dh
+    n_experts: int  # E, σ-MoE experts per layer
+    experts_per_token: int  # k
+    expert_size: int = 128  # m
+    att_n_experts: int = 1  # Ea, SwitchHead V/O experts per head
+    att_experts_per_head: int = 2  # ka
+    dropout: float = 0.0
+    expert_dropout: float = 0.0
+    entropy_reg: float = 0.01  # γ
+    att_entropy_reg: float = 0.001  # δ
+    rope_base: float = 10000.0
+    kernel: KernelBackend = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "group_size", "n_heads", "head_dim",
+                     "n_experts", "experts_per_token", "expert_size", "att_n_experts"):
+            _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        _require(
+            self.n_layers % self.group_size == 0,
+            f"n_layers ({self.n_layers}) must be a multiple of group_size ({self.group_size})",
+        )
+        _require(
+            self.experts_per_token <= self.n_experts,
+            f"experts_per_token ({self.experts_per_token}) exceeds n_experts ({self.n_experts})",
+        )
+        if self.att_n_experts > 1:
+            _require(
+                0 < self.att_experts_per_head <= self.att_n_experts,
+                f"att_experts_per_head ({self.att_experts_per_head}) must be in "
+                f"1..att_n_experts ({self.att_n_experts})",
+            )
+        for name in ("dropout", "expert_dropout"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1)")
+        _require(self.kernel in ("auto", "torch", "triton"), f"unknown kernel {self.kernel!r}")
+
+    @property
+    def n_repeats(self) -> int:
+        """R = L / G: how many times the group of layers is applied."""
+        return self.n_layers // self.group_size
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head rotated by RoPE: half the head, rounded down to even."""
+        return (self.head_dim // 2) // 2 * 2
+
+    @classmethod
+    def from_profile(cls, name: str, **overrides: Any) -> MoEUTConfig:
+        from moeut_dist import profiles
+
+        return profiles.get(name, **overrides)
+
+
+@dataclass(frozen=True)
+class DenseConfig(_DictConfig):
+    """The paper's pre-LN RoPE Transformer baseline."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.d_model % self.n_heads == 0,
+            f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return (self.head_dim // 2) // 2 * 2
