@@ -68,8 +68,18 @@ class MoEUTConfig(_DictConfig):
     kernel: KernelBackend = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "group_size", "n_heads", "head_dim",
-                     "n_experts", "experts_per_token", "expert_size", "att_n_experts"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "group_size",
+            "n_heads",
+            "head_dim",
+            "n_experts",
+            "experts_per_token",
+            "expert_size",
+            "att_n_experts",
+        ):
             _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         _require(
             self.n_layers % self.group_size == 0,

@@ -28,8 +28,16 @@ _RENAMED = {"moeut-727m": "moeut-582m"}
 
 def _paper_profile(d: int, n_layers: int, h: int, dh: int, e: int, k: int, ea: int, g: int):
     return dict(
-        vocab_size=PAPER_VOCAB_SIZE, d_model=d, n_layers=n_layers, group_size=g, n_heads=h,
-        head_dim=dh, n_experts=e, experts_per_token=k, expert_size=128, att_n_experts=ea,
+        vocab_size=PAPER_VOCAB_SIZE,
+        d_model=d,
+        n_layers=n_layers,
+        group_size=g,
+        n_heads=h,
+        head_dim=dh,
+        n_experts=e,
+        experts_per_token=k,
+        expert_size=128,
+        att_n_experts=ea,
         att_experts_per_head=2,
     )
 
@@ -37,8 +45,17 @@ def _paper_profile(d: int, n_layers: int, h: int, dh: int, e: int, k: int, ea: i
 _MOEUT: dict[str, dict[str, Any]] = {name: _paper_profile(*row) for name, row in _PAPER.items()}
 # Trains in seconds on a CPU; exercises grouping (G=2, R=2), σ-MoE and SwitchHead with Ea > 1.
 _MOEUT["tiny"] = dict(
-    vocab_size=256, d_model=64, n_layers=4, group_size=2, n_heads=2, head_dim=16, n_experts=16,
-    experts_per_token=4, expert_size=32, att_n_experts=4, att_experts_per_head=2,
+    vocab_size=256,
+    d_model=64,
+    n_layers=4,
+    group_size=2,
+    n_heads=2,
+    head_dim=16,
+    n_experts=16,
+    experts_per_token=4,
+    expert_size=32,
+    att_n_experts=4,
+    att_experts_per_head=2,
 )
 
 

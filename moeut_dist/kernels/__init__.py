@@ -1,12 +1,19 @@
 """Local expert compute: gather rows → per-expert matmul → gate-weighted scatter-add.
 
-One contract, two implementations: Triton kernels for CUDA tensors and the pure-PyTorch
-reference (`moeut_dist.kernels.reference`) for CPU tensors and as the test oracle. `backend`
-chooses: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
+One contract, two implementations: Triton kernels (`triton_kernels`, registered as `torch.library`
+custom ops with autograd in `ops`) and the pure-PyTorch reference (`reference`), which is also the
+test oracle. `backend` chooses: "auto" (Triton on CUDA tensors, PyTorch elsewhere), "torch", or
+"triton" (on CPU tensors only under the Triton interpreter, `TRITON_INTERPRET=1`).
 
 Routing is given as pairs (see `reference`): the same form serves a single process (every token
 with its k experts) and expert parallelism (the tokens a rank received, with only its local
 experts), and it covers σ-MoE and both SwitchHead projections.
+
+Determinism: the Triton path's weight gradients never use atomics. Outputs and input gradients
+are scatter-added with fp32 atomics (fast; the summation order, hence the last bits, may vary run
+to run) unless `deterministic=True`, or `deterministic=None` (the default) while
+`torch.use_deterministic_algorithms(True)` is in effect: then they are reduced per row in a fixed
+order and repeated runs are bitwise identical.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from moeut_dist.kernels import reference
+from moeut_dist.kernels import ops, reference, triton_kernels
 
 Backend = Literal["auto", "torch", "triton"]
 
@@ -25,7 +32,17 @@ def _use_triton(x: torch.Tensor, backend: Backend) -> bool:
         return x.is_cuda
     if backend not in ("torch", "triton"):
         raise ValueError(f"unknown kernel backend {backend!r}; use 'auto', 'torch' or 'triton'")
+    if backend == "triton" and not (x.is_cuda or triton_kernels.INTERPRETING):
+        raise ValueError(
+            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before import for CPU"
+        )
     return backend == "triton"
+
+
+def _resolve_deterministic(deterministic: bool | None) -> bool:
+    if deterministic is None:
+        return torch.are_deterministic_algorithms_enabled()
+    return deterministic
 
 
 def moe_linear(
@@ -37,15 +54,18 @@ def moe_linear(
     out_rows: torch.Tensor,
     n_out_rows: int,
     backend: Backend = "auto",
+    *,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """out[out_rows[p]] += gates[p] · x[in_rows[p]] @ weight[experts[p]], out: [n_out_rows, d_out].
 
     x: [N, d_in]; weight: [E, d_in, d_out]; gates: [P]; experts, in_rows, out_rows: [P] int64.
     """
     if _use_triton(x, backend):
-        from moeut_dist.kernels import triton_ops
-
-        return triton_ops.moe_linear(x, weight, gates, experts, in_rows, out_rows, n_out_rows)
+        return ops.moe_linear_op(
+            x, weight, gates, experts, in_rows, out_rows, n_out_rows,
+            _resolve_deterministic(deterministic),
+        )  # fmt: skip
     return reference.moe_linear(x, weight, gates, experts, in_rows, out_rows, n_out_rows)
 
 
@@ -57,14 +77,17 @@ def moe_mlp(
     experts: torch.Tensor,
     rows: torch.Tensor,
     backend: Backend = "auto",
+    *,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """out[rows[p]] += gates[p] · relu(x[rows[p]] @ up[e]) @ down[e], e = experts[p].
 
     x: [N, d]; up: [E, d, m]; down: [E, m, d_out]; gates: [P]; experts, rows: [P] int64.
-    Returns [N, d_out]; rows no pair refers to are zero.
+    Returns [N, d_out]; rows no pair refers to are zero. The Triton path keeps no [P, m] hidden
+    activations for backward: it recomputes them.
     """
     if _use_triton(x, backend):
-        from moeut_dist.kernels import triton_ops
-
-        return triton_ops.moe_mlp(x, up, down, gates, experts, rows)
+        return ops.moe_mlp_op(
+            x, up, down, gates, experts, rows, _resolve_deterministic(deterministic)
+        )
     return reference.moe_mlp(x, up, down, gates, experts, rows)

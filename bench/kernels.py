@@ -1,0 +1,212 @@
+"""Benchmark of the expert kernels: correctness at full size, then forward + backward timings.
+
+On a CUDA GPU: the MoEUT-244M shapes in bf16 (σ-MoE N = 64×1024 tokens, d = 1024, E = 387,
+m = 128, k = 16; SwitchHead H = 4, dh = 128, Ea = 10, ka = 2). For each operation it prints the
+time of forward + backward, useful TFLOP/s, the speed-up over the pure-PyTorch path, the fraction
+of the throughput of a dense bf16 matmul doing the same FLOPs (the ceiling), peak memory, and
+the activation bytes per token autograd keeps for backward. Without a GPU it runs a small smoke
+test through the Triton interpreter (timings there mean nothing).
+
+    python bench/kernels.py
+
+Imports only torch, triton, numpy and moeut_dist.kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first `triton.jit` decoration, i.e. importing the kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from moeut_dist.kernels import moe_linear, moe_mlp
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+
+
+@dataclass(frozen=True)
+class Shapes:
+    n_tokens: int
+    d: int
+    n_experts: int
+    expert_size: int
+    k: int
+    heads: int
+    head_dim: int
+    att_experts: int
+    att_k: int
+
+
+MOEUT_244M = Shapes(64 * 1024, 1024, 387, 128, 16, 4, 128, 10, 2)
+SMOKE = Shapes(64, 64, 7, 32, 4, 2, 32, 3, 2)
+
+
+@dataclass
+class Workload:
+    name: str
+    op: Callable[..., torch.Tensor]
+    inputs: list[torch.Tensor]  # differentiable
+    routing: tuple[object, ...]
+    flops: float  # forward + backward, useful work only
+
+
+def _top_k(n_tokens: int, n_choices: int, k: int) -> torch.Tensor:
+    return torch.rand(n_tokens, n_choices, device=DEVICE).topk(k, dim=1).indices
+
+
+def _param(*shape: int, fan_in: int) -> torch.Tensor:
+    return (torch.randn(*shape, device=DEVICE) / fan_in**0.5).to(DTYPE).requires_grad_()
+
+
+def workloads(s: Shapes) -> list[Workload]:
+    n, d, m = s.n_tokens, s.d, s.expert_size
+    pairs = n * s.k
+    mlp = Workload(
+        f"σ-MoE  N={n} d={d} E={s.n_experts} m={m} k={s.k}",
+        moe_mlp,
+        [_param(n, d, fan_in=1), _param(s.n_experts, d, m, fan_in=d),
+         _param(s.n_experts, m, d, fan_in=m), torch.rand(pairs, device=DEVICE).requires_grad_()],
+        (_top_k(n, s.n_experts, s.k).flatten(),
+         torch.arange(n, device=DEVICE).repeat_interleave(s.k)),
+        flops=3 * 2 * pairs * 2 * d * m,
+    )  # fmt: skip
+    h, dh, ea, ka = s.heads, s.head_dim, s.att_experts, s.att_k
+    att_pairs = n * h * ka
+    head = torch.arange(h, device=DEVICE).repeat(n, 1)
+    experts = (head[..., None] * ea + _top_k(n * h, ea, ka).view(n, h, ka)).flatten()
+    token_rows = torch.arange(n, device=DEVICE).repeat_interleave(h * ka)
+    token_head_rows = (torch.arange(n, device=DEVICE)[:, None] * h + head).repeat_interleave(ka, 1)
+    att_flops = 3 * 2 * att_pairs * d * dh
+    v_proj = Workload(
+        f"SwitchHead V  N={n} d={d} H={h} dh={dh} Ea={ea} ka={ka}",
+        moe_linear,
+        [_param(n, d, fan_in=1), _param(h * ea, d, dh, fan_in=d),
+         torch.rand(att_pairs, device=DEVICE).requires_grad_()],
+        (experts, token_rows, token_head_rows.flatten(), n * h),
+        flops=att_flops,
+    )  # fmt: skip
+    o_proj = Workload(
+        f"SwitchHead O  N={n} d={d} H={h} dh={dh} Ea={ea} ka={ka}",
+        moe_linear,
+        [_param(n * h, dh, fan_in=1), _param(h * ea, dh, d, fan_in=dh),
+         torch.rand(att_pairs, device=DEVICE).requires_grad_()],
+        (experts, token_head_rows.flatten(), token_rows, n),
+        flops=att_flops,
+    )  # fmt: skip
+    return [mlp, v_proj, o_proj]
+
+
+def forward_backward(work: Workload, backend: str, **kwargs: object) -> list[torch.Tensor]:
+    out = work.op(*work.inputs, *work.routing, backend=backend, **kwargs)
+    grad_out = torch.ones_like(out)
+    return [out, *torch.autograd.grad(out, work.inputs, grad_out)]
+
+
+def relative_errors(work: Workload) -> list[float]:
+    """Triton in DTYPE against the PyTorch path in fp32 on the same (rounded) inputs."""
+    fp32 = Workload(
+        work.name, work.op, [t.detach().float().requires_grad_() for t in work.inputs],
+        work.routing, work.flops,
+    )  # fmt: skip
+    expected = forward_backward(fp32, "torch")
+    actual = forward_backward(work, "triton")
+    return [
+        ((a.float() - e).norm() / e.norm()).item() for a, e in zip(actual, expected, strict=True)
+    ]
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    if ON_GPU:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=200) / 1e3
+    fn()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def peak_bytes(fn: Callable[[], object]) -> int | None:
+    if not ON_GPU:
+        return None
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - baseline
+
+
+def saved_activation_bytes(work: Workload, backend: str) -> int:
+    """Bytes autograd keeps between forward and backward, beyond the inputs themselves."""
+    input_storages = {t.untyped_storage().data_ptr() for t in work.inputs}
+    input_storages |= {t.untyped_storage().data_ptr() for t in work.routing if torch.is_tensor(t)}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in input_storages:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = work.op(*work.inputs, *work.routing, backend=backend)
+    del out
+    return sum(seen.values())
+
+
+def dense_matmul_seconds(flops: float) -> float:
+    """A bf16 (fp32 off GPU) matmul [M, 4096] @ [4096, 4096] with M chosen to match `flops`."""
+    width = 4096 if ON_GPU else 64
+    rows = max(1, round(flops / (2 * width * width)))
+    a = torch.randn(rows, width, device=DEVICE, dtype=DTYPE)
+    b = torch.randn(width, width, device=DEVICE, dtype=DTYPE)
+    return seconds(lambda: a @ b) * flops / (2 * rows * width * width)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    shapes = MOEUT_244M if ON_GPU else SMOKE
+    device = torch.cuda.get_device_name() if ON_GPU else "CPU, Triton interpreter (smoke test)"
+    print(f"device: {device}; dtype: {DTYPE}; torch {torch.__version__}")
+    header = (
+        f"{'operation':<46} {'backend':<20} {'fwd+bwd ms':>10} {'TFLOP/s':>8} {'vs torch':>8} "
+        f"{'vs dense':>8} {'peak MiB':>9} {'saved B/token':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for work in workloads(shapes):
+        errors = relative_errors(work)
+        worst = max(errors)
+        tolerance = 2e-2 if torch.float32 != DTYPE else 1e-4
+        status = "ok" if worst < tolerance else "FAILED"
+        print(f"{work.name}: max relative error (out, grads) {worst:.1e} {status}")
+        dense = dense_matmul_seconds(work.flops)
+        variants = [("torch", "torch", {}), ("triton", "triton", {})]
+        if work.op is moe_mlp:
+            variants.append(("triton deterministic", "triton", {"deterministic": True}))
+        times = {}
+        for label, backend, kwargs in variants:
+            run = lambda w=work, b=backend, kw=kwargs: forward_backward(w, b, **kw)
+            times[label] = seconds(run)
+            peak = peak_bytes(run)
+            saved = saved_activation_bytes(work, backend) / shapes.n_tokens
+            print(
+                f"{'':<46} {label:<20} {times[label] * 1e3:>10.3f} "
+                f"{work.flops / times[label] / 1e12:>8.1f} {times['torch'] / times[label]:>8.2f} "
+                f"{dense / times[label]:>8.2f} "
+                f"{'-' if peak is None else f'{peak / 2**20:.0f}':>9} {saved:>13.0f}"
+            )
+    print("vs dense: fraction of an equal-FLOP dense matmul's throughput (1.0 = ceiling)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Corpus readers: plain text, JSONL (optionally .gz / .zst) and Parquet, as one document stream.
+
+Inputs are files, folders (searched recursively) or glob patterns, expanded in sorted order so
+that the document order, and everything built from it, does not depend on the file system.
+A malformed record (bad JSON, bad UTF-8, a missing or non-string text field) is skipped but
+counted and reported with its `file:line`; the run stops only when their number exceeds the
+error budget. Problems that would spoil the whole run (a missing input, an unknown format, a
+Parquet file without the text column) are raised before any document is read.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+TextUnit = Literal["file", "line"]
+
+_COMPRESSIONS = (".gz", ".zst")
+_FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+}
+_MAX_EXAMPLES = 10
+
+
+class BadInputError(ValueError):
+    """Input that cannot be used as asked: raised before expensive work, naming the problem."""
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    location: str  # "path:line" (or "path:row" for Parquet), for reports
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    format: str  # "text", "jsonl" or "parquet"
+
+
+@dataclass
+class ReadReport:
+    """Counts of documents read and records skipped, with the first few locations."""
+
+    max_bad_records: int | None = 1000  # None: no limit
+    documents: int = 0
+    bad_records: Counter[str] = field(default_factory=Counter)  # reason -> count
+    examples: list[str] = field(default_factory=list)  # "path:line: reason"
+
+    @property
+    def bad_total(self) -> int:
+        return sum(self.bad_records.values())
+
+    def record_bad(self, location: str, reason: str) -> None:
+        self.bad_records[reason] += 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(f"{location}: {reason}")
+        if self.max_bad_records is not None and self.bad_total > self.max_bad_records:
+            raise BadInputError(
+                f"more than {self.max_bad_records} malformed records (error budget exceeded); "
+                f"{self.summary()}"
+            )
+
+    def summary(self) -> str:
+        if not self.bad_records:
+            return f"{self.documents} documents read, no malformed records"
+        reasons = ", ".join(f"{count} {reason}" for reason, count in self.bad_records.most_common())
+        examples = "".join(f"\n  {example}" for example in self.examples)
+        return (
+            f"{self.documents} documents read, {self.bad_total} malformed records skipped "
+            f"({reasons}); first ones:{examples}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "documents": self.documents,
+            "bad_records": dict(self.bad_records),
+            "examples": list(self.examples),
+        }
+
+
+def _format_of(path: Path) -> str | None:
+    suffixes = path.suffixes
+    if suffixes and suffixes[-1] in _COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return _FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def _expand_one(item: str | Path) -> list[Path]:
+    path = Path(item)
+    if path.is_file():
+        if _format_of(path) is None:
+            raise BadInputError(
+                f"{path}: unknown input format (expected one of {sorted(_FORMATS)}"
+                f", optionally with {' or '.join(_COMPRESSIONS)})"
+            )
+        return [path]
+    if path.is_dir():
+        candidates = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        candidates = sorted(Path(p) for p in glob.glob(str(item), recursive=True))
+    files = [p for p in candidates if p.is_file() and _format_of(p) is not None]
+    if not files:
+        raise BadInputError(f"{item}: no such file, or no readable input files in it")
+    return files
+
+
+def resolve_inputs(inputs: Sequence[str | Path], text_field: str = "text") -> list[Source]:
+    """Expand files, folders and globs into sources, checking each can be read as asked."""
+    if not inputs:
+        raise BadInputError("no inputs given")
+    sources = [Source(path, _format_of(path)) for item in inputs for path in _expand_one(item)]
+    for source in sources:
+        if source.format == "parquet":
+            _check_parquet_column(source.path, text_field)
+    return sources
+
+
+def _check_parquet_column(path: Path, text_field: str) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        columns = pq.ParquetFile(path).schema_arrow.names
+    except Exception as error:  # pyarrow raises several types for unreadable files
+        raise BadInputError(f"{path}: not a readable Parquet file ({error})") from error
+    if text_field not in columns:
+        raise BadInputError(f"{path}: no column {text_field!r}; its columns are {columns}")
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    if path.suffix == ".zst":
+        import zstandard
+
+        # zstandard's reader cannot iterate lines; buffering adds that.
+        return io.BufferedReader(zstandard.open(path, "rb"))
+    return open(path, "rb")
+
+
+def _decoded_lines(path: Path, report: ReadReport) -> Iterator[tuple[int, str]]:
+    with _open_binary(path) as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                report.record_bad(f"{path}:{number}", "invalid UTF-8")
+
+
+def _jsonl_documents(path: Path, text_field: str, report: ReadReport) -> Iterator[Document]:
+    for number, line in _decoded_lines(path, report):
+        if not line.strip():
+            continue
+        location = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            report.record_bad(location, "invalid JSON")
+            continue
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if isinstance(text, str):
+            yield Document(text, location)
+        elif not isinstance(record, dict) or text_field not in record:
+            report.record_bad(location, f"missing field {text_field!r}")
+        else:
+            report.record_bad(location, f"field {text_field!r} is not a string")
+
+
+def _text_documents(path: Path, unit: TextUnit, report: ReadReport) -> Iterator[Document]:
+    lines = _decoded_lines(path, report)
+    if unit == "line":
+        for number, line in lines:
+            text = line.rstrip("\n")
+            if text.strip():
+                yield Document(text, f"{path}:{number}")
+    else:
+        yield Document("".join(line for _, line in lines), f"{path}:1")
+
+
+def _parquet_documents(path: Path, text_field: str, report: ReadReport) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if isinstance(text, str):
+                yield Document(text, f"{path}:{row}")
+            else:
+                report.record_bad(f"{path}:{row}", f"field {text_field!r} is not a string")
+
+
+def iter_documents(
+    sources: Sequence[Source],
+    report: ReadReport,
+    *,
+    text_field: str = "text",
+    text_unit: TextUnit = "file",
+) -> Iterator[Document]:
+    """Documents of all sources in order; malformed records go to `report` instead.
+
+    `text_unit` says what a document is in a plain text file: the whole file or each
+    non-blank line. JSONL and Parquet hold one document per record, in `text_field`.
+    """
+    for source in sources:
+        if source.format == "jsonl":
+            documents = _jsonl_documents(source.path, text_field, report)
+        elif source.format == "parquet":
+            documents = _parquet_documents(source.path, text_field, report)
+        else:
+            documents = _text_documents(source.path, text_unit, report)
+        for document in documents:
+            report.documents += 1
+            yield document

@@ -1,0 +1,399 @@
+"""Tokenised webdataset shards: documents → token stream → fixed-length samples → tar shards.
+
+Each split's documents are tokenised, each followed by the end-of-document id, concatenated in
+input order and cut into samples of `seq_len + 1` tokens (the tail shorter than one sample is
+dropped and counted). Shards hold a fixed number of samples, derived from the target shard size,
+so shard boundaries depend only on the token stream.
+
+Determinism: documents are grouped into chunks of `DOCUMENTS_PER_CHUNK` in input order; worker
+processes only tokenise chunks, and the main process consumes the results in chunk order. The
+bytes written therefore do not depend on the number of workers (tar members also get fixed
+names, mtimes and owners).
+
+Restart: every shard is written under a temporary name and renamed when complete. After each
+completed shard, `progress.json` records, per split, the shards done and the stream position
+just after them as (chunk index, tokens of that chunk already consumed). A rerun of the same
+command re-reads the inputs up to that point without tokenising them and continues, producing
+the same bytes as an uninterrupted build. `manifest.json` is written last and marks completion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset
+from tqdm import tqdm
+
+from data_prep.readers import (
+    BadInputError,
+    Document,
+    ReadReport,
+    TextUnit,
+    iter_documents,
+    resolve_inputs,
+)
+from moeut_dist.data.manifest import (
+    MANIFEST_NAME,
+    SAMPLE_FIELD,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    read_manifest,
+    token_dtype,
+    write_json_atomic,
+    write_manifest,
+)
+from moeut_dist.data.tokenizer import Tokenizer, file_sha256
+
+TRAIN, VALIDATION = "train", "val"
+DOCUMENTS_PER_CHUNK = 256
+PROGRESS_NAME = "progress.json"
+_TAR_BLOCK = 512
+# Results a worker pool may hold ahead of the writer, per worker: enough to keep every worker
+# busy, few enough that memory stays bounded whatever the corpus size.
+_CHUNKS_IN_FLIGHT_PER_WORKER = 4
+
+
+def is_validation_document(text: str, val_fraction: float) -> bool:
+    """Whether a document belongs to the validation split: a pure function of its text, so
+    the choice is stable across builds and duplicated documents never straddle the splits."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2**64
+
+
+def samples_per_shard(shard_bytes: int, sample_bytes: int) -> int:
+    """Samples that fit a target shard size, counting each tar member's header and padding."""
+    member_bytes = _TAR_BLOCK + -(-sample_bytes // _TAR_BLOCK) * _TAR_BLOCK
+    return max(1, shard_bytes // member_bytes)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    index: int
+    texts: list[str]
+    splits: tuple[str, ...]  # splits whose tokens are still needed from this chunk
+
+
+@dataclass(frozen=True)
+class _TokenizedChunk:
+    index: int
+    tokens: dict[str, np.ndarray]  # split -> its documents' ids, each document ended by EOD
+
+
+class _ChunkTokenizer:
+    """Tokenises a chunk's documents into one token array per split."""
+
+    def __init__(self, tokenizer_path: Path, val_fraction: float, dtype: np.dtype) -> None:
+        self._tokenizer = Tokenizer(tokenizer_path)
+        self._val_fraction = val_fraction
+        self._dtype = dtype
+
+    def __call__(self, chunk: _Chunk) -> _TokenizedChunk:
+        texts: dict[str, list[str]] = {split: [] for split in chunk.splits}
+        for text in chunk.texts:
+            split = VALIDATION if is_validation_document(text, self._val_fraction) else TRAIN
+            if split in texts:
+                texts[split].append(text)
+        return _TokenizedChunk(chunk.index, {s: self._encode(t) for s, t in texts.items()})
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        ids = self._tokenizer.encode_documents(texts)
+        flat = itertools.chain.from_iterable(ids)
+        return np.fromiter(flat, self._dtype, count=sum(map(len, ids)))
+
+
+_worker_tokenizer: _ChunkTokenizer | None = None
+
+
+def _start_worker(*args: Any) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = _ChunkTokenizer(*args)
+
+
+def _tokenize_in_worker(chunk: _Chunk) -> _TokenizedChunk:
+    assert _worker_tokenizer is not None, "worker started without _start_worker"
+    return _worker_tokenizer(chunk)
+
+
+@contextmanager
+def _tokenized(
+    chunks: Iterable[_Chunk], workers: int, tokenizer_args: tuple[Any, ...]
+) -> Iterator[Iterator[_TokenizedChunk]]:
+    """Tokenised chunks in input order, from `workers` processes (1: this process)."""
+    if workers == 1:
+        yield map(_ChunkTokenizer(*tokenizer_args), chunks)
+        return
+    with multiprocessing.Pool(workers, _start_worker, tokenizer_args) as pool:
+        yield _ordered_bounded_map(
+            pool, _tokenize_in_worker, chunks, workers * _CHUNKS_IN_FLIGHT_PER_WORKER
+        )
+
+
+def _ordered_bounded_map(
+    pool: Any, function: Callable, items: Iterable, max_pending: int
+) -> Iterator[Any]:
+    # Pool.imap would read all of `items` ahead (the whole corpus); keep only a few in flight.
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(function, (item,)))
+        if len(pending) >= max_pending:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+@dataclass(frozen=True)
+class _Position:
+    """A place in one split's token stream: `offset` tokens into that split's part of chunk
+    `chunk`."""
+
+    chunk: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    """A split's state after its last completed shard: all that a restart needs."""
+
+    shards: tuple[ShardInfo, ...] = ()
+    position: _Position = _Position(0, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> _Checkpoint:
+        return cls(
+            shards=tuple(ShardInfo(**shard) for shard in values["shards"]),
+            position=_Position(**values["position"]),
+        )
+
+
+class _SplitWriter:
+    """Cuts one split's token stream into samples and writes them into shards."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        split: str,
+        sample_len: int,
+        dtype: np.dtype,
+        samples_per_shard: int,
+        resume: _Checkpoint,
+    ) -> None:
+        self._out_dir = out_dir
+        self._split = split
+        self._sample_len = sample_len
+        self._samples_per_shard = samples_per_shard
+        self.checkpoint = resume
+        self._carry = np.empty(0, dtype)  # tokens short of a whole sample
+        self._tar: webdataset.TarWriter | None = None
+        self._shard_samples = 0
+
+    @property
+    def tokens_done(self) -> int:
+        return sum(shard.tokens for shard in self.checkpoint.shards)
+
+    def add(self, chunk_index: int, tokens: np.ndarray) -> bool:
+        """Append one chunk's tokens; returns whether a shard was completed."""
+        start = self.checkpoint.position
+        skipped = start.offset if chunk_index == start.chunk else 0
+        carried = len(self._carry)
+        stream = np.concatenate([self._carry, tokens[skipped:]]) if carried else tokens[skipped:]
+        n_samples = len(stream) // self._sample_len
+        completed = False
+        for i in range(n_samples):
+            end = (i + 1) * self._sample_len
+            self._write_sample(stream[end - self._sample_len : end])
+            if self._shard_samples == self._samples_per_shard:
+                # `end > carried`: a sample boundary after the first lies inside this chunk.
+                self._close_shard(_Position(chunk_index, skipped + end - carried))
+                completed = True
+        self._carry = stream[n_samples * self._sample_len :]
+        return completed
+
+    def finish(self) -> SplitInfo:
+        """Write the last, partly filled shard; the tail short of a sample is dropped."""
+        if self._tar is not None:
+            self._close_shard(self.checkpoint.position)
+        return SplitInfo(shards=self.checkpoint.shards, dropped_tail_tokens=len(self._carry))
+
+    def _shard_path(self, partial: bool = False) -> Path:
+        name = f"{self._split}-{len(self.checkpoint.shards):06d}.tar"
+        return self._out_dir / (f".{name}.partial" if partial else name)
+
+    def _write_sample(self, sample: np.ndarray) -> None:
+        if self._tar is None:
+            self._tar = webdataset.TarWriter(
+                str(self._shard_path(partial=True)),
+                encoder=False,
+                mtime=0,  # an int: a float mtime makes tarfile add a PAX header
+                user="moeut",
+                group="moeut",
+            )
+        index = sum(shard.samples for shard in self.checkpoint.shards) + self._shard_samples
+        self._tar.write({"__key__": f"{index:010d}", SAMPLE_FIELD: sample.tobytes()})
+        self._shard_samples += 1
+
+    def _close_shard(self, position: _Position) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        partial, final = self._shard_path(partial=True), self._shard_path()
+        shard = ShardInfo(
+            name=final.name,
+            samples=self._shard_samples,
+            tokens=self._shard_samples * self._sample_len,
+            sha256=file_sha256(partial),
+        )
+        os.replace(partial, final)
+        self.checkpoint = _Checkpoint((*self.checkpoint.shards, shard), position)
+        self._tar = None
+        self._shard_samples = 0
+
+
+def _chunks(documents: Iterator[Document], starts: dict[str, _Position]) -> Iterator[_Chunk]:
+    """Chunks of documents in input order, each naming the splits that still need it."""
+    for index in itertools.count():
+        texts = [document.text for document in itertools.islice(documents, DOCUMENTS_PER_CHUNK)]
+        if not texts:
+            return
+        splits = tuple(split for split, start in starts.items() if index >= start.chunk)
+        if splits:
+            yield _Chunk(index, texts, splits)
+
+
+def _load_progress(
+    out_dir: Path, settings: dict[str, Any], splits: Sequence[str]
+) -> dict[str, _Checkpoint]:
+    """Checkpoints of an interrupted build of the same settings, or fresh ones."""
+    progress_path = out_dir / PROGRESS_NAME
+    if not progress_path.exists():
+        if any(out_dir.glob("*.tar")):
+            raise BadInputError(
+                f"{out_dir} holds shards but no {PROGRESS_NAME} or {MANIFEST_NAME}; "
+                "build into an empty directory"
+            )
+        return {split: _Checkpoint() for split in splits}
+    with open(progress_path) as f:
+        progress = json.load(f)
+    _require_same_settings(out_dir, progress["settings"], settings)
+    return {split: _Checkpoint.from_dict(progress["splits"][split]) for split in splits}
+
+
+def _require_same_settings(out_dir: Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:
+    differing = sorted(k for k in wanted.keys() | found.keys() if found.get(k) != wanted.get(k))
+    if differing:
+        details = "; ".join(
+            f"{k}: {found.get(k)!r} before, {wanted.get(k)!r} now" for k in differing
+        )
+        raise BadInputError(
+            f"{out_dir} holds a build with different settings ({details}); "
+            "rerun with the same settings or build into another directory"
+        )
+
+
+def build_shards(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    tokenizer_path: str | Path,
+    seq_len: int,
+    *,
+    shard_bytes: int = 256 << 20,
+    val_fraction: float = 0.005,
+    workers: int = 1,
+    text_field: str = "text",
+    text_unit: TextUnit = "file",
+    max_bad_records: int | None = 1000,
+    progress: bool = True,
+) -> Manifest:
+    """Tokenise `inputs` into webdataset shards of `seq_len + 1`-token samples in `out_dir`.
+
+    `val_fraction` of the documents (chosen by a hash of their text) go to the `val` split, the
+    rest to `train`. `shard_bytes` is the target size of a shard. Reruns of an interrupted build
+    continue it; a rerun of a finished one returns its manifest. Returns the manifest.
+    """
+    if seq_len < 1:
+        raise BadInputError(f"seq_len must be positive, got {seq_len}")
+    if workers < 1:
+        raise BadInputError(f"workers must be at least 1, got {workers}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise BadInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    tokenizer = Tokenizer(tokenizer_path)
+    sources = resolve_inputs(inputs, text_field)
+    out_dir = Path(out_dir)
+    dtype = token_dtype(tokenizer.vocab_size)
+    sample_len = seq_len + 1
+    settings = {
+        "sources": [[str(source.path), source.path.stat().st_size] for source in sources],
+        "tokenizer_sha256": tokenizer.sha256,
+        "seq_len": seq_len,
+        "samples_per_shard": samples_per_shard(shard_bytes, sample_len * dtype.itemsize),
+        "val_fraction": val_fraction,
+        "text_field": text_field,
+        "text_unit": text_unit,
+        "documents_per_chunk": DOCUMENTS_PER_CHUNK,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / MANIFEST_NAME).exists():
+        manifest = read_manifest(out_dir)
+        _require_same_settings(out_dir, manifest.build, settings)
+        return manifest
+
+    splits = (TRAIN, VALIDATION) if val_fraction > 0 else (TRAIN,)
+    checkpoints = _load_progress(out_dir, settings, splits)
+    progress_path = out_dir / PROGRESS_NAME
+
+    def save_progress() -> None:
+        states = {split: writer.checkpoint.to_dict() for split, writer in writers.items()}
+        write_json_atomic(progress_path, {"settings": settings, "splits": states})
+
+    writers = {
+        split: _SplitWriter(
+            out_dir, split, sample_len, dtype, settings["samples_per_shard"], checkpoint
+        )
+        for split, checkpoint in checkpoints.items()
+    }
+    save_progress()
+    report = ReadReport(max_bad_records=max_bad_records)
+    documents = iter_documents(sources, report, text_field=text_field, text_unit=text_unit)
+    chunks = _chunks(documents, {split: c.position for split, c in checkpoints.items()})
+    tokens_done = sum(writer.tokens_done for writer in writers.values())
+    with (
+        _tokenized(chunks, workers, (tokenizer.path, val_fraction, dtype)) as tokenized,
+        tqdm(initial=tokens_done, unit="tok", unit_scale=True, disable=not progress) as bar,
+    ):
+        for chunk in tokenized:
+            completed = False
+            for split, tokens in chunk.tokens.items():
+                completed |= writers[split].add(chunk.index, tokens)
+                bar.update(len(tokens))
+            if completed:
+                save_progress()
+
+    manifest = Manifest(
+        seq_len=seq_len,
+        dtype=dtype.str,
+        tokenizer_sha256=tokenizer.sha256,
+        vocab_size=tokenizer.vocab_size,
+        eod_id=tokenizer.eod_id,
+        splits={split: writer.finish() for split, writer in writers.items()},
+        sources=tuple(str(source.path) for source in sources),
+        build=settings,
+        input_report=report.to_dict(),
+    )
+    write_manifest(out_dir, manifest)
+    progress_path.unlink()
+    print(report.summary(), file=sys.stderr)
+    return manifest

@@ -1,0 +1,72 @@
+"""SentencePiece tokenizer training on a corpus, with the paper's settings as defaults."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import sentencepiece as spm
+
+from data_prep.readers import ReadReport, TextUnit, iter_documents, resolve_inputs
+from moeut_dist.data.tokenizer import Tokenizer
+
+
+def _sentences(documents: Iterator[str]) -> Iterator[str]:
+    """Non-blank lines of each document: SentencePiece's unit of training input."""
+    for text in documents:
+        for line in text.splitlines():
+            if line.strip():
+                yield line
+
+
+def train_tokenizer(
+    inputs: Sequence[str | Path],
+    out_path: str | Path,
+    *,
+    vocab_size: int = 8000,
+    model_type: Literal["bpe", "unigram"] = "bpe",
+    split_digits: bool = True,
+    byte_fallback: bool = False,
+    max_sentences: int = 2_000_000,
+    character_coverage: float = 0.9995,
+    text_field: str = "text",
+    text_unit: TextUnit = "file",
+    max_bad_records: int | None = 1000,
+    seed: int = 0,
+    threads: int | None = None,
+) -> Tokenizer:
+    """Train a SentencePiece model on the documents of `inputs` and write it to `out_path`.
+
+    SentencePiece samples `max_sentences` lines uniformly from the whole corpus (reservoir
+    sampling, seeded by `seed`), so memory stays bounded on large corpora. The end-of-document id
+    is the model's `</s>`. The file is written atomically; returns it loaded.
+    """
+    out_path = Path(out_path)
+    sources = resolve_inputs(inputs, text_field)
+    report = ReadReport(max_bad_records=max_bad_records)
+    documents = iter_documents(sources, report, text_field=text_field, text_unit=text_unit)
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(document.text for document in documents),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        split_digits=split_digits,
+        byte_fallback=byte_fallback,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        character_coverage=character_coverage,
+        num_threads=threads or os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    print(report.summary(), file=sys.stderr)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out_path.with_name(f".{out_path.name}.partial")
+    temporary.write_bytes(model.getvalue())
+    os.replace(temporary, out_path)
+    return Tokenizer(out_path)

@@ -1,0 +1,84 @@
+"""Import and export of the authors' `MoEUTLM` checkpoint format.
+
+Our module tree mirrors theirs, so the mapping is the identity on names; what this module adds is
+validation (every tensor named, shaped and typed as the config says), unwrapping of the training
+framework's containers, and dropping their stored RoPE frequencies, which we recompute.
+Checkpoints are untrusted input: they are read with `weights_only=True`, never unpickled freely.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from moeut_dist.config import MoEUTConfig
+from moeut_dist.export import verify_state_dict
+from moeut_dist.model import MoEUTLM
+
+# Wrappers the authors' trainer (or DataParallel) may put around the model's keys.
+_KEY_PREFIXES = ("module.", "model.")
+# Derived buffers their code stored; recomputed here, so dropped on import.
+_DERIVED_SUFFIXES = (".inv_freq",)
+
+
+def _unwrap(state_dict: dict) -> dict[str, torch.Tensor]:
+    if "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    tensors = {}
+    for name, tensor in state_dict.items():
+        for prefix in _KEY_PREFIXES:
+            name = name.removeprefix(prefix)
+        if not name.endswith(_DERIVED_SUFFIXES):
+            tensors[name] = tensor
+    return tensors
+
+
+def from_official_state_dict(state_dict: dict, config: MoEUTConfig) -> MoEUTLM:
+    """A `MoEUTLM` holding the authors' weights; raises naming the first mismatching tensor."""
+    tensors = _unwrap(state_dict)
+    with torch.device("meta"):
+        model = MoEUTLM(config)
+    dtype = tensors["embedding.weight"].dtype if "embedding.weight" in tensors else torch.float32
+    verify_state_dict({n: t.to(dtype) for n, t in model.state_dict().items()}, tensors)
+    model.load_state_dict({n: t.clone() for n, t in tensors.items()}, assign=True)
+    return model
+
+
+def to_official_state_dict(model: MoEUTLM) -> dict[str, torch.Tensor]:
+    """The authors' key layout; loads into their `MoEUTLM` with `strict=False` (their code also
+    expects its stored RoPE frequencies, which it recomputes identically at construction)."""
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def load_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of an authors' checkpoint file, read without executing pickled code."""
+    return _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="import a checkpoint of the authors' MoEUT code into a model directory"
+    )
+    parser.add_argument("--from-official", required=True, metavar="CKPT", help="their .pt file")
+    parser.add_argument(
+        "--profile", required=True, help="the profile the checkpoint was trained as"
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
+    parser.add_argument("--tokenizer", help="SentencePiece model to store beside the weights")
+    parser.set_defaults(handler=_convert_command)
+
+
+def _convert_command(args: argparse.Namespace) -> int:
+    from moeut_dist.export import save_pretrained
+
+    tensors = load_official_checkpoint(args.from_official)
+    if "embedding.weight" not in tensors:
+        raise SystemExit(f"{args.from_official}: no 'embedding.weight'; not a MoEUTLM checkpoint")
+    vocab_size = tensors["embedding.weight"].shape[0]
+    config = MoEUTConfig.from_profile(args.profile, vocab_size=vocab_size)
+    model = from_official_state_dict(tensors, config)
+    out = save_pretrained(model, args.out, args.tokenizer)
+    print(f"wrote {out} ({args.profile}, vocab {vocab_size})")
+    return 0

@@ -1,0 +1,85 @@
+"""The paper's dense baseline: a pre-LN Transformer with RoPE, parameter-matched to a MoEUT."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeut_dist.config import DenseConfig
+from moeut_dist.model.attention import KVCache, attention_mask
+from moeut_dist.model.moeut import MoEUTOutput
+from moeut_dist.model.rope import RotaryEmbedding
+
+
+class DenseAttention(nn.Module):
+    def __init__(self, config: DenseConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.o = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.rope = RotaryEmbedding(config.rotary_dim, config.rope_base)
+
+    def forward(
+        self, x: torch.Tensor, key_padding: torch.Tensor | None, cache: KVCache | None
+    ) -> tuple[torch.Tensor, KVCache]:
+        batch, time, _ = x.shape
+        q, k, v = (
+            t.view(batch, time, self.n_heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1)
+        )
+        n_past = 0 if cache is None else cache[0].shape[2]
+        q, k = self.rope(q, n_past), self.rope(k, n_past)
+        if cache is not None:
+            k, v = torch.cat((cache[0], k), 2), torch.cat((cache[1], v), 2)
+        mask = attention_mask(time, n_past, key_padding, x.device)
+        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o(heads.transpose(1, 2).flatten(-2)), (k, v)
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, config: DenseConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.d_model)
+        self.attention = DenseAttention(config)
+        self.ln2 = nn.LayerNorm(config.d_model)
+        self.ffn = nn.Sequential(
+            nn.Linear(config.d_model, config.d_ff, bias=False),
+            nn.ReLU(),
+            nn.Linear(config.d_ff, config.d_model, bias=False),
+        )
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, key_padding: torch.Tensor | None, cache: KVCache | None
+    ) -> tuple[torch.Tensor, KVCache]:
+        attended, new_cache = self.attention(self.ln1(x), key_padding, cache)
+        x = x + self.dropout(attended)
+        return x + self.dropout(self.ffn(self.ln2(x))), new_cache
+
+
+class DenseLM(nn.Module):
+    """Same interface as `MoEUTLM`; `reg_loss` is always 0."""
+
+    def __init__(self, config: DenseConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(DenseLayer(config) for _ in range(config.n_layers))
+        self.out_norm = nn.LayerNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: list[KVCache] | None = None,
+        use_cache: bool = False,
+    ) -> MoEUTOutput:
+        x = self.embedding(tokens)
+        new_cache = []
+        for index, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, attention_mask, None if cache is None else cache[index])
+            new_cache.append(layer_cache)
+        logits = self.lm_head(self.out_norm(x))
+        reg_loss = torch.zeros((), device=logits.device)
+        return MoEUTOutput(logits, reg_loss, new_cache if use_cache or cache is not None else None)

@@ -1,0 +1,194 @@
+"""The streaming shard loader (`moeut_dist.data.TokenLoader`)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep.shards import build_shards
+from data_prep.synthetic import synthetic_documents, write_jsonl
+from data_prep.tokenizer import train_tokenizer
+from moeut_dist.data import (
+    ManifestMismatchError,
+    ShardError,
+    Tokenizer,
+    TokenLoader,
+    loader,
+    read_manifest,
+    read_shard,
+)
+
+SEQ_LEN = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    folder = tmp_path_factory.mktemp("tokenizer")
+    corpus = write_jsonl(folder / "corpus.jsonl", synthetic_documents(200, seed=3))
+    return train_tokenizer([corpus], folder / "tok.model", vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, tokenizer) -> Path:
+    """About 1000 training samples in shards of 30, so that slots straddle shards."""
+    folder = tmp_path_factory.mktemp("shards")
+    corpus = write_jsonl(folder / "corpus.jsonl", synthetic_documents(300, seed=4))
+    build_shards(
+        [corpus],
+        folder / "shards",
+        tokenizer.path,
+        SEQ_LEN,
+        shard_bytes=30 * 1024,
+        val_fraction=0.1,
+        progress=False,
+    )
+    return folder / "shards"
+
+
+def _loader(shard_dir: Path, tokenizer: Tokenizer, **options) -> TokenLoader:
+    return TokenLoader(shard_dir, seq_len=SEQ_LEN, tokenizer=tokenizer.path, **options)
+
+
+def _rows(batches) -> Counter[bytes]:
+    return Counter(row.numpy().tobytes() for batch in batches for row in batch)
+
+
+def _all_samples(shard_dir: Path, split: str = "train", only: str | None = None) -> Counter[bytes]:
+    """The split's samples as the loader yields them, or those of the shard named `only`."""
+    manifest = read_manifest(shard_dir)
+    rows = Counter()
+    for shard in manifest.split(split).shards:
+        if only in (None, shard.name):
+            stored = read_shard(
+                shard_dir / shard.name, shard.samples, manifest.sample_len, np.dtype(manifest.dtype)
+            )
+            rows.update(row.astype(np.int64).tobytes() for row in stored)
+    return rows
+
+
+def test_batches_have_the_promised_shape_and_dtype(shard_dir, tokenizer):
+    batch = next(iter(_loader(shard_dir, tokenizer, batch_size=4)))
+    assert batch.shape == (4, SEQ_LEN + 1)
+    assert str(batch.dtype) == "torch.int64"
+
+
+def test_every_sample_once_per_epoch_across_2_ranks_and_2_workers(shard_dir, tokenizer):
+    expected = _all_samples(shard_dir)
+    assert sum(expected.values()) > 500
+    seen = Counter()
+    for rank in range(2):
+        epoch = _loader(
+            shard_dir,
+            tokenizer,
+            batch_size=7,
+            dp_rank=rank,
+            dp_world_size=2,
+            num_workers=2,
+            epochs=1,
+        )
+        batches = list(epoch)
+        assert sum(len(b) for b in batches) == epoch.samples_per_epoch
+        seen += _rows(batches)
+    assert seen == expected
+
+
+def test_each_epoch_is_a_fresh_order_of_all_samples(shard_dir, tokenizer):
+    stream = _loader(shard_dir, tokenizer, batch_size=1)
+    rows = [
+        batch[0].numpy().tobytes()
+        for batch in itertools.islice(stream, 2 * stream.samples_per_epoch)
+    ]
+    first, second = rows[: len(rows) // 2], rows[len(rows) // 2 :]
+    assert Counter(first) == Counter(second) == _all_samples(shard_dir)
+    assert first != second
+
+
+def test_validation_split_is_read_the_same_way(shard_dir, tokenizer):
+    batches = list(_loader(shard_dir, tokenizer, batch_size=8, split="val", epochs=1))
+    assert _rows(batches) == _all_samples(shard_dir, "val")
+
+
+@pytest.mark.parametrize("num_workers, dp_rank", [(0, 0), (2, 1)])
+def test_resume_at_any_batch_equals_the_uninterrupted_sequence(
+    shard_dir, tokenizer, num_workers, dp_rank
+):
+    options = dict(batch_size=5, dp_rank=dp_rank, dp_world_size=2, num_workers=num_workers)
+    # 130 batches of 5 cross more than one epoch of this rank's ~470 samples.
+    reference = [b.clone() for b in itertools.islice(_loader(shard_dir, tokenizer, **options), 130)]
+    for stop in (1, 37, 101):
+        interrupted = _loader(shard_dir, tokenizer, **options)
+        for _ in itertools.islice(interrupted, stop):
+            pass
+        state = json.loads(json.dumps(interrupted.state_dict()))
+        resumed = _loader(shard_dir, tokenizer, **options)
+        resumed.load_state_dict(state)
+        rest = list(itertools.islice(resumed, len(reference) - stop))
+        assert all(a.equal(b) for a, b in zip(rest, reference[stop:], strict=True)), stop
+
+
+def test_resume_skips_consumed_shards_without_reading_them(shard_dir, tokenizer, monkeypatch):
+    reads = []
+    real_read_shard = loader.read_shard
+    monkeypatch.setattr(
+        loader,
+        "read_shard",
+        lambda path, *args: reads.append(path.name) or real_read_shard(path, *args),
+    )
+    interrupted = _loader(shard_dir, tokenizer, batch_size=8)
+    for _ in itertools.islice(interrupted, 50):  # 400 samples: a dozen shards in
+        pass
+    current_shard = reads[-1]
+    reads.clear()
+    resumed = _loader(shard_dir, tokenizer, batch_size=8)
+    resumed.load_state_dict(interrupted.state_dict())
+    next(iter(resumed))
+    assert reads[0] == current_shard
+    assert len(reads) <= 2  # the current shard and, if the batch needs more, the next
+
+
+def test_state_of_another_layout_is_refused(shard_dir, tokenizer):
+    state = _loader(shard_dir, tokenizer, batch_size=4).state_dict()
+    with pytest.raises(ValueError, match="batch_size: 4 saved, 8 now"):
+        _loader(shard_dir, tokenizer, batch_size=8).load_state_dict(state)
+
+
+def _truncate_a_shard(shard_dir: Path, tmp_path: Path) -> Path:
+    copy = shutil.copytree(shard_dir, tmp_path / "copy")
+    shard = copy / read_manifest(copy).split("train").shards[3].name
+    shard.write_bytes(shard.read_bytes()[:10_000])
+    return shard
+
+
+def test_truncated_shard_is_an_error_naming_it(shard_dir, tokenizer, tmp_path):
+    shard = _truncate_a_shard(shard_dir, tmp_path)
+    with pytest.raises(ShardError, match=str(shard)):
+        list(_loader(shard.parent, tokenizer, batch_size=8, num_workers=2, epochs=1))
+
+
+def test_truncated_shard_is_skipped_when_asked(shard_dir, tokenizer, tmp_path):
+    shard = _truncate_a_shard(shard_dir, tmp_path)
+    epoch = _loader(shard.parent, tokenizer, batch_size=8, epochs=1, skip_corrupt=True)
+    with pytest.warns(RuntimeWarning, match=str(shard)):
+        seen = _rows(epoch)
+    assert epoch.skipped_shards == 1
+    assert seen == _all_samples(shard_dir) - _all_samples(shard_dir, only=shard.name)
+
+
+def test_other_tokenizer_is_refused_naming_both_hashes(shard_dir, tokenizer, tmp_path):
+    corpus = write_jsonl(tmp_path / "other.jsonl", synthetic_documents(50, seed=9))
+    other = train_tokenizer([corpus], tmp_path / "other.model", vocab_size=280)
+    with pytest.raises(ManifestMismatchError) as error:
+        TokenLoader(shard_dir, seq_len=SEQ_LEN, tokenizer=other, batch_size=4)
+    assert tokenizer.sha256 in str(error.value) and other.sha256 in str(error.value)
+    TokenLoader(shard_dir, seq_len=SEQ_LEN, tokenizer=tokenizer.sha256, batch_size=4)
+
+
+def test_other_seq_len_is_refused_naming_both(shard_dir, tokenizer):
+    with pytest.raises(ManifestMismatchError, match=f"seq_len {SEQ_LEN}, .* seq_len 64"):
+        TokenLoader(shard_dir, seq_len=64, tokenizer=tokenizer, batch_size=4)

@@ -1,0 +1,279 @@
+"""Corpus readers, tokenizer training and the shard writer (`data_prep`)."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from data_prep import cli
+from data_prep.readers import BadInputError, ReadReport, iter_documents, resolve_inputs
+from data_prep.shards import build_shards, is_validation_document
+from data_prep.synthetic import synthetic_documents, write_jsonl
+from data_prep.tokenizer import train_tokenizer
+from moeut_dist.data import Tokenizer, read_manifest, read_shard
+
+SEQ_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def documents() -> list[str]:
+    return synthetic_documents(600, seed=1, words_per_document=(20, 200))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, documents) -> list[Path]:
+    """The documents in two inputs, plain and gzipped JSONL."""
+    folder = tmp_path_factory.mktemp("corpus")
+    first = write_jsonl(folder / "a.jsonl", documents[:300])
+    second = folder / "b.jsonl.gz"
+    with gzip.open(second, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": text}) + "\n" for text in documents[300:])
+    return [first, second]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory, corpus) -> Tokenizer:
+    out = tmp_path_factory.mktemp("tokenizer") / "tok.model"
+    return train_tokenizer(corpus, out, vocab_size=400)
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def _stored_tokens(shard_dir: Path, split: str) -> np.ndarray:
+    manifest = read_manifest(shard_dir)
+    dtype = np.dtype(manifest.dtype)
+    shards = manifest.split(split).shards
+    return np.concatenate(
+        [read_shard(shard_dir / s.name, s.samples, manifest.sample_len, dtype) for s in shards]
+    ).reshape(-1)
+
+
+def test_tokenizer_has_the_papers_settings(tokenizer):
+    assert tokenizer.vocab_size == 400
+    assert tokenizer.eod_id == 2  # SentencePiece's </s>
+    digits = [tokenizer.decode([i]).strip() for i in tokenizer.encode("31415")]
+    assert [d for d in digits if d] == list("31415")  # split_digits
+
+
+def test_tokenizer_training_is_deterministic(tmp_path, corpus, tokenizer):
+    again = train_tokenizer(corpus, tmp_path / "again.model", vocab_size=400)
+    assert again.sha256 == tokenizer.sha256
+
+
+def test_decoded_shards_are_the_input_tokens_in_order(tmp_path, documents, corpus, tokenizer):
+    val_fraction = 0.2
+    manifest = build_shards(
+        corpus,
+        tmp_path,
+        tokenizer.path,
+        SEQ_LEN,
+        shard_bytes=30_000,
+        val_fraction=val_fraction,
+        progress=False,
+    )
+    assert manifest.tokenizer_sha256 == tokenizer.sha256
+    assert manifest.input_report["documents"] == len(documents)
+    for split, held_out in (("train", False), ("val", True)):
+        texts = [t for t in documents if is_validation_document(t, val_fraction) == held_out]
+        expected = list(itertools.chain.from_iterable(tokenizer.encode_documents(texts)))
+        stored = _stored_tokens(tmp_path, split)
+        info = manifest.split(split)
+        assert len(stored) == info.tokens == len(expected) - info.dropped_tail_tokens
+        assert info.dropped_tail_tokens < SEQ_LEN + 1
+        assert stored.tolist() == expected[: len(stored)]
+        assert len(info.shards) > 1
+        assert {s.samples for s in info.shards[:-1]} == {manifest.build["samples_per_shard"]}
+
+
+def test_shards_are_byte_identical_for_1_and_3_workers(tmp_path, corpus, tokenizer):
+    for workers in (1, 3):
+        build_shards(
+            corpus,
+            tmp_path / f"w{workers}",
+            tokenizer.path,
+            SEQ_LEN,
+            shard_bytes=30_000,
+            val_fraction=0.1,
+            workers=workers,
+            progress=False,
+        )
+    assert _files(tmp_path / "w1") == _files(tmp_path / "w3")
+    assert len(_files(tmp_path / "w1")) > 10
+
+
+_BUILD_SCRIPT = """
+import sys
+from data_prep.shards import build_shards
+build_shards(sys.argv[1:-2], sys.argv[-2], sys.argv[-1], 32, shard_bytes=20_000,
+             val_fraction=0.1, progress=False)
+"""
+
+
+def _has_checkpoint(shard_dir: Path) -> bool:
+    try:
+        progress = json.loads((shard_dir / "progress.json").read_text())
+    except FileNotFoundError:
+        return False
+    return bool(progress["splits"]["train"]["shards"])
+
+
+def test_killed_build_completes_on_rerun_with_identical_output(tmp_path, corpus, tokenizer):
+    # A bigger corpus, so that the build is still running when its first shard appears.
+    big = write_jsonl(
+        tmp_path / "big.jsonl", synthetic_documents(800, seed=2, words_per_document=(20, 200))
+    )
+    inputs = [*corpus, big]
+    killed = tmp_path / "killed"
+    command = [
+        sys.executable,
+        "-c",
+        _BUILD_SCRIPT,
+        *map(str, inputs),
+        str(killed),
+        str(tokenizer.path),
+    ]
+    build = subprocess.Popen(command)
+    deadline = time.monotonic() + 60
+    while not _has_checkpoint(killed) and build.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(build.pid, signal.SIGKILL)
+    build.wait()
+    assert _has_checkpoint(killed), "the build was killed before its first checkpoint"
+    assert not (killed / "manifest.json").exists(), "the build finished before it was killed"
+
+    build_shards(
+        inputs, killed, tokenizer.path, 32, shard_bytes=20_000, val_fraction=0.1, progress=False
+    )
+    reference = tmp_path / "reference"
+    build_shards(
+        inputs, reference, tokenizer.path, 32, shard_bytes=20_000, val_fraction=0.1, progress=False
+    )
+    assert _files(killed) == _files(reference)
+
+
+def test_rerun_of_a_finished_build_keeps_it(tmp_path, corpus, tokenizer):
+    first = build_shards(corpus, tmp_path, tokenizer.path, SEQ_LEN, progress=False)
+    files = _files(tmp_path)
+    assert build_shards(corpus, tmp_path, tokenizer.path, SEQ_LEN, progress=False) == first
+    assert _files(tmp_path) == files
+
+
+def test_build_with_other_settings_into_the_same_directory_is_refused(tmp_path, corpus, tokenizer):
+    build_shards(corpus, tmp_path, tokenizer.path, SEQ_LEN, progress=False)
+    with pytest.raises(BadInputError, match=r"seq_len: 32 before, 64 now"):
+        build_shards(corpus, tmp_path, tokenizer.path, 64, progress=False)
+
+
+def _write_lines(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_malformed_records_are_reported_with_locations(tmp_path, tokenizer):
+    bad = _write_lines(
+        tmp_path / "bad.jsonl",
+        [
+            b'{"text": "good one"}',
+            b'{"text": "unterminated',
+            b'{"body": "no text field"}',
+            b"",
+            b'{"text": 42}',
+            b'{"text": "bad utf-8 \xff\xfe"}',
+            b'{"text": "good two"}',
+        ],
+    )
+    manifest = build_shards([bad], tmp_path / "shards", tokenizer.path, 4, progress=False)
+    report = manifest.input_report
+    assert report["documents"] == 2
+    assert report["bad_records"] == {
+        "invalid JSON": 1,
+        "missing field 'text'": 1,
+        "field 'text' is not a string": 1,
+        "invalid UTF-8": 1,
+    }
+    assert report["examples"] == [
+        f"{bad}:2: invalid JSON",
+        f"{bad}:3: missing field 'text'",
+        f"{bad}:5: field 'text' is not a string",
+        f"{bad}:6: invalid UTF-8",
+    ]
+    with pytest.raises(BadInputError, match="more than 3 malformed records"):
+        build_shards(
+            [bad], tmp_path / "strict", tokenizer.path, 4, max_bad_records=3, progress=False
+        )
+
+
+def test_every_input_format_is_read(tmp_path):
+    (tmp_path / "plain.txt").write_text("first line\nsecond line\n")
+    with zstandard.open(tmp_path / "c.jsonl.zst", "wt") as f:
+        f.write('{"content": "zst doc"}\n')
+    pq.write_table(pa.table({"content": ["parquet doc", None]}), tmp_path / "d.parquet")
+    (tmp_path / "ignored.csv").write_text("not an input\n")
+    report = ReadReport()
+    sources = resolve_inputs([tmp_path], text_field="content")
+    texts = [d.text for d in iter_documents(sources, report, text_field="content")]
+    assert texts == ["zst doc", "parquet doc", "first line\nsecond line\n"]
+    assert report.examples == [f"{tmp_path / 'd.parquet'}:2: field 'content' is not a string"]
+    by_line = iter_documents(
+        resolve_inputs([str(tmp_path / "*.txt")]), ReadReport(), text_unit="line"
+    )
+    assert [(d.text, d.location) for d in by_line] == [
+        ("first line", f"{tmp_path / 'plain.txt'}:1"),
+        ("second line", f"{tmp_path / 'plain.txt'}:2"),
+    ]
+
+
+def test_unusable_inputs_are_refused_before_reading(tmp_path):
+    with pytest.raises(BadInputError, match=r"missing\.jsonl: no such file"):
+        resolve_inputs([tmp_path / "missing.jsonl"])
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(BadInputError, match=r"data\.csv: unknown input format"):
+        resolve_inputs([tmp_path / "data.csv"])
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
+    with pytest.raises(
+        BadInputError, match=r"t.parquet: no column 'text'; its columns are \['body'\]"
+    ):
+        resolve_inputs([tmp_path / "t.parquet"])
+
+
+def test_cli_builds_shards(tmp_path, corpus, tokenizer, capsys):
+    parser = cli.argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "prep",
+            "shards",
+            *map(str, corpus),
+            "--tokenizer",
+            str(tokenizer.path),
+            "--out",
+            str(tmp_path),
+            "--seq-len",
+            "16",
+            "--shard-size",
+            "64KB",
+            "--no-progress",
+        ]
+    )
+    assert args.handler(args) == 0
+    assert "train:" in capsys.readouterr().out
+    assert read_manifest(tmp_path).seq_len == 16
+    args = parser.parse_args(["prep", "tokenizer", str(tmp_path / "none.jsonl"), "--out", "x"])
+    assert args.handler(args) == 2
+    assert "none.jsonl: no such file" in capsys.readouterr().err
+    assert cli.parse_size("1GiB") == 1 << 30 and cli.parse_size("512") == 512

@@ -1,0 +1,110 @@
+"""Sampling, model directories and the authors' checkpoint format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moeut_dist import MoEUTConfig, MoEUTLM
+from moeut_dist.cli import main as moeut
+from moeut_dist.convert import from_official_state_dict, to_official_state_dict
+from moeut_dist.export import CheckpointMismatchError, load_pretrained, save_pretrained
+from moeut_dist.generate import SamplingConfig, filter_logits, generate
+
+TINY = MoEUTConfig.from_profile("tiny", vocab_size=50)
+
+
+@pytest.fixture(scope="module")
+def model() -> MoEUTLM:
+    torch.manual_seed(0)
+    return MoEUTLM(TINY).eval()
+
+
+def prompt() -> torch.Tensor:
+    return torch.randint(50, (2, 5), generator=torch.Generator().manual_seed(3))
+
+
+def test_greedy_generation_equals_repeated_full_forward(model):
+    produced = torch.stack(list(generate(model, prompt(), SamplingConfig(6, temperature=0))), 1)
+    sequence = prompt()
+    for _ in range(6):
+        next_token = model(sequence).logits[:, -1].argmax(-1)
+        sequence = torch.cat((sequence, next_token[:, None]), 1)
+    torch.testing.assert_close(produced, sequence[:, 5:])
+
+
+def test_sampling_is_reproducible_under_a_seed(model):
+    def sample(seed):
+        settings = SamplingConfig(8, temperature=1.0, top_k=10, top_p=0.9, seed=seed)
+        return torch.stack(list(generate(model, prompt(), settings)), 1)
+
+    torch.testing.assert_close(sample(7), sample(7))
+    assert not torch.equal(sample(7), sample(8))
+
+
+def test_generation_stops_at_the_stop_token(model):
+    first = next(generate(model, prompt()[:1], SamplingConfig(5, temperature=0)))
+    steps = list(generate(model, prompt()[:1], SamplingConfig(5, temperature=0), first.item()))
+    assert len(steps) == 1
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda filtered: torch.isfinite(filtered)[0].tolist()
+    assert kept(filter_logits(logits, top_k=2, top_p=1.0)) == [True, True, False, False]
+    assert kept(filter_logits(logits, top_k=0, top_p=0.7)) == [True, True, False, False]
+    assert kept(filter_logits(logits, top_k=0, top_p=0.5)) == [True, False, False, False]
+    assert kept(filter_logits(logits, top_k=0, top_p=0.81)) == [True, True, True, False]
+
+
+def test_model_directory_round_trip(model, tmp_path):
+    save_pretrained(model, tmp_path)
+    loaded = load_pretrained(tmp_path)
+    assert loaded.config == model.config
+    torch.testing.assert_close(loaded(prompt()).logits, model(prompt()).logits, rtol=0, atol=0)
+
+
+def test_model_directory_mismatch_names_the_tensor(model, tmp_path):
+    save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "expert_size": 16}))
+    with pytest.raises(CheckpointMismatchError, match=r"transformer\.layers\.0\.ffn\.keys"):
+        load_pretrained(tmp_path)
+
+
+def test_official_round_trip_gives_identical_outputs(model):
+    official = to_official_state_dict(model)
+    assert "transformer.layers.1.attention.sel_v" in official
+    assert official["transformer.layers.0.ffn.keys"].shape == (16, 64, 32)
+    restored = from_official_state_dict(official, TINY).eval()
+    torch.testing.assert_close(restored(prompt()).logits, model(prompt()).logits, rtol=0, atol=0)
+
+
+def test_official_gated_variant_keys_are_linear_weights():
+    config = TINY.replace(att_n_experts=1)
+    official = to_official_state_dict(MoEUTLM(config))
+    attention = "transformer.layers.0.attention"
+    assert official[f"{attention}.v"].shape == (2 * 16, 64)
+    assert official[f"{attention}.o"].shape == (64, 2 * 16)
+    assert f"{attention}.sel_v" not in official
+
+
+def test_official_import_rejects_a_wrong_profile_by_tensor(model):
+    official = to_official_state_dict(model)
+    with pytest.raises(CheckpointMismatchError, match=r"ffn\.keys"):
+        from_official_state_dict(official, TINY.replace(n_experts=12, experts_per_token=4))
+
+
+def test_convert_command(model, tmp_path):
+    checkpoint = tmp_path / "official.pt"
+    # The authors' trainer wraps the weights and stores RoPE frequencies; both are handled.
+    wrapped = {f"model.{n}": t for n, t in to_official_state_dict(model).items()}
+    wrapped["model.transformer.layers.0.attention.pe.inv_freq"] = torch.ones(4)
+    torch.save({"model": wrapped, "step": 10}, checkpoint)
+    assert moeut(["convert", "--from-official", str(checkpoint), "--profile", "tiny",
+                  "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    loaded = load_pretrained(tmp_path / "out")
+    assert loaded.config.vocab_size == 50
+    torch.testing.assert_close(loaded(prompt()).logits, model(prompt()).logits, rtol=0, atol=0)
