@@ -1,0 +1,92 @@
+"""Differentiable collectives that megatron-core only provides for CUDA.
+
+megatron-core's gather/scatter mappings allocate their outputs on `torch.cuda.current_device()`,
+so they fail on CPU (gloo); these allocate on the input's device. Its all-reduce based mappings
+(`copy_to_tensor_model_parallel_region`, `reduce_from_tensor_model_parallel_region`) are
+device-agnostic and used directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _all_gather_first_dim(x: torch.Tensor, group) -> torch.Tensor:
+    out = x.new_empty(x.shape[0] * dist.get_world_size(group), *x.shape[1:])
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _own_chunk(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
+
+
+class _SplitFirstDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _own_chunk(x, group, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_first_dim(grad, ctx.group), None
+
+
+class _GatherFirstDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_first_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _own_chunk(grad, ctx.group, 0), None
+
+
+class _GatherLastDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        gathered = _all_gather_first_dim(x.unsqueeze(0), group)
+        return torch.cat(gathered.unbind(0), dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _own_chunk(grad, ctx.group, -1), None
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, send_counts: list[int], recv_counts: list[int], group):
+        ctx.counts, ctx.group = (send_counts, recv_counts), group
+        out = x.new_empty(sum(recv_counts), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_counts, recv_counts = ctx.counts
+        return _AllToAll.apply(grad, recv_counts, send_counts, ctx.group), None, None, None
+
+
+def split_first_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """This rank's chunk of a tensor replicated over `group`; backward all-gathers the gradient,
+    so the replicated input gets the full gradient on every rank."""
+    return _SplitFirstDim.apply(x, group)
+
+
+def gather_first_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """All-gather along dim 0; for outputs whose gradient is replicated over `group`, so the
+    backward keeps this rank's chunk."""
+    return _GatherFirstDim.apply(x, group)
+
+
+def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """All-gather along the last dim, backward keeps this rank's chunk (replicated gradient)."""
+    return _GatherLastDim.apply(x, group)
+
+
+def all_to_all(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group):
+    """Uneven all-to-all along dim 0 (rows grouped by destination); the gradient travels back."""
+    return _AllToAll.apply(x, send_counts, recv_counts, group)

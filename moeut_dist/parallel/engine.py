@@ -1,0 +1,247 @@
+"""DeepSpeed ZeRO (stage 1/2) for a parallelised MoEUT, and checkpoints that keep every expert.
+
+* DeepSpeed gets megatron-core's groups: TP/DP through the `mpu` interface (`MegatronMPU`), and
+  the expert-parallel / expert-data-parallel groups registered under DeepSpeed's group name.
+* Expert parameters (`allreduce = False`, `group_name`, set by `build.parallelize`) go into
+  DeepSpeed's MoE parameter groups and are reduced and partitioned over their
+  expert-data-parallel group. The engine only enables that path when it finds a
+  `deepspeed.moe.layer.MoE` module, so the model carries a parameter-free marker of that type.
+* Gradient clipping uses the true global norm over dense and expert parameters (DeepSpeed's
+  own norm sums expert partitions over the dense data-parallel group and then averages
+  them over the expert-data-parallel group, which is not the global norm under EP).
+* Checkpoints: DeepSpeed writes the optimizer partitions and engine state; its model file
+  would hold only one expert-parallel rank's experts (it recognises experts by DeepSpeed's
+  own module names), so the weights are written here instead: one safetensors file per
+  (TP rank, EP rank), written atomically, together holding every TP shard and every expert.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups
+from megatron.core import parallel_state
+from safetensors.torch import load_file, save_file
+
+from moeut_dist.model import MoEUTLM
+from moeut_dist.parallel.build import shard_rule
+from moeut_dist.parallel.layout import ParallelConfig, expert_group_name
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW as in the paper's recipe (the learning-rate schedule is the trainer's)."""
+
+    lr: float = 2.5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 0.25
+
+
+class MegatronMPU:
+    """The `mpu` interface DeepSpeed queries, answered by megatron-core's parallel_state."""
+
+    get_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(
+        parallel_state.get_tensor_model_parallel_world_size
+    )
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(
+        parallel_state.get_pipeline_model_parallel_world_size
+    )
+    get_pipeline_model_parallel_group = staticmethod(
+        parallel_state.get_pipeline_model_parallel_group
+    )
+
+    @staticmethod
+    def get_data_parallel_group():
+        return parallel_state.get_data_parallel_group()
+
+    @staticmethod
+    def get_data_parallel_rank() -> int:
+        return parallel_state.get_data_parallel_rank()
+
+    @staticmethod
+    def get_data_parallel_world_size() -> int:
+        return parallel_state.get_data_parallel_world_size()
+
+
+class ExpertLayersMarker(MoE):
+    """Parameter-free module whose type tells DeepSpeed's engine that the model has experts.
+
+    It holds no experts itself (`num_local_experts = 0`), so DeepSpeed's per-expert checkpoint
+    files stay empty; `save_checkpoint` writes the experts.
+    """
+
+    def __init__(self, n_experts: int, group_name: str) -> None:
+        torch.nn.Module.__init__(self)  # MoE.__init__ would build DeepSpeed's own experts
+        self.num_experts = n_experts
+        self.num_local_experts = 0
+        self.expert_group_name = group_name
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """DeepSpeed would create its own expert groups here; `register_expert_groups` has
+        already given it megatron-core's."""
+
+    def forward(self, *args):
+        raise RuntimeError("ExpertLayersMarker is a marker for DeepSpeed, not a layer")
+
+
+def register_expert_groups(parallel: ParallelConfig) -> None:
+    """Hand megatron-core's expert groups to DeepSpeed under its group name."""
+    name = expert_group_name(parallel)
+    expert_group = parallel_state.get_expert_model_parallel_group()
+    expert_dp_group = parallel_state.get_expert_data_parallel_group()
+    groups._EXPERT_PARALLEL_GROUP[name] = expert_group
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(expert_group)
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = expert_dp_group
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(expert_dp_group)
+
+
+def deepspeed_config(
+    parallel: ParallelConfig, settings: OptimizerSettings, micro_batch_size: int
+) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": settings.grad_clip,
+        "zero_optimization": {"stage": parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": torch.cuda.is_available()},
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def _global_grad_norm(optimizer) -> torch.Tensor:
+    """‖g‖ over every parameter of the model, each counted once across all ranks.
+
+    ZeRO partitions are disjoint within their (expert-)data-parallel group. Dense shards of
+    different TP ranks are distinct; dense parameters replicated over TP are counted on TP rank 0
+    only. Experts are folded over TP, so every rank's expert partition is distinct.
+    """
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    squares = torch.zeros((), dtype=torch.float64)
+    for group, params in enumerate(optimizer.params_in_partition):
+        # ZeRO's alignment padding comes last in a partition, after the parameters' gradients.
+        grads = [
+            g for g in optimizer.averaged_gradients[group] if not getattr(g, "_zero_padding", False)
+        ]
+        for grad, param in zip(grads, params, strict=True):
+            counted_here = getattr(param, "tensor_model_parallel", False) or is_moe_param(param)
+            if tp_rank == 0 or counted_here:
+                squares += grad.double().square().sum().cpu()
+    dist.all_reduce(squares)
+    return squares.sqrt().float().to(optimizer.device)
+
+
+def create_engine(
+    model: MoEUTLM,
+    parallel: ParallelConfig,
+    settings: OptimizerSettings,
+    micro_batch_size: int,
+) -> deepspeed.DeepSpeedEngine:
+    """DeepSpeed engine with AdamW and ZeRO `parallel.zero_stage` for a model from
+    `build.build_model`; call `engine.backward(loss)` and `engine.step()` as usual."""
+    register_expert_groups(parallel)
+    model.add_module(
+        "deepspeed_expert_marker",
+        ExpertLayersMarker(model.config.n_experts, expert_group_name(parallel)),
+    )
+    param_groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(model.parameters()), "name": "dense"}
+    )
+    optimizer = torch.optim.AdamW(
+        param_groups,
+        lr=settings.lr,
+        betas=settings.betas,
+        eps=settings.eps,
+        weight_decay=settings.weight_decay,
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        config=deepspeed_config(parallel, settings, micro_batch_size),
+        mpu=MegatronMPU(),
+    )
+    zero = engine.optimizer
+    zero.scaled_global_norm = types.MethodType(
+        lambda self, norm_type=2: _global_grad_norm(self), zero
+    )
+    return engine
+
+
+def _shard_file(directory: str, tp_rank: int, ep_rank: int) -> str:
+    return os.path.join(directory, f"model_tp{tp_rank:02d}_ep{ep_rank:02d}.safetensors")
+
+
+def _model_coordinates() -> tuple[int, int]:
+    return (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_expert_model_parallel_rank(),
+    )
+
+
+def _is_shard_writer() -> bool:
+    """One writer per (TP rank, EP rank): the lowest global rank holding those shards."""
+    coordinates = [None] * dist.get_world_size()
+    dist.all_gather_object(coordinates, _model_coordinates())
+    return coordinates.index(_model_coordinates()) == dist.get_rank()
+
+
+def save_checkpoint(engine: deepspeed.DeepSpeedEngine, save_dir: str, tag: str) -> None:
+    """DeepSpeed checkpoint `save_dir/tag` plus this layout's weight shards in the same folder."""
+    engine.save_checkpoint(save_dir, tag=tag)
+    directory = os.path.join(save_dir, tag)
+    model: MoEUTLM = engine.module
+    if _is_shard_writer():
+        tp_rank, ep_rank = _model_coordinates()
+        path = _shard_file(directory, tp_rank, ep_rank)
+        tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+        metadata = {
+            "tensor_parallel": str(parallel_state.get_tensor_model_parallel_world_size()),
+            "expert_parallel": str(parallel_state.get_expert_model_parallel_world_size()),
+        }
+        save_file(tensors, path + ".tmp", metadata=metadata)
+        os.replace(path + ".tmp", path)
+    dist.barrier()
+
+
+def load_checkpoint(engine: deepspeed.DeepSpeedEngine, load_dir: str, tag: str) -> None:
+    """Restore a checkpoint written by `save_checkpoint` under the same layout."""
+    path = _shard_file(os.path.join(load_dir, tag), *_model_coordinates())
+
+    def load_shard(src, dst: torch.nn.Module) -> None:
+        dst.load_state_dict(load_file(path), strict=True)
+
+    engine.load_checkpoint(load_dir, tag=tag, custom_load_fn=load_shard)
+
+
+def read_full_state_dict(directory: str, model: MoEUTLM) -> dict[str, torch.Tensor]:
+    """Reassemble the single-process state dict from the shard files alone (no process group):
+    TP shards are concatenated in rank order, experts in EP rank order."""
+    paths = sorted(p for p in os.listdir(directory) if p.startswith("model_tp"))
+    shards = {(int(p[8:10]), int(p[13:15])): load_file(os.path.join(directory, p)) for p in paths}
+    tp_size = 1 + max(tp for tp, _ in shards)
+    ep_size = 1 + max(ep for _, ep in shards)
+    full = {}
+    for name, tensor in shards[0, 0].items():
+        rule = shard_rule(name, model.config)
+        if rule is None:
+            full[name] = tensor
+        elif rule.axis == "tensor":
+            full[name] = torch.cat([shards[tp, 0][name] for tp in range(tp_size)], rule.dim)
+        else:
+            full[name] = torch.cat([shards[0, ep][name] for ep in range(ep_size)])
+    return full

@@ -1,0 +1,181 @@
+"""Expert parallelism for σ-MoE: experts partitioned over ranks, tokens sent by all-to-all.
+
+σ-MoE routes each token to many small experts (k = 12–24 of 128 hidden units each). Sending one
+copy per (token, expert) would move k·d values per token; this dispatcher sends one copy per
+(token, destination rank), with the token's gates for that rank's experts, and the destination
+returns a single gate-weighted partial sum: at most min(k, EP)·d values out and back. Nothing is
+dropped (σ-MoE has no capacity limit), so the all-to-all has uneven splits.
+
+Tensor parallelism is folded in: TP ranks hold identical tokens, so each TP rank dispatches only
+its 1/TP slice of them and the results are all-gathered over the TP group. With TP ≤ EP the
+TP ranks own disjoint experts and nobody computes a token twice; the alternative (slicing every
+128-wide expert over TP, megatron-core's expert tensor parallelism) would halve GEMM widths
+that are already small and add an all-reduce of every token's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moeut_dist import kernels
+from moeut_dist.parallel.collectives import all_to_all, gather_first_dim, split_first_dim
+
+
+@dataclass(frozen=True)
+class ExpertPartition:
+    """Contiguous blocks of experts per rank; the first `n_experts % n_ranks` get one extra."""
+
+    n_experts: int
+    n_ranks: int
+
+    def counts(self) -> list[int]:
+        base, extra = divmod(self.n_experts, self.n_ranks)
+        return [base + (rank < extra) for rank in range(self.n_ranks)]
+
+    def offsets(self) -> list[int]:
+        counts = self.counts()
+        return [sum(counts[:rank]) for rank in range(self.n_ranks)]
+
+    def local_range(self, rank: int) -> range:
+        start = self.offsets()[rank]
+        return range(start, start + self.counts()[rank])
+
+    def owners(self, device: torch.device | None = None) -> torch.Tensor:
+        """Owning rank of every global expert id: [n_experts] int64."""
+        return torch.repeat_interleave(
+            torch.arange(self.n_ranks, device=device), torch.tensor(self.counts(), device=device)
+        )
+
+
+@dataclass
+class DispatchStats:
+    """Traffic of the forward dispatch (the return trip and the backward mirror it)."""
+
+    tokens: int = 0  # tokens routed by this rank
+    token_copies: int = 0  # rows it sent, to any rank including itself
+    remote_bytes: int = 0  # activation bytes it sent to other ranks
+    routing_bytes: int = 0  # gate and expert-id bytes it sent to other ranks
+
+    def reset(self) -> None:
+        self.tokens = self.token_copies = self.remote_bytes = self.routing_bytes = 0
+
+
+@dataclass
+class DispatchPlan:
+    """Where each token goes: one row per (token, destination rank) that owns ≥ 1 of its experts."""
+
+    token_index: torch.Tensor  # [S] local token of each sent row, grouped by destination
+    destination: torch.Tensor  # [S] destination rank of each sent row
+    send_counts: list[int]  # rows per destination rank
+
+
+def plan_dispatch(experts: torch.Tensor, owners: torch.Tensor, n_ranks: int) -> DispatchPlan:
+    """One copy of a token per destination rank, however many of its experts live there."""
+    hits = torch.zeros(experts.shape[0], n_ranks, dtype=torch.bool, device=experts.device)
+    hits.scatter_(1, owners[experts], True)
+    destination, token_index = hits.T.nonzero(as_tuple=True)  # row-major: sorted by destination
+    send_counts = torch.bincount(destination, minlength=n_ranks).tolist()
+    return DispatchPlan(token_index, destination, send_counts)
+
+
+class ExpertParallelDispatcher:
+    """`ExpertDispatcher` over an expert-parallel group (see the module docstring).
+
+    `keys`/`values` passed in are this rank's shard (`partition.local_range(ep_rank)`);
+    `experts` holds global expert ids.
+    """
+
+    def __init__(
+        self,
+        partition: ExpertPartition,
+        expert_group: dist.ProcessGroup,
+        tensor_group: dist.ProcessGroup | None = None,
+        backend: kernels.Backend = "auto",
+    ) -> None:
+        self.partition = partition
+        self.expert_group = expert_group
+        self.tensor_group = tensor_group
+        self.backend = backend
+        self.rank = dist.get_rank(expert_group)
+        self.offsets = torch.tensor(partition.offsets())
+        self.stats = DispatchStats()
+
+    def _tensor_parallel(self) -> bool:
+        return self.tensor_group is not None and dist.get_world_size(self.tensor_group) > 1
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        gates: torch.Tensor,
+        experts: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+    ) -> torch.Tensor:
+        if not self._tensor_parallel():
+            return self._dispatch(x, gates, experts, keys, values)
+        n_tokens = x.shape[0]
+        tp = dist.get_world_size(self.tensor_group)
+        padding = -n_tokens % tp
+        # Padded rows get zero gates: they travel but contribute nothing.
+        x, gates, experts = (
+            torch.nn.functional.pad(t, (0, 0, 0, padding)) for t in (x, gates, experts)
+        )
+        # Forward: take this TP rank's slice; backward: all-gather the slices' gradients, so that
+        # the replicated inputs get the full, identical gradient on every TP rank.
+        x_part, gates_part = (split_first_dim(t, self.tensor_group) for t in (x, gates))
+        experts_part = experts.chunk(tp)[dist.get_rank(self.tensor_group)]
+        out = self._dispatch(x_part, gates_part, experts_part, keys, values)
+        # The downstream gradient is replicated over TP: the backward keeps this rank's slice.
+        return gather_first_dim(out, self.tensor_group)[:n_tokens]
+
+    def _dispatch(self, x, gates, experts, keys, values) -> torch.Tensor:
+        n_ranks = self.partition.n_ranks
+        owners = self.partition.owners(x.device)
+        plan = plan_dispatch(experts, owners, n_ranks)
+        recv_counts = self._exchange_counts(plan.send_counts, x.device)
+
+        # A sent row carries the token's gates and local expert ids for its destination only;
+        # the other slots are marked with expert id -1.
+        sent_experts = experts[plan.token_index]
+        on_destination = owners[sent_experts] == plan.destination[:, None]
+        local_ids = sent_experts - self.offsets.to(x.device)[plan.destination][:, None]
+        local_ids = local_ids.masked_fill(~on_destination, -1)
+        sent_gates = gates[plan.token_index] * on_destination
+
+        recv_x = all_to_all(x[plan.token_index], plan.send_counts, recv_counts, self.expert_group)
+        recv_gates = all_to_all(sent_gates, plan.send_counts, recv_counts, self.expert_group)
+        recv_ids = all_to_all(local_ids, plan.send_counts, recv_counts, self.expert_group)
+        self._record(x, gates, experts.shape[0], plan.send_counts)
+
+        valid = recv_ids.flatten() >= 0
+        rows = torch.arange(recv_x.shape[0], device=x.device).repeat_interleave(experts.shape[1])
+        partial = kernels.moe_mlp(
+            recv_x,
+            keys,
+            values,
+            recv_gates.flatten()[valid],
+            recv_ids.flatten()[valid],
+            rows[valid],
+            backend=self.backend,
+        )
+        returned = all_to_all(partial, recv_counts, plan.send_counts, self.expert_group)
+        out = returned.new_zeros(x.shape[0], returned.shape[1])
+        return out.index_add(0, plan.token_index, returned)
+
+    def _exchange_counts(self, send_counts: list[int], device: torch.device) -> list[int]:
+        send = torch.tensor(send_counts, device=device)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.expert_group)
+        return recv.tolist()
+
+    def _record(self, x, gates, n_tokens: int, send_counts: list[int]) -> None:
+        remote_rows = sum(send_counts) - send_counts[self.rank]
+        row_bytes = x.shape[1] * x.element_size()
+        routing_row_bytes = gates.shape[1] * (gates.element_size() + 8)  # gates + int64 ids
+        self.stats.tokens += n_tokens
+        self.stats.token_copies += sum(send_counts)
+        self.stats.remote_bytes += remote_rows * row_bytes
+        self.stats.routing_bytes += remote_rows * routing_row_bytes

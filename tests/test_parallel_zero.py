@@ -1,0 +1,126 @@
+"""DeepSpeed ZeRO under TP/EP/DP layouts against one process, and checkpoints (gloo, 4 CPUs)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+from megatron.core import parallel_state
+
+from moeut_dist.parallel.build import build_model, gather_state_dict, parallel_lm_loss
+from moeut_dist.parallel.engine import (
+    OptimizerSettings,
+    create_engine,
+    load_checkpoint,
+    read_full_state_dict,
+    save_checkpoint,
+)
+from moeut_dist.parallel.layout import ParallelConfig, initialize
+from tests.distributed_utils import run_distributed
+from tests.parallel_cases import (
+    BATCH,
+    assert_close_dicts,
+    batch,
+    data_parallel_share,
+    model_config,
+    reference_loss,
+    reference_model,
+)
+
+pytestmark = pytest.mark.slow
+
+# Clipping is active at this threshold (the test model's gradient norm is ~1), so the global
+# norm is part of what must agree.
+# Adam's eps bounds how much it amplifies fp32 rounding in near-zero gradients (see below).
+SETTINGS = OptimizerSettings(lr=1e-2, eps=1e-6, weight_decay=0.01, grad_clip=0.1)
+STEPS = 2
+
+
+def _reference_run(config) -> tuple[list[tuple[float, float, float]], dict[str, torch.Tensor]]:
+    """(lm loss, reg loss, gradient norm) per step and the final weights, in one process."""
+    model = reference_model(config)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=SETTINGS.lr,
+        betas=SETTINGS.betas,
+        eps=SETTINGS.eps,
+        weight_decay=SETTINGS.weight_decay,
+    )
+    history = []
+    for step in range(STEPS):
+        lm, reg = reference_loss(model, batch(config, step))
+        optimizer.zero_grad()
+        (lm + reg).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), SETTINGS.grad_clip)
+        optimizer.step()
+        history.append((lm.item(), reg.item(), norm.item()))
+    return history, model.state_dict()
+
+
+def _engine(config, layout: ParallelConfig):
+    initialize(layout, config)
+    model = build_model(config, layout, seed=1234)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    return create_engine(model, layout, SETTINGS, micro_batch_size=BATCH // dp_size)
+
+
+def _train_step(engine, config, step: int) -> tuple[float, float, float]:
+    loss = parallel_lm_loss(engine.module, data_parallel_share(batch(config, step)))
+    engine.backward(loss.total)
+    engine.step()
+    return loss.lm.item(), loss.reg.item(), float(engine.get_global_grad_norm())
+
+
+def _check_layout_trains_like_one_process(config, layout, expected_history, expected_weights):
+    engine = _engine(config, layout)
+    history = [_train_step(engine, config, step) for step in range(STEPS)]
+    for step, (got, want) in enumerate(zip(history, expected_history, strict=True)):
+        for what, g, w in zip(("lm", "reg", "grad norm"), got, want, strict=True):
+            assert g == pytest.approx(w, rel=1e-5), f"{layout} step {step} {what}"
+    weights = gather_state_dict(engine.module)
+    # The cross-entropy runs in fp32 (as `lm_loss` does), so gradients agree to ~1e-7 relative;
+    # Adam turns that into larger update differences where a gradient is near eps.
+    assert_close_dicts(weights, expected_weights, rtol=1e-5, atol=1e-6, what=f"{layout} weight")
+
+
+def _check_checkpoint_round_trip(config, save_dir: str) -> None:
+    layout = ParallelConfig(expert=2, zero_stage=2)
+    engine = _engine(config, layout)
+    for step in range(STEPS):
+        _train_step(engine, config, step)
+    saved = gather_state_dict(engine.module)
+    save_checkpoint(engine, save_dir, "step2")
+    # The files alone hold every expert of every rank and every TP shard.
+    from_files = read_full_state_dict(os.path.join(save_dir, "step2"), engine.module)
+    assert_close_dicts(from_files, saved, rtol=0, atol=0, what="checkpoint file")
+    next_step = _train_step(engine, config, STEPS)
+    after_next = gather_state_dict(engine.module)
+
+    engine = _engine(config, layout)  # fresh weights and optimizer, then the checkpoint
+    load_checkpoint(engine, save_dir, "step2")
+    assert_close_dicts(gather_state_dict(engine.module), saved, rtol=0, atol=0, what="loaded")
+    assert _train_step(engine, config, STEPS) == next_step
+    assert_close_dicts(gather_state_dict(engine.module), after_next, 0, 0, what="resumed step")
+
+
+def _zero_checks(save_dir: str) -> None:
+    torch.set_default_dtype(torch.float64)
+    config = model_config()
+    expected_history, expected_weights = _reference_run(config)
+    for layout in (
+        ParallelConfig(zero_stage=1),  # DP = 4
+        ParallelConfig(zero_stage=2),
+        ParallelConfig(tensor=2, zero_stage=1),  # DP = 2
+        ParallelConfig(expert=2, zero_stage=2),
+        ParallelConfig(expert=4, zero_stage=1),  # 10 experts: 3, 3, 2, 2
+        ParallelConfig(tensor=2, expert=2, zero_stage=2, checkpoint_activations=True),
+    ):
+        _check_layout_trains_like_one_process(config, layout, expected_history, expected_weights)
+    _check_checkpoint_round_trip(config, save_dir)
+
+
+def test_zero_layouts_train_like_one_process_and_checkpoints_keep_every_expert():
+    with tempfile.TemporaryDirectory() as save_dir:
+        run_distributed(_zero_checks, 4, save_dir)
