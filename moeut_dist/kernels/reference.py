@@ -3,7 +3,9 @@
 Both operations take a routing in "pair" form: pair `p` sends input row `in_rows[p]` through
 expert `experts[p]`, scales the result by `gates[p]` and adds it to output row `out_rows[p]`.
 Pairs are grouped by expert so that each expert is one dense matmul (a loop over experts, never
-over tokens); autograd provides the backward pass.
+over tokens); autograd provides the backward pass. Expert weights are taken with `unbind`, whose
+backward stacks the per-expert gradients once; indexing `weight[e]` per expert would make
+autograd materialise a full-size gradient tensor for every expert.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def moe_linear(
     """out[out_rows[p]] += gates[p] · x[in_rows[p]] @ weight[experts[p]]."""
     order, counts = _group_by_expert(experts, weight.shape[0])
     inputs = x.index_select(0, in_rows[order]).split(counts)
-    products = torch.cat([rows @ weight[e] for e, rows in enumerate(inputs)])
+    products = torch.cat([r @ w for w, r in zip(weight.unbind(0), inputs, strict=True)])
     products = products * gates[order, None].to(products.dtype)
     out = products.new_zeros(n_out_rows, weight.shape[-1])
     return out.index_add(0, out_rows[order], products)
@@ -47,7 +49,9 @@ def moe_mlp(
     """out[rows[p]] += gates[p] · relu(x[rows[p]] @ up[e]) @ down[e], e = experts[p]."""
     order, counts = _group_by_expert(experts, up.shape[0])
     inputs = x.index_select(0, rows[order]).split(counts)
-    products = torch.cat([F.relu(r @ up[e]) @ down[e] for e, r in enumerate(inputs)])
+    products = torch.cat(
+        [F.relu(r @ u) @ v for u, v, r in zip(up.unbind(0), down.unbind(0), inputs, strict=True)]
+    )
     products = products * gates[order, None].to(products.dtype)
     out = products.new_zeros(x.shape[0], down.shape[-1])
     return out.index_add(0, rows[order], products)
