@@ -14,7 +14,7 @@ import os
 import torch
 
 from moeut_dist.config import MoEUTConfig
-from moeut_dist.export import verify_state_dict
+from moeut_dist.export import expected_state_dict, verify_state_dict
 from moeut_dist.model import MoEUTLM
 
 # Wrappers the authors' trainer (or DataParallel) may put around the model's keys.
@@ -38,10 +38,10 @@ def _unwrap(state_dict: dict) -> dict[str, torch.Tensor]:
 def from_official_state_dict(state_dict: dict, config: MoEUTConfig) -> MoEUTLM:
     """A `MoEUTLM` holding the authors' weights; raises naming the first mismatching tensor."""
     tensors = _unwrap(state_dict)
+    dtype = tensors["embedding.weight"].dtype if "embedding.weight" in tensors else torch.float32
+    verify_state_dict(expected_state_dict(config, dtype), tensors)
     with torch.device("meta"):
         model = MoEUTLM(config)
-    dtype = tensors["embedding.weight"].dtype if "embedding.weight" in tensors else torch.float32
-    verify_state_dict({n: t.to(dtype) for n, t in model.state_dict().items()}, tensors)
     model.load_state_dict({n: t.clone() for n, t in tensors.items()}, assign=True)
     return model
 

@@ -9,15 +9,17 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
+from moeut_dist.export import export_shards, load_pretrained
+from moeut_dist.model import lm_loss
 from moeut_dist.parallel.build import build_model, gather_state_dict, parallel_lm_loss
 from moeut_dist.parallel.engine import (
     OptimizerSettings,
     create_engine,
     load_checkpoint,
-    read_full_state_dict,
     save_checkpoint,
 )
 from moeut_dist.parallel.layout import ParallelConfig, initialize
+from moeut_dist.parallel.shards import read_full_state_dict
 from tests.distributed_utils import run_distributed
 from tests.parallel_cases import (
     BATCH,
@@ -93,7 +95,7 @@ def _check_checkpoint_round_trip(config, save_dir: str) -> None:
     saved = gather_state_dict(engine.module)
     save_checkpoint(engine, save_dir, "step2")
     # The files alone hold every expert of every rank and every TP shard.
-    from_files = read_full_state_dict(os.path.join(save_dir, "step2"), engine.module)
+    from_files = read_full_state_dict(os.path.join(save_dir, "step2"), engine.module.config)
     assert_close_dicts(from_files, saved, rtol=0, atol=0, what="checkpoint file")
     next_step = _train_step(engine, config, STEPS)
     after_next = gather_state_dict(engine.module)
@@ -103,6 +105,29 @@ def _check_checkpoint_round_trip(config, save_dir: str) -> None:
     assert_close_dicts(gather_state_dict(engine.module), saved, rtol=0, atol=0, what="loaded")
     assert _train_step(engine, config, STEPS) == next_step
     assert_close_dicts(gather_state_dict(engine.module), after_next, 0, 0, what="resumed step")
+
+
+def _check_export_matches_training_model(config, save_dir: str) -> None:
+    """A TP = 2 × EP = 2 ZeRO-2 checkpoint exports to one directory that loads in one process
+    and computes what the training-time model computes."""
+    layout = ParallelConfig(tensor=2, expert=2, zero_stage=2)
+    engine = _engine(config, layout)
+    for step in range(STEPS):
+        _train_step(engine, config, step)
+    save_checkpoint(engine, save_dir, "tp2ep2")
+    tokens = batch(config, STEPS)
+    engine.module.eval()
+    with torch.no_grad():
+        training_time_loss = parallel_lm_loss(engine.module, data_parallel_share(tokens)).lm
+    trained = gather_state_dict(engine.module)  # a collective: every rank takes part
+    if torch.distributed.get_rank() == 0:
+        out_dir = export_shards(os.path.join(save_dir, "tp2ep2"), config, f"{save_dir}/export")
+        exported = load_pretrained(out_dir)
+        assert_close_dicts(exported.state_dict(), trained, 0, 0, what="exported")
+        with torch.no_grad():
+            exported_loss = lm_loss(exported(tokens[:, :-1]).logits, tokens[:, 1:])
+        # The logged loss is reduced in fp32.
+        assert exported_loss.item() == pytest.approx(training_time_loss.item(), rel=1e-7)
 
 
 def _zero_checks(save_dir: str) -> None:
@@ -119,8 +144,9 @@ def _zero_checks(save_dir: str) -> None:
     ):
         _check_layout_trains_like_one_process(config, layout, expected_history, expected_weights)
     _check_checkpoint_round_trip(config, save_dir)
+    _check_export_matches_training_model(config, save_dir)
 
 
-def test_zero_layouts_train_like_one_process_and_checkpoints_keep_every_expert():
+def test_zero_layouts_train_like_one_process_checkpoints_keep_every_expert_and_export():
     with tempfile.TemporaryDirectory() as save_dir:
         run_distributed(_zero_checks, 4, save_dir)

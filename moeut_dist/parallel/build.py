@@ -11,7 +11,7 @@ for checkpoint export and for resuming under a different layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -22,33 +22,13 @@ from moeut_dist.config import MoEUTConfig
 from moeut_dist.model import MoEUTLM, lm_loss
 from moeut_dist.parallel.expert_parallel import ExpertParallelDispatcher, ExpertPartition
 from moeut_dist.parallel.layout import ParallelConfig, expert_group_name
+from moeut_dist.parallel.shards import shard_rule
 from moeut_dist.parallel.tensor_parallel import (
     TensorParallelSwitchHead,
     VocabParallelLMHead,
     vocab_parallel_embedding,
     vocab_parallel_lm_loss,
 )
-
-
-@dataclass(frozen=True)
-class ShardRule:
-    axis: Literal["tensor", "expert"]  # split over the TP group, or over the EP group
-    dim: int
-
-
-def shard_rule(name: str, config: MoEUTConfig) -> ShardRule | None:
-    """How the parameter `name` (a full-model state-dict key) is split; None: replicated."""
-    if name in ("embedding.weight", "lm_head.weight", "lm_head.bias"):
-        return ShardRule("tensor", 0)  # vocabulary rows
-    module, _, leaf = name.rpartition(".")
-    if module.endswith(".ffn") and leaf in ("keys", "values"):
-        return ShardRule("expert", 0)
-    if module.endswith(".attention") and leaf in ("v", "o", "sel_v", "sel_o"):
-        # Head h owns rows h·Ea … h·Ea+Ea−1 (Ea == 1: v rows h·dh…, o columns h·dh…).
-        return ShardRule("tensor", 1 if leaf == "o" and config.att_n_experts == 1 else 0)
-    if module.endswith((".attention.q", ".attention.k")):
-        return ShardRule("tensor", 0)
-    return None
 
 
 @dataclass(frozen=True)

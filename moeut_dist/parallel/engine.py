@@ -31,8 +31,8 @@ from megatron.core import parallel_state
 from safetensors.torch import load_file, save_file
 
 from moeut_dist.model import MoEUTLM
-from moeut_dist.parallel.build import shard_rule
 from moeut_dist.parallel.layout import ParallelConfig, expert_group_name
+from moeut_dist.parallel.shards import shard_file, shard_metadata
 
 
 @dataclass(frozen=True)
@@ -182,10 +182,6 @@ def create_engine(
     return engine
 
 
-def _shard_file(directory: str, tp_rank: int, ep_rank: int) -> str:
-    return os.path.join(directory, f"model_tp{tp_rank:02d}_ep{ep_rank:02d}.safetensors")
-
-
 def _model_coordinates() -> tuple[int, int]:
     return (
         parallel_state.get_tensor_model_parallel_rank(),
@@ -207,12 +203,12 @@ def save_checkpoint(engine: deepspeed.DeepSpeedEngine, save_dir: str, tag: str) 
     model: MoEUTLM = engine.module
     if _is_shard_writer():
         tp_rank, ep_rank = _model_coordinates()
-        path = _shard_file(directory, tp_rank, ep_rank)
+        path = str(shard_file(directory, tp_rank, ep_rank))
         tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-        metadata = {
-            "tensor_parallel": str(parallel_state.get_tensor_model_parallel_world_size()),
-            "expert_parallel": str(parallel_state.get_expert_model_parallel_world_size()),
-        }
+        metadata = shard_metadata(
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_expert_model_parallel_world_size(),
+        )
         save_file(tensors, path + ".tmp", metadata=metadata)
         os.replace(path + ".tmp", path)
     dist.barrier()
@@ -220,28 +216,9 @@ def save_checkpoint(engine: deepspeed.DeepSpeedEngine, save_dir: str, tag: str) 
 
 def load_checkpoint(engine: deepspeed.DeepSpeedEngine, load_dir: str, tag: str) -> None:
     """Restore a checkpoint written by `save_checkpoint` under the same layout."""
-    path = _shard_file(os.path.join(load_dir, tag), *_model_coordinates())
+    path = shard_file(os.path.join(load_dir, tag), *_model_coordinates())
 
     def load_shard(src, dst: torch.nn.Module) -> None:
         dst.load_state_dict(load_file(path), strict=True)
 
     engine.load_checkpoint(load_dir, tag=tag, custom_load_fn=load_shard)
-
-
-def read_full_state_dict(directory: str, model: MoEUTLM) -> dict[str, torch.Tensor]:
-    """Reassemble the single-process state dict from the shard files alone (no process group):
-    TP shards are concatenated in rank order, experts in EP rank order."""
-    paths = sorted(p for p in os.listdir(directory) if p.startswith("model_tp"))
-    shards = {(int(p[8:10]), int(p[13:15])): load_file(os.path.join(directory, p)) for p in paths}
-    tp_size = 1 + max(tp for tp, _ in shards)
-    ep_size = 1 + max(ep for _, ep in shards)
-    full = {}
-    for name, tensor in shards[0, 0].items():
-        rule = shard_rule(name, model.config)
-        if rule is None:
-            full[name] = tensor
-        elif rule.axis == "tensor":
-            full[name] = torch.cat([shards[tp, 0][name] for tp in range(tp_size)], rule.dim)
-        else:
-            full[name] = torch.cat([shards[0, ep][name] for ep in range(ep_size)])
-    return full

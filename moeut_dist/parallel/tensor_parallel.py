@@ -28,6 +28,7 @@ from torch import nn
 
 from moeut_dist.config import MoEUTConfig
 from moeut_dist.model.attention import KVCache, SwitchHead
+from moeut_dist.model.moe import at_least_fp32
 from moeut_dist.parallel.collectives import gather_last_dim
 
 
@@ -90,4 +91,4 @@ def vocab_parallel_embedding(config: MoEUTConfig, tp_size: int) -> VocabParallel
 
 def vocab_parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy from vocabulary-sharded logits [B, T, V / TP]."""
-    return vocab_parallel_cross_entropy(logits.float(), targets).mean()
+    return vocab_parallel_cross_entropy(at_least_fp32(logits), targets).mean()
