@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "moeut_dist.demo",
     "data_prep.cli",
     "moeut_dist.convert",
+    "moeut_dist.eval_cli",
 )
 
 
