@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from typing import get_args
+
+from data_prep.readers import TextUnit
 
 _SIZE = re.compile(r"(\d+)\s*([KMG]i?B?)?", re.IGNORECASE)
 
@@ -23,7 +26,7 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="JSONL/Parquet text field")
     parser.add_argument(
         "--text-unit",
-        choices=("file", "line"),
+        choices=get_args(TextUnit),
         default="file",
         help="what a document is in a plain text file",
     )

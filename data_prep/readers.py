@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-TextUnit = Literal["file", "line"]
+TextUnit = Literal["file", "paragraph", "line"]
 
 _COMPRESSIONS = (".gz", ".zst")
 _FORMATS = {
@@ -179,13 +179,30 @@ def _jsonl_documents(path: Path, text_field: str, report: ReadReport) -> Iterato
 
 def _text_documents(path: Path, unit: TextUnit, report: ReadReport) -> Iterator[Document]:
     lines = _decoded_lines(path, report)
-    if unit == "line":
+    if unit == "file":
+        yield Document("".join(line for _, line in lines), f"{path}:1")
+    elif unit == "line":
         for number, line in lines:
             text = line.rstrip("\n")
             if text.strip():
                 yield Document(text, f"{path}:{number}")
     else:
-        yield Document("".join(line for _, line in lines), f"{path}:1")
+        yield from _paragraphs(path, lines)
+
+
+def _paragraphs(path: Path, lines: Iterator[tuple[int, str]]) -> Iterator[Document]:
+    """Runs of non-blank lines, each a document located at its first line."""
+    paragraph: list[str] = []
+    first_line = 0
+    for number, line in lines:
+        if line.strip():
+            first_line = first_line or number
+            paragraph.append(line)
+        elif paragraph:
+            yield Document("".join(paragraph).rstrip("\n"), f"{path}:{first_line}")
+            paragraph, first_line = [], 0
+    if paragraph:
+        yield Document("".join(paragraph).rstrip("\n"), f"{path}:{first_line}")
 
 
 def _parquet_documents(path: Path, text_field: str, report: ReadReport) -> Iterator[Document]:
@@ -210,8 +227,9 @@ def iter_documents(
 ) -> Iterator[Document]:
     """Documents of all sources in order; malformed records go to `report` instead.
 
-    `text_unit` says what a document is in a plain text file: the whole file or each
-    non-blank line. JSONL and Parquet hold one document per record, in `text_field`.
+    `text_unit` says what a document is in a plain text file: the whole file, each paragraph
+    (a run of non-blank lines; a play's speeches, a book's paragraphs) or each non-blank line.
+    JSONL and Parquet hold one document per record, in `text_field`.
     """
     for source in sources:
         if source.format == "jsonl":

@@ -238,6 +238,17 @@ def test_every_input_format_is_read(tmp_path):
     ]
 
 
+def test_paragraphs_are_documents(tmp_path):
+    (tmp_path / "play.txt").write_text("\nHAMLET. To be,\nor not.\n\n\nOPHELIA. Good my lord.\n")
+    paragraphs = iter_documents(
+        resolve_inputs([tmp_path / "play.txt"]), ReadReport(), text_unit="paragraph"
+    )
+    assert [(d.text, d.location) for d in paragraphs] == [
+        ("HAMLET. To be,\nor not.", f"{tmp_path / 'play.txt'}:2"),
+        ("OPHELIA. Good my lord.", f"{tmp_path / 'play.txt'}:6"),
+    ]
+
+
 def test_unusable_inputs_are_refused_before_reading(tmp_path):
     with pytest.raises(BadInputError, match=r"missing\.jsonl: no such file"):
         resolve_inputs([tmp_path / "missing.jsonl"])
