@@ -1,0 +1,210 @@
+"""Training checkpoints that lose nothing: weights, optimizer, data position and every RNG.
+
+One directory per checkpoint, under `<out_dir>/checkpoints/`:
+
+    latest.json                 {"tag": "step_00001000", "step": 1000}: written last, atomically
+    step_00001000/
+      engine/                   `moeut_dist.parallel.engine.save_checkpoint`: DeepSpeed's optimizer
+                                partitions and one safetensors file per (TP rank, EP rank)
+      trainer_rank00003.json    rank 3's step, data-loader position, RNG states (JSON, no pickle)
+      done_rank00003            rank 3 finished writing everything above (holds the world size)
+      config.yaml               the run's config
+
+A checkpoint is complete when every rank's `done` marker exists; only then does rank 0 move
+`latest.json` to it (after a barrier), so a crash at any moment of a save leaves `latest.json`
+on the previous complete checkpoint. Directories other than the newest `keep` complete ones are
+removed after the pointer moves. Checkpoints live on a file system that every node sees.
+
+Checkpoint files may come from elsewhere, so nothing here unpickles them: trainer state is JSON,
+weights are safetensors, and DeepSpeed's optimizer files are read with `weights_only=True`, which
+admits tensors, containers and the three plain DeepSpeed data types those files hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
+
+from moeut_dist.config import ConfigError
+from moeut_dist.data.manifest import write_json_atomic
+from moeut_dist.parallel import engine as parallel_engine
+from moeut_dist.train.config import TrainConfig
+
+_FORMAT = 1
+_ENGINE_TAG = "engine"
+_LATEST = "latest.json"
+# Classes DeepSpeed pickles into its optimizer files; plain data, safe to reconstruct.
+_DEEPSPEED_SAFE_GLOBALS = [fragment_address, LossScaler, ZeroStageEnum]
+
+
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, loading without executing pickled code."""
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(_DEEPSPEED_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@dataclass
+class TrainerState:
+    """What the loop needs besides weights and optimizer to continue exactly."""
+
+    step: int  # optimizer steps done (skipped ones included)
+    loader: dict[str, Any]  # `TokenLoader.state_dict()`
+    skipped_steps: int = 0  # steps skipped for a non-finite loss, over the whole run
+    consecutive_nonfinite: int = 0
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG state of this process as JSON values."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), position, has_gauss, gauss],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _rank_file(directory: Path, kind: str, rank: int) -> Path:
+    name = f"trainer_rank{rank:05d}.json" if kind == "state" else f"done_rank{rank:05d}"
+    return directory / name
+
+
+def _write_marker(path: Path, world_size: int) -> None:
+    with open(path, "w") as f:
+        f.write(str(world_size))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def is_complete(directory: Path) -> bool:
+    """Every rank that wrote into `directory` finished (each marker names the world size)."""
+    first = _rank_file(directory, "done", 0)
+    if not first.is_file():
+        return False
+    world_size = int(first.read_text())
+    return all(_rank_file(directory, "done", rank).is_file() for rank in range(world_size))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`, from the pointer written last."""
+    pointer = root / _LATEST
+    if not pointer.is_file():
+        return None
+    directory = root / json.loads(pointer.read_text())["tag"]
+    if not is_complete(directory):
+        raise RuntimeError(f"{pointer} points to {directory}, which is not complete")
+    return directory
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints of one run; every method is called on every rank."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.root = config.out_path / "checkpoints"
+        self.keep = config.checkpoint.keep
+        self.config = config
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def resume_point(self) -> Path | None:
+        """The checkpoint `checkpoint.resume` asks for: None to start from scratch."""
+        choice = self.config.checkpoint.resume
+        if choice == "never":
+            return None
+        if choice == "auto":
+            return latest_checkpoint(self.root)
+        directory = Path(choice)
+        if not is_complete(directory):
+            raise ConfigError(f"checkpoint.resume: {directory} is not a complete checkpoint")
+        return directory
+
+    def save(self, engine, state: TrainerState) -> Path:
+        directory = self.root / _tag(state.step)
+        if self.rank == 0 and directory.exists():  # left by a save that crashed
+            shutil.rmtree(directory)
+        dist.barrier()
+        parallel_engine.save_checkpoint(engine, str(directory), _ENGINE_TAG)
+        self._write_rank_state(directory, state)
+        dist.barrier()
+        if self.rank == 0:
+            if not is_complete(directory):
+                raise RuntimeError(f"{directory}: a rank's completion marker is missing")
+            write_json_atomic(self.root / _LATEST, {"tag": directory.name, "step": state.step})
+            self._prune()
+        dist.barrier()
+        return directory
+
+    def _write_rank_state(self, directory: Path, state: TrainerState) -> None:
+        values = {
+            "format": _FORMAT,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "parallel": self.config.parallel.to_dict(),
+            **asdict(state),
+            "rng": capture_rng(),
+        }
+        write_json_atomic(_rank_file(directory, "state", self.rank), values)
+        if self.rank == 0:
+            (directory / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict()))
+        _write_marker(_rank_file(directory, "done", self.rank), self.world_size)
+
+    def _prune(self) -> None:
+        complete = sorted(
+            (d for d in self.root.glob("step_*") if is_complete(d)), key=lambda d: d.name
+        )
+        kept = set(complete[-self.keep :])
+        for directory in self.root.glob("step_*"):
+            if directory not in kept:
+                shutil.rmtree(directory)
+
+    def load(self, engine, directory: Path) -> TrainerState:
+        """Restore weights, optimizer and this rank's RNG states; returns the trainer state."""
+        values = json.loads(_rank_file(directory, "state", self.rank).read_text())
+        layout = (values["format"], values["world_size"], values["parallel"])
+        if layout != (_FORMAT, self.world_size, self.config.parallel.to_dict()):
+            raise ConfigError(
+                f"{directory} was written by {values['world_size']} ranks with parallel layout "
+                f"{values['parallel']} (format {values['format']}); resuming needs the same "
+                "world size and layout"
+            )
+        engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
+        parallel_engine.load_checkpoint(engine, str(directory), _ENGINE_TAG)
+        restore_rng(values["rng"])
+        return TrainerState(
+            step=values["step"],
+            loader=values["loader"],
+            skipped_steps=values["skipped_steps"],
+            consecutive_nonfinite=values["consecutive_nonfinite"],
+        )

@@ -1,0 +1,274 @@
+"""The training loop: one code path from one CPU process to many GPU nodes.
+
+Every run goes through the parallel engine (megatron-core groups + DeepSpeed ZeRO), world size 1
+included, so what single-process tests check is what multi-node runs execute. A step is
+`grad_accumulation` micro-batches of `micro_batch_size` sequences on each data-parallel rank;
+the learning rate of a step is a pure function of its index, so a resumed run continues the
+schedule exactly. A step whose loss is not finite is skipped (DeepSpeed finds the non-finite
+gradient norm and drops the update) and counted; too many in a row stop the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import random
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from tqdm import tqdm
+
+from moeut_dist.data import TokenLoader
+from moeut_dist.parallel.build import build_model, parallel_lm_loss
+from moeut_dist.parallel.engine import OptimizerSettings, create_engine
+from moeut_dist.parallel.layout import init_distributed, initialize
+from moeut_dist.train.checkpoint import CheckpointManager, TrainerState
+from moeut_dist.train.config import RunPlan, TrainConfig, check_run
+from moeut_dist.train.metrics import MetricsWriter, RoutingMonitor, training_flops_per_token
+from moeut_dist.train.schedule import lr_multiplier
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN or infinite loss."""
+
+
+def world_size_from_environment() -> int:
+    """The world size a launcher (torchrun, deepspeed, srun wrapper) announced; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def distributed_session() -> Iterator[None]:
+    """torch.distributed for this run, from the launcher's environment; a plain process gets the
+    environment of a one-process launch for the session (DeepSpeed reads it too). Torn down
+    afterwards, also on errors."""
+    standalone = {}
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        standalone = dict(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+        os.environ.update(standalone)
+    try:
+        init_distributed()
+        yield
+    finally:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for name in standalone:
+            del os.environ[name]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def optimizer_settings(config: TrainConfig) -> OptimizerSettings:
+    optim = config.optim
+    return OptimizerSettings(
+        lr=optim.lr,
+        betas=optim.betas,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        grad_clip=optim.grad_clip,
+    )
+
+
+def make_loader(config: TrainConfig, split: str, epochs: int | None) -> TokenLoader:
+    data = config.data
+    return TokenLoader(
+        data.shard_dir,
+        seq_len=data.seq_len,
+        tokenizer=data.tokenizer,
+        batch_size=data.micro_batch_size,
+        split=split,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_world_size=parallel_state.get_data_parallel_world_size(),
+        num_workers=data.num_workers if split == "train" else 0,
+        seed=config.seed,
+        epochs=epochs,
+        skip_corrupt=data.skip_corrupt_shards,
+    )
+
+
+@dataclass
+class Interval:
+    """Sums over the steps since the last metrics record."""
+
+    steps: int = 0
+    finite_steps: int = 0
+    lm: float = 0.0
+    reg: float = 0.0
+    tokens: int = 0
+    skipped: int = 0
+    started: float = 0.0
+
+    def start(self) -> None:
+        self.__init__(started=time.perf_counter())
+
+
+def train_step(engine, batches: Iterator[torch.Tensor], plan: RunPlan) -> tuple[float, float]:
+    """One optimizer step over `grad_accumulation` micro-batches; (lm, reg) loss averaged over
+    them and the data-parallel ranks."""
+    lm = reg = 0.0
+    for _ in range(plan.grad_accumulation):
+        loss = parallel_lm_loss(engine.module, next(batches).to(engine.device))
+        engine.backward(loss.total)
+        engine.step()  # DeepSpeed updates at the accumulation boundary only
+        lm += loss.lm.item() / plan.grad_accumulation
+        reg += loss.reg.item() / plan.grad_accumulation
+    return lm, reg
+
+
+@torch.no_grad()
+def validation_loss(engine, config: TrainConfig, monitor: RoutingMonitor) -> float | None:
+    """Mean LM loss over the first `eval.batches` micro-batches of each rank's share of the
+    validation split (the same ones every pass); None if some rank has no full batch."""
+    loader = make_loader(config, "val", epochs=1)
+    count = torch.tensor(
+        [min(config.eval.batches, loader.samples_per_epoch // config.data.micro_batch_size)],
+        device=engine.device,
+    )
+    dist.all_reduce(count, op=dist.ReduceOp.MIN)  # collectives need the same count on all ranks
+    if count.item() == 0:
+        return None
+    engine.module.eval()
+    with monitor.paused():
+        losses = [
+            parallel_lm_loss(engine.module, batch.to(engine.device)).lm.item()
+            for batch in itertools.islice(loader, count.item())
+        ]
+    engine.module.train()
+    return sum(losses) / len(losses)
+
+
+def train(config: TrainConfig) -> None:
+    """Run (or continue) the training `config` describes."""
+    plan = check_run(config, world_size_from_environment())
+    with distributed_session():
+        _train(config, plan)
+
+
+def _train(config: TrainConfig, plan: RunPlan) -> None:
+    initialize(config.parallel, plan.model)
+    model = build_model(plan.model, config.parallel, seed=config.seed)
+    monitor = RoutingMonitor(model)
+    engine = create_engine(
+        model, config.parallel, optimizer_settings(config), config.data.micro_batch_size
+    )
+    engine.set_train_batch_size(config.data.global_batch_size)  # sets the accumulation steps
+    seed_everything(config.seed)
+
+    loader = make_loader(config, "train", epochs=None)
+    checkpoints = CheckpointManager(config)
+    resume_from = checkpoints.resume_point()
+    state = TrainerState(step=0, loader=loader.state_dict())
+    if resume_from is not None:
+        state = checkpoints.load(engine, resume_from)
+        loader.load_state_dict(state.loader)
+    resumed_step = state.step if resume_from is not None else None
+    metrics = MetricsWriter(config.out_path, config.logging.tensorboard, resumed_step)
+    if resume_from is not None:
+        metrics.write("event", state.step, {"resumed_from": str(resume_from)})
+
+    end_step = config.schedule.steps
+    if config.stop_after_steps is not None:
+        end_step = min(end_step, state.step + config.stop_after_steps)
+    flops_per_step = training_flops_per_token(plan.model, config.data.seq_len) * (
+        config.data.global_batch_size * config.data.seq_len
+    )
+    rank0 = dist.get_rank() == 0
+    progress = tqdm(
+        total=config.schedule.steps,
+        initial=state.step,
+        disable=not (rank0 and config.logging.progress_bar),
+        dynamic_ncols=True,
+    )
+    batches = iter(loader)
+    interval = Interval()
+    interval.start()
+    while state.step < end_step:
+        lr = config.optim.lr * lr_multiplier(state.step, config.schedule)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        lm, reg = train_step(engine, batches, plan)
+        state.step += 1
+        state.loader = loader.state_dict()
+        finite = math.isfinite(lm + reg)
+        if not finite and engine.was_step_applied():
+            raise RuntimeError(
+                f"step {state.step}: the loss is not finite but DeepSpeed applied the update; "
+                "its overflow check must be on (bf16 needs bf16.check_grad_overflow)"
+            )
+        if engine.was_step_applied():
+            state.consecutive_nonfinite = 0
+        else:
+            state.skipped_steps += 1
+            state.consecutive_nonfinite += 1
+            if state.consecutive_nonfinite >= config.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"step {state.step}: {state.consecutive_nonfinite} steps in a row had a "
+                    f"non-finite loss or gradient (lm {lm}, reg {reg}); stopping. Lower the "
+                    "learning rate or resume from an earlier checkpoint."
+                )
+
+        interval.steps += 1
+        interval.tokens += config.data.global_batch_size * config.data.seq_len
+        if finite:
+            interval.finite_steps += 1
+            interval.lm += lm
+            interval.reg += reg
+        interval.skipped += 0 if engine.was_step_applied() else 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{lm:.4f}", lr=f"{lr:.2e}")
+
+        session_ends = state.step == end_step
+        run_ends = state.step == config.schedule.steps
+        if state.step % config.logging.every == 0 or session_ends:
+            record = _train_record(engine, config, interval, lr, flops_per_step)
+            if config.logging.expert_usage:
+                record.update(monitor.collect())
+            metrics.write("train", state.step, record)
+            interval.start()
+        if config.eval.every and (state.step % config.eval.every == 0 or run_ends):
+            val = validation_loss(engine, config, monitor)
+            if val is not None:
+                metrics.write("val", state.step, {"loss": val, "perplexity": math.exp(val)})
+        if state.step % config.checkpoint.every == 0 or session_ends:
+            checkpoints.save(engine, state)
+    progress.close()
+    metrics.close()
+
+
+def _train_record(engine, config: TrainConfig, interval: Interval, lr: float, flops_per_step):
+    elapsed = time.perf_counter() - interval.started
+    lm = interval.lm / interval.finite_steps if interval.finite_steps else math.nan
+    reg = interval.reg / interval.finite_steps if interval.finite_steps else math.nan
+    flops_per_second = flops_per_step * interval.steps / elapsed
+    peak = config.logging.peak_flops_per_device
+    grad_norm = engine.get_global_grad_norm()
+    return {
+        "loss": lm,
+        "perplexity": math.exp(lm) if math.isfinite(lm) and lm < 700 else math.inf,
+        "reg_loss": reg,
+        "lr": lr,
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "skipped_steps": interval.skipped,
+        "tokens_per_second": interval.tokens / elapsed,
+        "model_flops_per_second": flops_per_second,
+        "mfu": flops_per_second / (peak * dist.get_world_size()) if peak else None,
+    }

@@ -1,0 +1,185 @@
+"""What a run reports: model FLOPs, expert usage, expert-parallel traffic, and the writers.
+
+FLOPs count what MoEUT computes per token, not its parameter count: attention projections, the
+selected V/O experts (`ka` per head), the selectors, causal attention scores, the k selected
+σ-MoE experts, and the LM head. A backward costs two forwards; recomputation for activation
+checkpointing is not model work and is not counted (the usual MFU convention).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from moeut_dist.config import MoEUTConfig
+from moeut_dist.model import MoEUTLM
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def forward_flops_per_token(config: MoEUTConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of a length-`seq_len` sequence (multiply-add = 2 FLOPs)."""
+    d, h, dh = config.d_model, config.n_heads, config.head_dim
+    if config.att_n_experts > 1:
+        value_and_output = 2 * (2 * d * dh * config.att_experts_per_head * h)
+        selectors = 2 * (2 * d * h * config.att_n_experts)  # sel_v and sel_o
+    else:
+        value_and_output = 2 * (2 * d * h * dh)
+        selectors = 2 * d * h  # the output gate
+    query_key = 2 * (2 * d * h * dh)
+    # Causal: on average a token attends to (seq_len + 1) / 2 positions, for scores and values.
+    scores = 2 * (2 * h * dh) * (seq_len + 1) / 2
+    expert_selection = 2 * d * config.n_experts
+    experts = config.experts_per_token * 2 * (2 * d * config.expert_size)
+    layer = query_key + value_and_output + selectors + scores + expert_selection + experts
+    return config.n_layers * layer + 2 * d * config.vocab_size
+
+
+def training_flops_per_token(config: MoEUTConfig, seq_len: int) -> float:
+    return 3 * forward_flops_per_token(config, seq_len)
+
+
+class _CountingDispatcher:
+    """Wraps a σ-MoE layer's dispatcher to count how often each expert is selected."""
+
+    def __init__(self, inner, n_experts: int) -> None:
+        self.inner = inner
+        self.counts = torch.zeros(n_experts, dtype=torch.float64)
+        self.recording = True
+
+    def __call__(self, x, gates, experts, keys, values):
+        if self.recording:
+            self.counts = self.counts.to(experts.device)  # a no-op after the first call
+            selected = torch.bincount(experts.flatten(), minlength=self.counts.numel())
+            self.counts += selected.to(self.counts)
+        return self.inner(x, gates, experts, keys, values)
+
+
+class RoutingMonitor:
+    """Expert usage per group layer and expert-parallel bytes sent, since the last `collect`.
+
+    Selections are counted over every application of a layer (all repeats). Under activation
+    checkpointing the recomputed forward counts again, which leaves the shares unchanged.
+    """
+
+    def __init__(self, model: MoEUTLM) -> None:
+        self.dispatchers = []
+        for layer in model.transformer.layers:
+            layer.ffn.dispatcher = _CountingDispatcher(layer.ffn.dispatcher, model.config.n_experts)
+            self.dispatchers.append(layer.ffn.dispatcher)
+        # The expert-parallel dispatcher keeps `DispatchStats`; the local one sends nothing.
+        self.traffic = [d.inner.stats for d in self.dispatchers if hasattr(d.inner, "stats")]
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the statistics as they are (for validation passes)."""
+        saved = [(s.tokens, s.token_copies, s.remote_bytes, s.routing_bytes) for s in self.traffic]
+        for dispatcher in self.dispatchers:
+            dispatcher.recording = False
+        try:
+            yield
+        finally:
+            for dispatcher in self.dispatchers:
+                dispatcher.recording = True
+            for stats, values in zip(self.traffic, saved, strict=True):
+                stats.tokens, stats.token_copies, stats.remote_bytes, stats.routing_bytes = values
+
+    def collect(self) -> dict[str, Any]:
+        """Global statistics (a collective on every rank), then reset.
+
+        `expert_share[l][e]`: fraction of layer l's selections that chose expert e;
+        `expert_entropy[l]`: entropy of that distribution over log(n_experts) (1: uniform);
+        `ep_bytes_sent`: activation and routing bytes all ranks sent to other ranks in forward
+        dispatches (the return trip and the backward move about three times as much again).
+        """
+        counts = torch.stack([d.counts for d in self.dispatchers])
+        # Tensor-parallel ranks see the same tokens; summing over data-parallel ranks counts
+        # each token once.
+        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        traffic = torch.tensor(
+            [float(sum(s.remote_bytes + s.routing_bytes for s in self.traffic))],
+            dtype=torch.float64,
+            device=counts.device,
+        )
+        dist.all_reduce(traffic)
+        shares = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        entropy = -(shares * shares.clamp_min(1e-30).log()).sum(dim=1) / math.log(counts.shape[1])
+        for dispatcher in self.dispatchers:
+            dispatcher.counts.zero_()
+        for stats in self.traffic:
+            stats.reset()
+        return {
+            "expert_entropy": entropy.tolist(),
+            "expert_share": shares.tolist(),
+            "ep_bytes_sent": traffic.item(),
+        }
+
+
+class MetricsWriter:
+    """JSONL records (one per line, flushed) and TensorBoard scalars, written by rank 0.
+
+    On resume from step s, records after s (written by the interrupted session, about to be
+    produced again) are dropped, so the log holds each step once.
+    """
+
+    def __init__(self, out_dir: Path, tensorboard: bool, resumed_step: int | None) -> None:
+        self.enabled = dist.get_rank() == 0
+        self.tensorboard = None
+        if not self.enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / METRICS_FILE
+        kept = []
+        if resumed_step is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the crash
+                    continue
+                if record["step"] <= resumed_step:
+                    kept.append(line + "\n")
+        self.path.write_text("".join(kept))
+        self.file = open(self.path, "a")  # noqa: SIM115 -- open for the writer's lifetime
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = None if resumed_step is None else resumed_step + 1
+            self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
+
+    def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tensorboard is None:
+            return
+        for name, value in values.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.tensorboard.add_scalar(f"{kind}/{name}", value, step)
+        for layer, entropy in enumerate(values.get("expert_entropy", [])):
+            self.tensorboard.add_scalar(f"{kind}/expert_entropy/layer{layer}", entropy, step)
+        for layer, shares in enumerate(values.get("expert_share", [])):
+            self.tensorboard.add_histogram(
+                f"{kind}/expert_share/layer{layer}", torch.tensor(shares), step
+            )
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def read_metrics(out_dir: str | Path, kind: str = "train") -> list[dict[str, Any]]:
+    """The records of one kind from a run's metrics file, in order."""
+    lines = (Path(out_dir) / METRICS_FILE).read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]

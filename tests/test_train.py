@@ -1,0 +1,264 @@
+"""`moeut train` in one process: config checks, schedule, FLOPs, exact resume, NaN handling,
+interrupted checkpoint writes and untrusted checkpoint files."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moeut_dist import profiles
+from moeut_dist.config import ConfigError
+from moeut_dist.parallel.build import ParallelLoss, parallel_lm_loss
+from moeut_dist.train import loop
+from moeut_dist.train.checkpoint import CheckpointManager, is_complete, latest_checkpoint
+from moeut_dist.train.config import ScheduleSection, check_run, load_config
+from moeut_dist.train.metrics import forward_flops_per_token, read_metrics
+from moeut_dist.train.schedule import lr_multiplier
+from tests.train_helpers import (
+    REPO,
+    assert_same_run,
+    make_corpus,
+    run_config,
+    run_result,
+    write_config,
+)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("train_corpus"))
+
+
+def _train(config: dict, path) -> None:
+    loop.train(load_config(write_config(config, path)))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    """The reference: six steps in one go, checkpoints every two."""
+    directory = tmp_path_factory.mktemp("uninterrupted")
+    path = write_config(run_config(corpus, directory / "run"), directory / "run.yaml")
+    loop.train(load_config(path))
+    return run_result(path)
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_config_reads_yaml_and_dotted_overrides(corpus, tmp_path):
+    path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
+    config = load_config(path, ["optim.lr=1e-3", "parallel.expert=2", "model.d_model=32"])
+    assert config.optim.lr == 1e-3 and config.parallel.expert == 2
+    assert config.model.overrides["d_model"] == 32
+    assert config.schedule.steps == 6 and config.optim.betas == (0.9, 0.999)
+    plan = check_run(config, world_size=2)
+    assert (plan.model.vocab_size, plan.data_parallel, plan.grad_accumulation) == (300, 2, 2)
+    assert load_config(None, ["data.shard_dir=x", "data.tokenizer=y"]).optim.lr == 2.5e-4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "message"),
+    [
+        (["optim.learning_rate=1"], 1, "unknown key(s) ['optim.learning_rate']"),
+        (["modle.profile=tiny"], 1, "unknown key(s) ['modle']"),
+        (["model.d_modle=3"], 1, "unknown key(s) ['model.d_modle']"),
+        (["optim.lr=fast"], 1, "optim.lr must be float"),
+        (["schedule.steps=2.5"], 1, "schedule.steps must be int"),
+        (["model.profile=moeut-727m"], 1, "named 'moeut-582m'"),
+        (["parallel.expert=3"], 2, "world size 2 is not a multiple"),
+        (["parallel.tensor=4"], 4, "does not divide n_heads"),
+        (["data.global_batch_size=6"], 4, "not a multiple of micro_batch_size 2"),
+        (["data.seq_len=64"], 1, "built with seq_len 32"),
+        (["data.shard_dir=/nonexistent"], 1, "manifest.json not found"),
+        (["data.tokenizer=/nonexistent.model"], 1, "does not exist"),
+        (["model.vocab_size=256"], 1, "smaller than the tokenizer's 300"),
+    ],
+)
+def test_config_errors_name_the_problem(corpus, tmp_path, overrides, world_size, message):
+    path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
+    with pytest.raises(ConfigError) as error:
+        check_run(load_config(path, overrides), world_size)
+    assert message in str(error.value)
+
+
+def test_config_error_stops_the_command_before_any_work(corpus, tmp_path):
+    path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", "moeut_dist.cli", "train", "--config", str(path), "optim.lr=x"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "invalid configuration: optim.lr must be float" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_schedule_warms_up_then_follows_the_cosine_to_its_floor():
+    schedule = ScheduleSection(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_multiplier(0, schedule) == pytest.approx(0.1)
+    assert lr_multiplier(9, schedule) == 1.0
+    middle = 10 + (99 - 10) / 2
+    assert lr_multiplier(int(middle), schedule) == pytest.approx(0.55, abs=0.02)
+    assert lr_multiplier(99, schedule) == pytest.approx(0.1)
+    values = [lr_multiplier(step, schedule) for step in range(10, 100)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_flops_count_only_the_selected_experts():
+    config = profiles.get("moeut-244m")
+    more_experts = profiles.get("moeut-244m", n_experts=2 * config.n_experts)
+    extra = forward_flops_per_token(more_experts, 1024) - forward_flops_per_token(config, 1024)
+    # Only the selection logits grow with the number of experts; the experts a token does not
+    # select cost nothing.
+    assert extra == 2 * config.d_model * config.n_experts * config.n_layers
+    more_selected = profiles.get("moeut-244m", experts_per_token=config.experts_per_token + 1)
+    extra = forward_flops_per_token(more_selected, 1024) - forward_flops_per_token(config, 1024)
+    assert extra == 4 * config.d_model * config.expert_size * config.n_layers
+
+
+# --- runs in this process ----------------------------------------------------------------------
+
+
+def test_run_logs_metrics_and_keeps_the_last_checkpoints(uninterrupted, corpus, tmp_path):
+    records = uninterrupted.records
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert records[0]["lr"] == pytest.approx(1.5e-3) and records[-1]["lr"] == pytest.approx(3e-4)
+    for record in records:
+        assert record["perplexity"] == pytest.approx(math.exp(record["loss"]))
+        assert record["grad_norm"] > 0 and record["tokens_per_second"] > 0
+        assert record["model_flops_per_second"] > 0 and record["mfu"] is None
+        assert len(record["expert_share"]) == 2  # the tiny profile's two group layers
+        assert all(sum(s) == pytest.approx(1.0) for s in record["expert_share"])
+        assert all(0.5 < h <= 1.0 for h in record["expert_entropy"])
+        assert record["ep_bytes_sent"] == 0.0  # one process: nothing leaves it
+    assert [step for step, _ in uninterrupted.val] == [3, 6]
+    assert all(0 < loss < math.log(300) + 1 for _, loss in uninterrupted.val)
+
+
+def test_stopped_and_resumed_run_is_bit_identical(uninterrupted, corpus, tmp_path):
+    config = run_config(corpus, tmp_path / "run")
+    _train({**config, "stop_after_steps": 3}, tmp_path / "first.yaml")
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000003"
+    path = write_config(config, tmp_path / "second.yaml")
+    loop.train(load_config(path))
+    assert_same_run(run_result(path), uninterrupted)
+    kept = sorted(d.name for d in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000004", "step_00000006"]
+
+
+def test_crash_while_writing_a_checkpoint_leaves_the_previous_one(
+    uninterrupted, corpus, tmp_path, monkeypatch
+):
+    write_rank_state = CheckpointManager._write_rank_state
+
+    def crash_at_step_4(self, directory, state):
+        if state.step == 4:
+            (directory / "trainer_rank00000.json").write_text('{"step": 4, "loa')
+            raise OSError("disk full")
+        write_rank_state(self, directory, state)
+
+    monkeypatch.setattr(CheckpointManager, "_write_rank_state", crash_at_step_4)
+    config = run_config(corpus, tmp_path / "run")
+    with pytest.raises(OSError, match="disk full"):
+        _train(config, tmp_path / "run.yaml")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert latest_checkpoint(checkpoints).name == "step_00000002"
+    assert not is_complete(checkpoints / "step_00000004")
+
+    monkeypatch.undo()
+    path = write_config(config, tmp_path / "run.yaml")
+    loop.train(load_config(path))
+    assert_same_run(run_result(path), uninterrupted)
+
+
+def _poisoned_loss(nan_steps: set[int], micro_batches_per_step: int):
+    """`parallel_lm_loss`, but NaN on every micro-batch of the steps in `nan_steps`."""
+    calls = itertools.count()
+
+    def loss(model, tokens) -> ParallelLoss:
+        real = parallel_lm_loss(model, tokens)
+        if next(calls) // micro_batches_per_step + 1 not in nan_steps:
+            return real
+        nan = torch.tensor(math.nan)
+        return ParallelLoss(real.total * nan, real.lm * nan, real.reg)
+
+    return loss
+
+
+def test_nonfinite_loss_skips_the_step_and_stops_after_too_many(corpus, tmp_path, monkeypatch):
+    config = run_config(
+        corpus, tmp_path / "run", eval={"every": 0}, checkpoint={"every": 1, "keep": 10}
+    )
+    monkeypatch.setattr(loop, "parallel_lm_loss", _poisoned_loss({2}, micro_batches_per_step=4))
+    _train(config, tmp_path / "skip.yaml")
+    records = read_metrics(tmp_path / "run")
+    assert [r["skipped_steps"] for r in records] == [0, 1, 0, 0, 0, 0]
+    assert math.isnan(records[1]["loss"]) and all(math.isfinite(r["loss"]) for r in records[2:])
+    weights = {
+        step: torch.load(
+            tmp_path / f"run/checkpoints/step_{step:08d}/engine/mp_rank_00_model_states.pt",
+            weights_only=True,
+        )["module"]
+        for step in (1, 2, 3)
+    }
+    for name, tensor in weights[1].items():
+        assert torch.equal(weights[2][name], tensor), f"skipped step changed {name}"
+    assert any(not torch.equal(weights[3][n], t) for n, t in weights[2].items())
+
+    monkeypatch.setattr(
+        loop, "parallel_lm_loss", _poisoned_loss({3, 4, 5, 6}, micro_batches_per_step=4)
+    )
+    config["max_consecutive_nonfinite"] = 2
+    config["out_dir"] = str(tmp_path / "diverging")
+    with pytest.raises(loop.NonFiniteLossError, match="step 4: 2 steps in a row"):
+        _train(config, tmp_path / "diverge.yaml")
+
+
+class _Payload:
+    """Unpickling this runs code: it creates a directory."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_untrusted_checkpoint_files_are_not_unpickled(uninterrupted, corpus, tmp_path):
+    config = run_config(corpus, tmp_path / "run", schedule={"steps": 2})
+    _train(config, tmp_path / "run.yaml")
+    engine_dir = latest_checkpoint(tmp_path / "run" / "checkpoints") / "engine"
+    marker = tmp_path / "code_ran"
+    for name in os.listdir(engine_dir):
+        if name.endswith(".pt"):
+            torch.save({"payload": _Payload(str(marker))}, engine_dir / name)
+    config["schedule"] = {**config["schedule"], "steps": 4}
+    with pytest.raises(pickle.UnpicklingError):
+        _train(config, tmp_path / "resume.yaml")
+    assert not marker.exists()
+    assert json.loads((tmp_path / "run/checkpoints/latest.json").read_text())["step"] == 2
+
+
+@pytest.mark.parametrize(
+    "name", ["moeut-44m", "moeut-126m", "moeut-244m", "moeut-318m", "moeut-582m", "moeut-1b"]
+)
+def test_launch_configs_hold_the_papers_recipe_and_fit_a_node(name):
+    config = load_config(REPO / "launch" / "configs" / f"{name}.yaml")
+    config.parallel.validate(config.model.build(8000), world_size=8)
+    recipe = (config.optim.lr, config.optim.weight_decay, config.optim.grad_clip)
+    assert recipe == (2.5e-4, 0.01, 0.25)
+    schedule = config.schedule
+    assert (schedule.steps, schedule.warmup_steps, schedule.min_lr_ratio) == (100_000, 4000, 0.1)
+    assert (config.data.global_batch_size, config.data.seq_len) == (64, 1024)
+    per_step = config.data.micro_batch_size * config.parallel.data(8)
+    assert config.data.global_batch_size % per_step == 0

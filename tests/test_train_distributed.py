@@ -1,0 +1,106 @@
+"""`moeut train` under torchrun with 2 processes and expert parallelism (gloo): end to end,
+two simulated nodes, stop-and-resume, and a worker killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from moeut_dist.train.metrics import METRICS_FILE, read_metrics
+from tests.train_helpers import (
+    assert_same_run,
+    make_corpus,
+    run_config,
+    run_result,
+    torchrun,
+    wait,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("train_corpus"))
+
+
+def _config(corpus, directory: Path, **sections) -> dict:
+    return run_config(
+        corpus,
+        directory / "run",
+        parallel={"expert": 2, "zero_stage": 2},
+        schedule={"steps": STEPS, "warmup_steps": 2},
+        data={"num_workers": 1},
+        logging={"tensorboard": True},
+        **sections,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """Two workers under one torchrun agent, uninterrupted."""
+    directory = tmp_path_factory.mktemp("reference")
+    path = write_config(_config(corpus, directory), directory / "run.yaml")
+    wait(torchrun(path), path)
+    return run_result(path), directory / "run"
+
+
+def test_two_process_expert_parallel_run_end_to_end(reference):
+    result, out_dir = reference
+    assert [step for step, *_ in result.losses] == list(range(1, STEPS + 1))
+    assert result.losses[-1][1] < result.losses[0][1]
+    assert [step for step, _ in result.val] == [3, 6, 9, 10]
+    for record in result.records:
+        assert record["ep_bytes_sent"] > 0  # tokens travelled to the other rank's experts
+        assert all(abs(sum(shares) - 1) < 1e-9 for shares in record["expert_share"])
+    assert list((out_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(result.weights["transformer.layers.0.ffn.keys"]) == 16  # both ranks' experts
+
+
+def test_two_nodes_match_one_node(reference, corpus, tmp_path):
+    path = write_config(_config(corpus, tmp_path), tmp_path / "run.yaml")
+    wait(torchrun(path, 1, agents=2), path)
+    assert_same_run(run_result(path), reference[0])
+
+
+def test_stopped_and_resumed_two_process_run_is_bit_identical(reference, corpus, tmp_path):
+    config = _config(corpus, tmp_path)
+    first = write_config({**config, "stop_after_steps": 5}, tmp_path / "first.yaml")
+    wait(torchrun(first), first)
+    path = write_config(config, tmp_path / "run.yaml")
+    wait(torchrun(path, 2, "--resume", "auto"), path)
+    assert_same_run(run_result(path), reference[0])
+
+
+def _workers(agent_pid: int) -> list[int]:
+    children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def _logged_steps(out_dir: Path) -> int:
+    path = out_dir / METRICS_FILE
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(reference, corpus, tmp_path):
+    path = write_config(_config(corpus, tmp_path), tmp_path / "run.yaml")
+    (agent,) = torchrun(path, max_restarts=1)
+    # Kill one worker once a few steps are logged (past the step-2 checkpoint), mid-run.
+    deadline = time.monotonic() + 180
+    while _logged_steps(tmp_path / "run") < 3:
+        assert agent.poll() is None and time.monotonic() < deadline, "run ended too early"
+        time.sleep(0.02)
+    os.kill(_workers(agent.pid)[-1], signal.SIGKILL)
+    wait([agent], path)
+    result = run_result(path)
+    resumes = read_metrics(tmp_path / "run", "event")
+    assert len(resumes) == 1, "the workers were not restarted from a checkpoint"
+    assert 2 <= resumes[0]["step"] < STEPS  # a checkpoint of this run, mid-run
+    assert_same_run(result, reference[0])
