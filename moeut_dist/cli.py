@@ -18,7 +18,6 @@ _COMMAND_MODULES = (
     "moeut_dist.convert",
     "moeut_dist.eval_cli",
     "moeut_dist.train.cli",
-    "moeut_dist.train.consolidate",
 )
 
 

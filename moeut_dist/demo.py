@@ -94,7 +94,9 @@ def training_config(settings: DemoSettings) -> dict:
             "num_workers": 1,
         },
         "optim": {"lr": 2.0e-3},
-        "schedule": {"steps": settings.steps, "warmup_steps": settings.steps // 10, "min_lr_ratio": 0.1},
+        "schedule": {
+            "steps": settings.steps, "warmup_steps": settings.steps // 10, "min_lr_ratio": 0.1,
+        },
         "checkpoint": {"every": 100, "keep": 2},
         "eval": {"every": 100, "batches": 8},
         "logging": {"every": 10, "tensorboard": True, "progress_bar": True},

@@ -1,7 +1,9 @@
-"""`moeut train --config FILE.yaml [key=value ...]`: one process of a (possibly multi-node) run.
+"""`moeut train` and `moeut export`: runs and their checkpoints.
 
-Start it once per process with `torchrun`, the `deepspeed` launcher (`--no_local_rank`), or as a
-plain process for a one-process run; see `launch/`.
+`moeut train --config FILE.yaml [key=value ...]` is one process of a (possibly multi-node) run:
+start it once per process with `torchrun`, the `deepspeed` launcher (`--no_local_rank`), or as a
+plain process for a one-process run; see `launch/`. `moeut export` turns a run's checkpoint into
+one model directory, in a single process.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `train` to the `moeut` command."""
+    """Add `train` and `export` to the `moeut` command."""
     parser = subparsers.add_parser(
         "train",
         help="train a MoEUT (torchrun / deepspeed / plain process)",
@@ -50,3 +52,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="dotted overrides, e.g. optim.lr=1e-3 parallel.expert=2",
     )
     parser.set_defaults(handler=_run)
+
+    exporter = subparsers.add_parser(
+        "export", help="consolidate a training checkpoint into one model directory"
+    )
+    exporter.add_argument("checkpoint", help="run directory, its checkpoints/, or one checkpoint")
+    exporter.add_argument("out_dir", help="model directory to write")
+    exporter.add_argument(
+        "--official", action="store_true",
+        help="also write the authors' checkpoint format (official_model.pt)",
+    )  # fmt: skip
+    exporter.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from moeut_dist.train.consolidate import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir, args.official)
+    print(f"wrote {out}: model.safetensors, config.json, tokenizer.model")
+    return 0

@@ -8,7 +8,6 @@ it names, which is copied beside the weights.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 
 from moeut_dist.config import ConfigError
 from moeut_dist.data import Tokenizer
-from moeut_dist.export import TOKENIZER_FILE, export_shards, load_pretrained
+from moeut_dist.export import export_shards, load_pretrained
 from moeut_dist.train.checkpoint import ENGINE_TAG, is_complete, latest_checkpoint
 from moeut_dist.train.config import load_config
 
@@ -54,22 +53,3 @@ def export_checkpoint(
 
         torch.save(to_official_state_dict(load_pretrained(out)), out / OFFICIAL_FILE)
     return out
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "export", help="consolidate a training checkpoint into one model directory"
-    )
-    parser.add_argument("checkpoint", help="run directory, its checkpoints/, or one checkpoint")
-    parser.add_argument("out_dir", help="model directory to write")
-    parser.add_argument(
-        "--official", action="store_true",
-        help=f"also write the authors' checkpoint format ({OFFICIAL_FILE})",
-    )  # fmt: skip
-    parser.set_defaults(handler=_export_command)
-
-
-def _export_command(args: argparse.Namespace) -> int:
-    out = export_checkpoint(args.checkpoint, args.out_dir, args.official)
-    print(f"wrote {out}: model.safetensors, config.json, {TOKENIZER_FILE}")
-    return 0
