@@ -9,9 +9,14 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
-from moeut_dist.export import export_shards, load_pretrained
+from moeut_dist.export import WEIGHTS_FILE, export_shards, load_pretrained
 from moeut_dist.model import lm_loss
-from moeut_dist.parallel.build import build_model, gather_state_dict, parallel_lm_loss
+from moeut_dist.parallel.build import (
+    build_model,
+    gather_state_dict,
+    parallel_lm_loss,
+    read_local_shards,
+)
 from moeut_dist.parallel.engine import (
     OptimizerSettings,
     create_engine,
@@ -109,7 +114,8 @@ def _check_checkpoint_round_trip(config, save_dir: str) -> None:
 
 def _check_export_matches_training_model(config, save_dir: str) -> None:
     """A TP = 2 × EP = 2 ZeRO-2 checkpoint exports to one directory that loads in one process
-    and computes what the training-time model computes."""
+    and computes what the training-time model computes, and whose weights file gives every rank
+    back its shards."""
     layout = ParallelConfig(tensor=2, expert=2, zero_stage=2)
     engine = _engine(config, layout)
     for step in range(STEPS):
@@ -120,14 +126,18 @@ def _check_export_matches_training_model(config, save_dir: str) -> None:
     with torch.no_grad():
         training_time_loss = parallel_lm_loss(engine.module, data_parallel_share(tokens)).lm
     trained = gather_state_dict(engine.module)  # a collective: every rank takes part
+    out_dir = os.path.join(save_dir, "export")
     if torch.distributed.get_rank() == 0:
-        out_dir = export_shards(os.path.join(save_dir, "tp2ep2"), config, f"{save_dir}/export")
+        export_shards(os.path.join(save_dir, "tp2ep2"), config, out_dir)
         exported = load_pretrained(out_dir)
         assert_close_dicts(exported.state_dict(), trained, 0, 0, what="exported")
         with torch.no_grad():
             exported_loss = lm_loss(exported(tokens[:, :-1]).logits, tokens[:, 1:])
         # The logged loss is reduced in fp32.
         assert exported_loss.item() == pytest.approx(training_time_loss.item(), rel=1e-7)
+    torch.distributed.barrier()
+    local = read_local_shards(os.path.join(out_dir, WEIGHTS_FILE), config)
+    assert_close_dicts(local, engine.module.state_dict(), 0, 0, what="shards read back")
 
 
 def _zero_checks(save_dir: str) -> None:

@@ -1,5 +1,6 @@
-"""`moeut train` in one process: config checks, schedule, FLOPs, exact resume, NaN handling,
-interrupted checkpoint writes and untrusted checkpoint files."""
+"""`moeut train` in one process: config checks, schedule, FLOPs, the DeepSpeed config, gradient
+accumulation, exact resume, NaN handling, interrupted checkpoint writes and untrusted checkpoint
+files."""
 
 from __future__ import annotations
 
@@ -13,10 +14,15 @@ import sys
 
 import pytest
 import torch
+from deepspeed.runtime.config import DeepSpeedConfig
 
 from moeut_dist import profiles
 from moeut_dist.config import ConfigError
+from moeut_dist.export import save_pretrained
+from moeut_dist.model import MoEUTLM
 from moeut_dist.parallel.build import ParallelLoss, parallel_lm_loss
+from moeut_dist.parallel.engine import OptimizerSettings, deepspeed_config
+from moeut_dist.parallel.layout import ParallelConfig
 from moeut_dist.train import loop
 from moeut_dist.train.checkpoint import CheckpointManager, is_complete, latest_checkpoint
 from moeut_dist.train.config import ScheduleSection, check_run, load_config
@@ -39,6 +45,14 @@ def corpus(tmp_path_factory):
 
 def _train(config: dict, path) -> None:
     loop.train(load_config(write_config(config, path)))
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory):
+    """A model directory of the runs' model (`run_config`, 300 pieces), with other weights."""
+    torch.manual_seed(99)
+    model = MoEUTLM(profiles.get("tiny", vocab_size=300, kernel="torch"))
+    return save_pretrained(model, tmp_path_factory.mktemp("other_model"))
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +103,30 @@ def test_config_errors_name_the_problem(corpus, tmp_path, overrides, world_size,
     assert message in str(error.value)
 
 
+def test_init_from_needs_a_model_directory_of_the_same_model(corpus, tmp_path, other_model_dir):
+    path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
+    config = load_config(path, [f"init_from={other_model_dir}", "model.kernel=auto"])
+    check_run(config, world_size=1)  # the kernel backend is not part of the model
+    with pytest.raises(ConfigError, match=r"has no config\.json; not a model directory"):
+        check_run(load_config(path, [f"init_from={tmp_path}"]), world_size=1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.vocab_size=320"], "holds a model with vocab_size = 300, the run's model has "),
+        (["model.entropy_reg=0.1"], "entropy_reg = 0.01, the run's model has entropy_reg = 0.1"),
+    ],
+)
+def test_init_from_a_different_model_is_refused_naming_the_field(
+    corpus, tmp_path, other_model_dir, overrides, message
+):
+    path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
+    with pytest.raises(ConfigError, match="init_from: ") as error:
+        check_run(load_config(path, [f"init_from={other_model_dir}", *overrides]), world_size=1)
+    assert message in str(error.value)
+
+
 def test_config_error_stops_the_command_before_any_work(corpus, tmp_path):
     path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
     result = subprocess.run(
@@ -125,7 +163,48 @@ def test_flops_count_only_the_selected_experts():
     assert extra == 4 * config.d_model * config.expert_size * config.n_layers
 
 
+def test_deepspeed_config_accumulates_and_checks_bf16_overflow():
+    layout, settings = ParallelConfig(zero_stage=2), OptimizerSettings()
+    config = deepspeed_config(layout, settings, 2, 3, data_parallel_size=4, bf16=True)
+    assert (config["train_batch_size"], config["gradient_accumulation_steps"]) == (24, 3)
+    assert config["train_micro_batch_size_per_gpu"] == 2
+    assert config["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert config["zero_optimization"] == {"stage": 2}
+    assert deepspeed_config(layout, settings, 2)["bf16"] == {"enabled": False}
+    # DeepSpeed's own parser accepts it (it rejects unknown keys) and reads the same numbers.
+    parsed = DeepSpeedConfig(deepspeed_config(layout, settings, 2, 3, bf16=True))
+    assert (parsed.train_batch_size, parsed.gradient_accumulation_steps) == (6, 3)
+    assert parsed.bfloat16_config.enabled and parsed.bfloat16_config.check_grad_overflow
+
+
 # --- runs in this process ----------------------------------------------------------------------
+
+
+def test_accumulated_micro_batches_train_like_one_batch(corpus, tmp_path):
+    """Two micro-batches of 2 per step update the model as one batch of the same 4 sequences:
+    DeepSpeed must step once per 2 micro-batches, on the mean of their gradients (a sum would
+    show in the gradient norm, which Adam and clipping would otherwise hide)."""
+    results = []
+    for micro_batch_size in (2, 4):
+        config = run_config(
+            corpus,
+            tmp_path / f"micro{micro_batch_size}",
+            data={"global_batch_size": 4, "micro_batch_size": micro_batch_size},
+            schedule={"steps": 3, "warmup_steps": 0},
+            eval={"every": 0},
+        )
+        path = write_config(config, tmp_path / f"micro{micro_batch_size}.yaml")
+        assert check_run(load_config(path), 1).grad_accumulation == 4 // micro_batch_size
+        loop.train(load_config(path))
+        results.append(run_result(path))
+    accumulated, whole = results
+    for got, want in zip(accumulated.records, whole.records, strict=True):
+        for key in ("step", "loss", "reg_loss", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    # Adam turns fp32 rounding in near-zero gradients into update differences far below lr;
+    # an extra or a missing update would move weights by about lr = 3e-3.
+    for name, tensor in whole.weights.items():
+        torch.testing.assert_close(accumulated.weights[name], tensor, rtol=1e-4, atol=1e-4)
 
 
 def test_run_logs_metrics_and_keeps_the_last_checkpoints(uninterrupted, corpus, tmp_path):
@@ -145,11 +224,12 @@ def test_run_logs_metrics_and_keeps_the_last_checkpoints(uninterrupted, corpus, 
     assert all(0 < loss < math.log(300) + 1 for _, loss in uninterrupted.val)
 
 
-def test_stopped_and_resumed_run_is_bit_identical(uninterrupted, corpus, tmp_path):
+def test_stopped_and_resumed_run_is_bit_identical(uninterrupted, corpus, tmp_path, other_model_dir):
     config = run_config(corpus, tmp_path / "run")
     _train({**config, "stop_after_steps": 3}, tmp_path / "first.yaml")
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000003"
-    path = write_config(config, tmp_path / "second.yaml")
+    # The checkpoint wins over `init_from`: other weights there would break bit-identity.
+    path = write_config({**config, "init_from": str(other_model_dir)}, tmp_path / "second.yaml")
     loop.train(load_config(path))
     assert_same_run(run_result(path), uninterrupted)
     kept = sorted(d.name for d in (tmp_path / "run" / "checkpoints").glob("step_*"))

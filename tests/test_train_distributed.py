@@ -1,5 +1,6 @@
 """`moeut train` under torchrun with 2 processes and expert parallelism (gloo): end to end,
-two simulated nodes, stop-and-resume, and a worker killed mid-run."""
+two simulated nodes, stop-and-resume, a worker killed mid-run, and a run started from the export
+of another layout's checkpoint."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from moeut_dist.config import ConfigError
+from moeut_dist.data import TokenLoader
+from moeut_dist.export import load_pretrained
+from moeut_dist.model import lm_loss
+from moeut_dist.train.config import check_run, load_config
+from moeut_dist.train.consolidate import export_checkpoint
 from moeut_dist.train.metrics import METRICS_FILE, read_metrics
 from tests.train_helpers import (
     assert_same_run,
@@ -104,3 +112,43 @@ def test_killed_worker_restarts_from_the_last_checkpoint(reference, corpus, tmp_
     assert len(resumes) == 1, "the workers were not restarted from a checkpoint"
     assert 2 <= resumes[0]["step"] < STEPS  # a checkpoint of this run, mid-run
     assert_same_run(result, reference[0])
+
+
+def _first_batch(config_path: Path) -> torch.Tensor:
+    """The first training micro-batch of a run with one data-parallel rank."""
+    config = load_config(config_path)
+    data = config.data
+    loader = TokenLoader(
+        data.shard_dir, seq_len=data.seq_len, tokenizer=data.tokenizer,
+        batch_size=data.micro_batch_size, dp_rank=0, dp_world_size=1, num_workers=0,
+        seed=config.seed,
+    )  # fmt: skip
+    return next(iter(loader))
+
+
+def test_run_starts_from_the_export_of_another_layout(reference, corpus, tmp_path):
+    """The EP = 2 reference's last checkpoint, exported, starts a TP = 2 run: its first logged
+    loss (computed before any update) is the exported model's loss on that batch in one process."""
+    exported = export_checkpoint(reference[1], tmp_path / "export")  # `moeut export`
+    config = run_config(
+        corpus,
+        tmp_path / "run",
+        init_from=str(exported),
+        parallel={"tensor": 2},
+        data={"global_batch_size": 2},
+        schedule={"steps": 1, "warmup_steps": 0},
+        eval={"every": 0},
+    )
+    path = write_config(config, tmp_path / "run.yaml")
+    with pytest.raises(ConfigError, match="n_experts = 16, the run's model has n_experts = 8"):
+        check_run(load_config(path, ["model.n_experts=8"]), world_size=2)
+    wait(torchrun(path), path)
+
+    tokens = _first_batch(path)
+    with torch.no_grad():
+        logits = load_pretrained(exported)(tokens[:, :-1]).logits
+    expected = lm_loss(logits, tokens[:, 1:]).item()
+    (record,) = read_metrics(tmp_path / "run")
+    assert record["loss"] == pytest.approx(expected, rel=1e-5)
+    (event,) = read_metrics(tmp_path / "run", "event")
+    assert event["initialised_from"] == str(exported)

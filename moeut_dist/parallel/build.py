@@ -4,18 +4,21 @@ The plain single-process model is built first (same seed → same weights on eve
 one process), then parallelism is applied from outside: TP modules replace the attention,
 embedding and LM head, σ-MoE keeps only its local experts and gets the expert-parallel
 dispatcher, and the full weights are sharded into the new layout. `shard_state_dict` and
-`gather_state_dict` convert between a full (single-process) state dict and this rank's shards,
-for checkpoint export and for resuming under a different layout.
+`gather_state_dict` convert between a full (single-process) state dict and this rank's shards;
+`load_full_weights` starts a parallelised model from a single-process weights file.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from safetensors import safe_open
 from torch import nn
 
 from moeut_dist.config import MoEUTConfig
@@ -49,20 +52,50 @@ class _Ranks:
         return ExpertPartition(config.n_experts, self.ep_group.size())
 
 
+def _local_index(
+    name: str, shape: Sequence[int], config: MoEUTConfig, ranks: _Ranks
+) -> tuple[slice, ...]:
+    """Where this rank's shard lies in the full tensor `name` of `shape`: TP ranks take
+    `torch.chunk`'s pieces, EP ranks their experts; () for a replicated tensor."""
+    rule = shard_rule(name, config)
+    if rule is None:
+        return ()
+    if rule.axis == "tensor":
+        size, rank = shape[rule.dim], ranks.tp_group.rank()
+        chunk = -(-size // ranks.tp_group.size())
+        rows = slice(rank * chunk, min(size, (rank + 1) * chunk))
+    else:
+        experts = ranks.partition(config).local_range(ranks.ep_group.rank())
+        rows = slice(experts.start, experts.stop)
+    return (slice(None),) * rule.dim + (rows,)
+
+
 def shard_state_dict(full: dict[str, torch.Tensor], config: MoEUTConfig) -> dict[str, torch.Tensor]:
     """This rank's slice of every tensor in a full (single-process) state dict."""
     ranks = _Ranks.current()
-    local_experts = ranks.partition(config).local_range(ranks.ep_group.rank())
-    sharded = {}
-    for name, tensor in full.items():
-        rule = shard_rule(name, config)
-        if rule is None:
-            sharded[name] = tensor
-        elif rule.axis == "tensor":
-            sharded[name] = tensor.chunk(ranks.tp_group.size(), rule.dim)[ranks.tp_group.rank()]
-        else:
-            sharded[name] = tensor[local_experts.start : local_experts.stop]
-    return {name: tensor.clone() for name, tensor in sharded.items()}
+    return {
+        name: tensor[_local_index(name, tensor.shape, config, ranks)].clone()
+        for name, tensor in full.items()
+    }
+
+
+def read_local_shards(path: str | os.PathLike, config: MoEUTConfig) -> dict[str, torch.Tensor]:
+    """`shard_state_dict` of the full tensors in the safetensors file `path`, reading only this
+    rank's slices from disk."""
+    ranks = _Ranks.current()
+    with safe_open(path, framework="pt") as file:
+        local = {}
+        for name in file.keys():  # noqa: SIM118 -- safe_open is not iterable
+            full = file.get_slice(name)
+            index = _local_index(name, full.get_shape(), config, ranks)
+            local[name] = full[index] if index else file.get_tensor(name)
+        return local
+
+
+def load_full_weights(model: MoEUTLM, path: str | os.PathLike) -> None:
+    """Load this rank's shards of a single-process model's weights (the safetensors file of a
+    model directory) into `model`, parallelised under any layout; every tensor must fit."""
+    model.load_state_dict(read_local_shards(path, model.config), strict=True)
 
 
 def _all_gather_uneven(tensor: torch.Tensor, counts: list[int], group) -> torch.Tensor:

@@ -9,16 +9,21 @@
 * Gradient clipping uses the true global norm over dense and expert parameters (DeepSpeed's
   own norm sums expert partitions over the dense data-parallel group and then averages
   them over the expert-data-parallel group, which is not the global norm under EP).
+* A step whose gradient norm is not finite is skipped, in bf16 too (`bf16.check_grad_overflow`).
 * Checkpoints: DeepSpeed writes the optimizer partitions and engine state; its model file
   would hold only one expert-parallel rank's experts (it recognises experts by DeepSpeed's
   own module names), so the weights are written here instead: one safetensors file per
   (TP rank, EP rank), written atomically, together holding every TP shard and every expert.
+  Checkpoint files may come from elsewhere, so loading never unpickles code: weights are
+  safetensors and DeepSpeed's own files are read with `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import deepspeed
@@ -26,7 +31,11 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import groups
+from deepspeed.utils.tensor_fragment import fragment_address
 from megatron.core import parallel_state
 from safetensors.torch import load_file, save_file
 
@@ -111,15 +120,26 @@ def register_expert_groups(parallel: ParallelConfig) -> None:
 
 
 def deepspeed_config(
-    parallel: ParallelConfig, settings: OptimizerSettings, micro_batch_size: int
+    parallel: ParallelConfig,
+    settings: OptimizerSettings,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int = 1,
+    data_parallel_size: int = 1,
+    bf16: bool = False,
 ) -> dict:
+    """The DeepSpeed config of `create_engine`: a step is `gradient_accumulation_steps`
+    micro-batches of `micro_batch_size` sequences on each of `data_parallel_size` ranks."""
+    # ZeRO skips a step with a non-finite gradient norm in fp32 always, in bf16 only with
+    # `check_grad_overflow`: set here, not left to a default DeepSpeed has changed (#5242, #6976).
+    precision = {"enabled": True, "check_grad_overflow": True} if bf16 else {"enabled": False}
     return {
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * data_parallel_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
         "gradient_clipping": settings.grad_clip,
         "zero_optimization": {"stage": parallel.zero_stage},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": torch.cuda.is_available()},
+        "bf16": precision,
         "steps_per_print": 2**31 - 1,
     }
 
@@ -151,9 +171,12 @@ def create_engine(
     parallel: ParallelConfig,
     settings: OptimizerSettings,
     micro_batch_size: int,
+    gradient_accumulation_steps: int = 1,
 ) -> deepspeed.DeepSpeedEngine:
     """DeepSpeed engine with AdamW and ZeRO `parallel.zero_stage` for a model from
-    `build.build_model`; call `engine.backward(loss)` and `engine.step()` as usual."""
+    `build.build_model`, bf16 on GPUs. Call `engine.backward(loss)` and `engine.step()` after
+    every micro-batch; the optimizer steps after every `gradient_accumulation_steps` of them,
+    on the mean of their gradients."""
     register_expert_groups(parallel)
     model.add_module(
         "deepspeed_expert_marker",
@@ -172,7 +195,14 @@ def create_engine(
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        config=deepspeed_config(parallel, settings, micro_batch_size),
+        config=deepspeed_config(
+            parallel,
+            settings,
+            micro_batch_size,
+            gradient_accumulation_steps,
+            data_parallel_size=parallel_state.get_data_parallel_world_size(),
+            bf16=torch.cuda.is_available(),
+        ),
         mpu=MegatronMPU(),
     )
     zero = engine.optimizer
@@ -214,11 +244,38 @@ def save_checkpoint(engine: deepspeed.DeepSpeedEngine, save_dir: str, tag: str) 
     dist.barrier()
 
 
+# Classes DeepSpeed pickles into its optimizer files; plain data, safe to reconstruct.
+_DEEPSPEED_SAFE_GLOBALS = [fragment_address, LossScaler, ZeroStageEnum]
+
+
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, loading without executing pickled code: tensors,
+    containers and the plain DeepSpeed data types its files hold are all it reconstructs."""
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(_DEEPSPEED_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@contextlib.contextmanager
+def _weights_only_loading(engine: deepspeed.DeepSpeedEngine) -> Iterator[None]:
+    """The engine's loads go through `WeightsOnlyCheckpointEngine`; its own engine (and how it
+    saves) comes back afterwards."""
+    own = engine.checkpoint_engine
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = own
+
+
 def load_checkpoint(engine: deepspeed.DeepSpeedEngine, load_dir: str, tag: str) -> None:
-    """Restore a checkpoint written by `save_checkpoint` under the same layout."""
+    """Restore a checkpoint written by `save_checkpoint` under the same layout, without
+    unpickling anything (`pickle.UnpicklingError` for a file that would run code)."""
     path = shard_file(os.path.join(load_dir, tag), *_model_coordinates())
 
     def load_shard(src, dst: torch.nn.Module) -> None:
         dst.load_state_dict(load_file(path), strict=True)
 
-    engine.load_checkpoint(load_dir, tag=tag, custom_load_fn=load_shard)
+    with _weights_only_loading(engine):
+        engine.load_checkpoint(load_dir, tag=tag, custom_load_fn=load_shard)

@@ -16,8 +16,8 @@ on the previous complete checkpoint. Directories other than the newest `keep` co
 removed after the pointer moves. Checkpoints live on a file system that every node sees.
 
 Checkpoint files may come from elsewhere, so nothing here unpickles them: trainer state is JSON,
-weights are safetensors, and DeepSpeed's optimizer files are read with `weights_only=True`, which
-admits tensors, containers and the three plain DeepSpeed data types those files hold.
+and `moeut_dist.parallel.engine.load_checkpoint` reads weights from safetensors and DeepSpeed's
+optimizer files with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -34,10 +34,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
-from deepspeed.utils.tensor_fragment import fragment_address
 
 from moeut_dist.config import ConfigError
 from moeut_dist.data.manifest import write_json_atomic
@@ -47,16 +43,6 @@ from moeut_dist.train.config import TrainConfig
 _FORMAT = 1
 ENGINE_TAG = "engine"
 _LATEST = "latest.json"
-# Classes DeepSpeed pickles into its optimizer files; plain data, safe to reconstruct.
-_DEEPSPEED_SAFE_GLOBALS = [fragment_address, LossScaler, ZeroStageEnum]
-
-
-class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine, loading without executing pickled code."""
-
-    def load(self, path: str, map_location=None):
-        with torch.serialization.safe_globals(_DEEPSPEED_SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
 
 
 @dataclass
@@ -199,7 +185,6 @@ class CheckpointManager:
                 f"{values['parallel']} (format {values['format']}); resuming needs the same "
                 "world size and layout"
             )
-        engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
         parallel_engine.load_checkpoint(engine, str(directory), ENGINE_TAG)
         restore_rng(values["rng"])
         return TrainerState(

@@ -3,8 +3,9 @@
 Defaults are the paper's recipe (AdamW 2.5e-4, weight decay 0.01, clipping 0.25, cosine schedule
 with 4000 warm-up steps down to 0.1×, 100k steps, batch 64). Everything that can be checked
 without starting processes is checked by `load_config` and `check_run`: unknown keys are
-rejected by name, values by type, the layout against the model and the world size, and the
-shards against the tokenizer and sequence length. A run fails there, not an hour in.
+rejected by name, values by type, the layout against the model and the world size, the shards
+against the tokenizer and sequence length, and an `init_from` model directory against the
+model. A run fails there, not an hour in.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import yaml
 from moeut_dist import profiles
 from moeut_dist.config import ConfigError, MoEUTConfig
 from moeut_dist.data import Manifest, ManifestMismatchError, Tokenizer, read_manifest
+from moeut_dist.export import CONFIG_FILE, WEIGHTS_FILE, read_config
 from moeut_dist.parallel.layout import ParallelConfig
 
 
@@ -205,6 +207,11 @@ class TrainConfig(_Section):
     # End this session with a checkpoint after this many steps (time-limited allocations); a
     # later run with `checkpoint.resume: auto` continues where it stopped.
     stop_after_steps: int | None = None
+    # A model directory (`save_pretrained`, `export_shards`) whose weights start the run, from
+    # any layout it was trained in; its config.json must describe `model`. Only the weights
+    # carry over: optimizer state, step count and schedule start afresh. A checkpoint to resume
+    # wins over it (that run was started from `init_from` already).
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -293,6 +300,32 @@ class RunPlan:
     grad_accumulation: int
 
 
+# How the model is computed, not what it is: a model directory trained with one kernel backend
+# starts a run with another.
+_EXECUTION_FIELDS = frozenset({"kernel"})
+
+
+def check_init_from(directory: str, model: MoEUTConfig) -> None:
+    """`directory` is a model directory of the same model, or a ConfigError naming the first
+    differing `MoEUTConfig` field."""
+    path = Path(directory)
+    for required in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / required).is_file():
+            raise ConfigError(f"init_from: {path} has no {required}; not a model directory")
+    try:
+        saved = read_config(path)
+    except ValueError as error:
+        raise ConfigError(f"init_from: {path / CONFIG_FILE}: {error}") from error
+    compared = [f.name for f in dataclasses.fields(MoEUTConfig) if f.name not in _EXECUTION_FIELDS]
+    for name in compared:
+        ours, theirs = getattr(model, name), getattr(saved, name)
+        if ours != theirs:
+            raise ConfigError(
+                f"init_from: {path} holds a model with {name} = {theirs!r}, the run's model has "
+                f"{name} = {ours!r}"
+            )
+
+
 def check_run(config: TrainConfig, world_size: int) -> RunPlan:
     """Check everything a run needs before it starts, naming what is wrong."""
     data = config.data
@@ -319,6 +352,8 @@ def check_run(config: TrainConfig, world_size: int) -> RunPlan:
         raise ConfigError("eval.every > 0 but the shards have no 'val' split; set eval.every=0")
 
     model = config.model.build(tokenizer.vocab_size)
+    if config.init_from is not None:
+        check_init_from(config.init_from, model)
     config.parallel.validate(model, world_size)
     data_parallel = config.parallel.data(world_size)
     per_step = data.micro_batch_size * data_parallel
