@@ -21,6 +21,7 @@ from moeut_dist.train.consolidate import export_checkpoint
 from moeut_dist.train.metrics import METRICS_FILE, read_metrics
 from tests.train_helpers import (
     assert_same_run,
+    deepspeed_launcher,
     make_corpus,
     run_config,
     run_result,
@@ -75,6 +76,12 @@ def test_two_process_expert_parallel_run_end_to_end(reference):
 def test_two_nodes_match_one_node(reference, corpus, tmp_path):
     path = write_config(_config(corpus, tmp_path), tmp_path / "run.yaml")
     wait(torchrun(path, 1, agents=2), path)
+    assert_same_run(run_result(path), reference[0])
+
+
+def test_deepspeed_launcher_matches_torchrun(reference, corpus, tmp_path):
+    path = write_config(_config(corpus, tmp_path), tmp_path / "run.yaml")
+    wait(deepspeed_launcher(path), path)
     assert_same_run(run_result(path), reference[0])
 
 

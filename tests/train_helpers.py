@@ -92,6 +92,20 @@ def torchrun(
         f"--max-restarts={max_restarts}", "--monitor-interval=0.1",
         "-m", "moeut_dist.cli", "train", "--config", str(config_path), *extra,
     ]  # fmt: skip
+    return [_start(command, config_path) for _ in range(agents)]
+
+
+def deepspeed_launcher(config_path: Path, nproc: int = 2) -> list[subprocess.Popen]:
+    """Start one node of `nproc` workers with the DeepSpeed launcher, as launch/deepspeed.sh."""
+    command = [
+        sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
+        f"--master_port={free_port()}", "--no_local_rank",
+        "--module", "moeut_dist.cli", "train", "--config", str(config_path),
+    ]  # fmt: skip
+    return [_start(command, config_path)]
+
+
+def _start(command: list[str], config_path: Path) -> subprocess.Popen:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -100,11 +114,8 @@ def torchrun(
         # addresses from the rendezvous store (pytorch/pytorch#135712).
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
     }
-    log = open(config_path.with_suffix(".log"), "w")  # noqa: SIM115 -- the agents own it
-    return [
-        subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        for _ in range(agents)
-    ]
+    log = open(config_path.with_suffix(".log"), "a")  # noqa: SIM115 -- the process owns it
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait(agents: list[subprocess.Popen], config_path: Path, timeout: float = 240) -> None:
@@ -112,7 +123,7 @@ def wait(agents: list[subprocess.Popen], config_path: Path, timeout: float = 240
         code = agent.wait(timeout=timeout)
         if code != 0:
             log = config_path.with_suffix(".log").read_text()
-            raise AssertionError(f"torchrun exited with {code}:\n{log[-6000:]}")
+            raise AssertionError(f"the launcher exited with {code}:\n{log[-6000:]}")
 
 
 @dataclass
