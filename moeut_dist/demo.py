@@ -19,10 +19,15 @@ import argparse
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+# Megatron-core and DeepSpeed warn at import about optional GPU packages (Transformer Engine,
+# Apex) and deprecated collectives; on a CPU demo that is noise.
+_QUIET_WARNINGS = "ignore::UserWarning,ignore::FutureWarning"
 
 
 @dataclass(frozen=True)
@@ -115,12 +120,11 @@ def train(settings: DemoSettings) -> None:
     print(" ".join(command), flush=True)
     # One thread per process: the processes already fill the cores. Restarted workers must not
     # reuse the previous attempt's store (see launch/torchrun.sh).
-    # Megatron-core and DeepSpeed warn at import about optional GPU packages; not news here.
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-        "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning",
+        "PYTHONWARNINGS": _QUIET_WARNINGS,
     }
     subprocess.run(command, env=env, check=True)
 
@@ -163,7 +167,9 @@ def run_demo(settings: DemoSettings) -> None:
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     prepare_data(settings)
     train(settings)
-    report(settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # see _QUIET_WARNINGS
+        report(settings)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
