@@ -150,12 +150,24 @@ def _open_binary(path: Path) -> IO[bytes]:
 
 
 def _decoded_lines(path: Path, report: ReadReport) -> Iterator[tuple[int, str]]:
-    with _open_binary(path) as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                yield number, raw.decode("utf-8")
-            except UnicodeDecodeError:
-                report.record_bad(f"{path}:{number}", "invalid UTF-8")
+    # A corrupt or truncated compressed file fails while it is read: name it, no traceback.
+    unreadable: tuple[type[Exception], ...] = (OSError, EOFError)
+    if path.suffix == ".zst":
+        import zstandard
+
+        unreadable += (zstandard.ZstdError,)
+    number = 0
+    try:
+        with _open_binary(path) as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    yield number, raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    report.record_bad(f"{path}:{number}", "invalid UTF-8")
+    except unreadable as error:
+        raise BadInputError(
+            f"{path}: unreadable after line {number} (corrupt or truncated? {error})"
+        ) from error
 
 
 def _jsonl_documents(path: Path, text_field: str, report: ReadReport) -> Iterator[Document]:

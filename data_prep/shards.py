@@ -330,6 +330,8 @@ def build_shards(
         raise BadInputError(f"workers must be at least 1, got {workers}")
     if not 0.0 <= val_fraction < 1.0:
         raise BadInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not Path(tokenizer_path).is_file():
+        raise BadInputError(f"tokenizer {tokenizer_path} not found")
     tokenizer = Tokenizer(tokenizer_path)
     sources = resolve_inputs(inputs, text_field)
     out_dir = Path(out_dir)

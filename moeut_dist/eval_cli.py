@@ -154,7 +154,7 @@ def _run_reporting_errors(handler: Handler) -> Handler:
     line instead of a traceback."""
 
     def run(args: argparse.Namespace) -> int:
-        from moeut_dist.data import ManifestMismatchError
+        from moeut_dist.data import ManifestMismatchError, ShardError
         from moeut_dist.evaluate import ModelDirectoryError
         from moeut_dist.export import CheckpointMismatchError
         from moeut_dist.zeroshot import TaskFormatError
@@ -165,6 +165,7 @@ def _run_reporting_errors(handler: Handler) -> Handler:
             FileNotFoundError,
             KeyError,  # an unknown split of the shards
             ManifestMismatchError,
+            ShardError,  # a corrupt or truncated shard
             ModelDirectoryError,
             CheckpointMismatchError,
             TaskFormatError,

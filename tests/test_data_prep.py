@@ -262,6 +262,21 @@ def test_unusable_inputs_are_refused_before_reading(tmp_path):
         resolve_inputs([tmp_path / "t.parquet"])
 
 
+def test_corrupt_compressed_inputs_are_named_not_a_traceback(tmp_path):
+    lines = "".join(f'{{"text": "document {i}"}}\n' for i in range(2000)).encode()
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(lines)[:200])
+    (tmp_path / "junk.jsonl.zst").write_bytes(b"not zstandard at all")
+    for name in ("cut.jsonl.gz", "junk.jsonl.zst"):
+        documents = iter_documents(resolve_inputs([tmp_path / name]), ReadReport())
+        with pytest.raises(BadInputError, match=rf"{name}: unreadable after line \d+"):
+            list(documents)
+
+
+def test_missing_tokenizer_is_named(tmp_path, corpus):
+    with pytest.raises(BadInputError, match=r"tokenizer .*missing\.model not found"):
+        build_shards(corpus, tmp_path / "shards", tmp_path / "missing.model", SEQ_LEN)
+
+
 def test_cli_builds_shards(tmp_path, corpus, tokenizer, capsys):
     parser = cli.argparse.ArgumentParser()
     cli.register(parser.add_subparsers())

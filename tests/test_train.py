@@ -18,6 +18,7 @@ from deepspeed.runtime.config import DeepSpeedConfig
 
 from moeut_dist import profiles
 from moeut_dist.config import ConfigError
+from moeut_dist.data import read_manifest
 from moeut_dist.export import save_pretrained
 from moeut_dist.model import MoEUTLM
 from moeut_dist.parallel.build import ParallelLoss, parallel_lm_loss
@@ -101,6 +102,41 @@ def test_config_errors_name_the_problem(corpus, tmp_path, overrides, world_size,
     with pytest.raises(ConfigError) as error:
         check_run(load_config(path, overrides), world_size)
     assert message in str(error.value)
+
+
+def test_unreadable_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(broken)
+
+
+def test_val_split_smaller_than_the_data_parallel_ranks_is_refused(corpus, tmp_path):
+    val_samples = read_manifest(corpus.shard_dir).split("val").samples
+    path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
+    world = val_samples + 1  # more data-parallel ranks than validation samples
+    overrides = [f"data.global_batch_size={2 * world}"]
+    with pytest.raises(ConfigError, match=f"val split has {val_samples} samples"):
+        check_run(load_config(path, overrides), world_size=world)
+    check_run(load_config(path, [*overrides, "eval.every=0"]), world_size=world)
+
+
+def test_pruning_keeps_the_checkpoint_the_pointer_names(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        directory = root / f"step_{step:08d}"
+        directory.mkdir(parents=True)
+        (directory / "done_rank00000").write_text("1")
+    manager = object.__new__(CheckpointManager)  # _prune needs only the root and `keep`
+    manager.root, manager.keep = root, 2
+    # A run resumed from step 2 has just saved step 4; step 6 is left from the abandoned run.
+    manager._prune(root / "step_00000004")
+    assert sorted(d.name for d in root.glob("step_*")) == ["step_00000004", "step_00000006"]
+    manager.keep = 1
+    manager._prune(root / "step_00000004")
+    assert sorted(d.name for d in root.glob("step_*")) == ["step_00000004"]
 
 
 def test_init_from_needs_a_model_directory_of_the_same_model(corpus, tmp_path, other_model_dir):

@@ -148,7 +148,7 @@ class CheckpointManager:
             if not is_complete(directory):
                 raise RuntimeError(f"{directory}: a rank's completion marker is missing")
             write_json_atomic(self.root / _LATEST, {"tag": directory.name, "step": state.step})
-            self._prune()
+            self._prune(directory)
         dist.barrier()
         return directory
 
@@ -166,11 +166,14 @@ class CheckpointManager:
             (directory / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict()))
         _write_marker(_rank_file(directory, "done", self.rank), self.world_size)
 
-    def _prune(self) -> None:
+    def _prune(self, latest: Path) -> None:
+        """Remove all but the newest `keep` complete checkpoints; `latest` (the one the pointer
+        names) always stays, even when a run resumed from an older checkpoint left newer ones."""
         complete = sorted(
-            (d for d in self.root.glob("step_*") if is_complete(d)), key=lambda d: d.name
+            (d for d in self.root.glob("step_*") if is_complete(d) and d != latest),
+            key=lambda d: d.name,
         )
-        kept = set(complete[-self.keep :])
+        kept = {latest, *(complete[-(self.keep - 1) :] if self.keep > 1 else [])}
         for directory in self.root.glob("step_*"):
             if directory not in kept:
                 shutil.rmtree(directory)

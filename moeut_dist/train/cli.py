@@ -68,6 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     from moeut_dist.train.consolidate import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out_dir, args.official)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir, args.official)
+    except (OSError, ValueError) as error:  # missing files, bad config, mismatched tensors
+        print(f"moeut export: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {out}: model.safetensors, config.json, tokenizer.model")
     return 0

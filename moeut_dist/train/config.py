@@ -283,8 +283,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     """The config of `path` (YAML; None: the defaults) with `key=value` overrides applied."""
     values: dict[str, Any] = {}
     if path is not None:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except OSError as error:
+            raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from error
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from error
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     return TrainConfig.from_dict(apply_overrides(values, list(overrides)))
@@ -348,8 +353,6 @@ def check_run(config: TrainConfig, world_size: int) -> RunPlan:
     ]
     if missing:
         raise ConfigError(f"data.shard_dir: shard(s) listed in the manifest are missing: {missing}")
-    if config.eval.every and "val" not in manifest.splits:
-        raise ConfigError("eval.every > 0 but the shards have no 'val' split; set eval.every=0")
 
     model = config.model.build(tokenizer.vocab_size)
     if config.init_from is not None:
@@ -362,10 +365,22 @@ def check_run(config: TrainConfig, world_size: int) -> RunPlan:
             f"data.global_batch_size {data.global_batch_size} is not a multiple of "
             f"micro_batch_size {data.micro_batch_size} × data-parallel size {data_parallel}"
         )
+    if "train" not in manifest.splits:
+        raise ConfigError(f"data.shard_dir: the shards have no 'train' split ({data.shard_dir})")
     slots = data_parallel * max(data.num_workers, 1)
     if manifest.split("train").samples < slots:
         raise ConfigError(
             f"the train split has {manifest.split('train').samples} samples, fewer than the "
             f"{slots} data-parallel ranks × workers reading it"
         )
+    if config.eval.every:
+        if "val" not in manifest.splits:
+            raise ConfigError("eval.every > 0 but the shards have no 'val' split; set eval.every=0")
+        # The validation loader reads in each rank's process (no workers): one slot per rank.
+        if manifest.split("val").samples < data_parallel:
+            raise ConfigError(
+                f"the val split has {manifest.split('val').samples} samples, fewer than the "
+                f"{data_parallel} data-parallel ranks reading it; set eval.every=0 or build "
+                "the shards with a larger val_fraction"
+            )
     return RunPlan(model, manifest, data_parallel, data.global_batch_size // per_step)

@@ -250,12 +250,16 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
                 record.update(monitor.collect())
             metrics.write("train", state.step, record)
             interval.start()
+        # Validation and checkpoints are not training: their time is kept out of the next
+        # record's tokens/s, FLOPs/s and MFU.
+        paused = time.perf_counter()
         if config.eval.every and (state.step % config.eval.every == 0 or run_ends):
             val = validation_loss(engine, config, monitor)
             if val is not None:
                 metrics.write("val", state.step, {"loss": val, "perplexity": math.exp(val)})
         if state.step % config.checkpoint.every == 0 or session_ends:
             checkpoints.save(engine, state)
+        interval.started += time.perf_counter() - paused
     progress.close()
     metrics.close()
 
