@@ -37,7 +37,10 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None):
+def next_token(
+    logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next token [B] from the last position's logits [B, V]."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p)

@@ -74,7 +74,10 @@ def sigma_moe(n_tokens=12, d=32, n_experts=5, k=3, hidden=32, dtype=torch.float3
 
 
 def expert_parallel_mlp(n_tokens=10, d=32, n_pairs=30, dtype=torch.float32) -> Case:
-    """A rank's arbitrary pair list: repeated tokens, untouched tokens, experts without pairs."""
+    """A rank's arbitrary pair list: repeated tokens, untouched tokens, experts without pairs.
+
+    E = 7 is no multiple of any block size; tokens 8 and 9 and experts 0, 2, 4, 5 get no pairs.
+    """
     experts = torch.tensor([1, 3, 6])[torch.randint(0, 3, (n_pairs,))]
     rows = torch.randint(0, n_tokens - 2, (n_pairs,))
     gates = torch.rand(n_pairs)
@@ -163,7 +166,6 @@ def test_matches_float64_reference(name: str, deterministic: bool, dtype: torch.
 
 
 EDGE_CASES = {
-    # E = 7 is no multiple of any block size; tokens 8 and 9 and experts 0, 2, 4, 5 get no pairs.
     "k=1": lambda: sigma_moe(n_tokens=9, k=1),
     "N=1": lambda: sigma_moe(n_tokens=1, k=3),
     "N=1,k=1": lambda: sigma_moe(n_tokens=1, k=1),

@@ -259,6 +259,26 @@ def test_incremental_decoding_equals_full_forward(config):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full)
 
 
+@pytest.mark.parametrize("config", [TINY, TINY_GATED], ids=["Ea>1", "Ea=1"])
+def test_left_padded_incremental_decoding_equals_unpadded_sequence(config):
+    """A left-padded row decoded with the KV cache and a growing mask gives, at its real
+    positions, the logits of the same tokens without padding (RoPE is relative)."""
+    model = make_model(config, dtype=torch.float64).eval()
+    seq, n_pad = tokens(1, 7), 3
+    padded = torch.cat((torch.zeros(1, n_pad, dtype=torch.long), seq), dim=1)
+    padded = torch.cat((padded, tokens(1, n_pad + 7, seed=2)))  # a second, unpadded row
+    mask = torch.ones_like(padded, dtype=torch.bool)
+    mask[0, :n_pad] = False
+    out = model(padded[:, :5], attention_mask=mask[:, :5], use_cache=True)
+    pieces = [out.logits]
+    for t in range(5, padded.shape[1]):
+        out = model(padded[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=out.cache)
+        pieces.append(out.logits)
+    decoded = torch.cat(pieces, dim=1)
+    torch.testing.assert_close(decoded[:1, n_pad:], model(seq).logits)
+    torch.testing.assert_close(decoded[1:], model(padded[1:]).logits)
+
+
 # --- regulariser, dropout, initialisation --------------------------------------------------
 
 
@@ -292,6 +312,39 @@ def test_reg_loss_sums_coefficient_weighted_terms_and_is_zero_in_eval():
     assert model.transformer.layers[0].attention.sel_v.grad.abs().sum() > 0
     model.eval()
     assert model(seq).reg_loss.item() == 0.0
+
+
+def test_reg_loss_equals_the_spec_recomputed_from_the_selection_logits():
+    """γ·Σ_layers mean_b(−H) for σ-MoE and δ·Σ_layers mean_{b,h}(−H) for V and O, where H is the
+    entropy of the selection distribution averaged over positions × repeats of one sequence."""
+    model = make_model(dtype=torch.float64)
+    # captured[layer][name]: that group layer's selection logits, one entry per repeat
+    captured = [{"ffn": [], "att_v": [], "att_o": []} for _ in model.transformer.layers]
+    for layer, logits in zip(model.transformer.layers, captured, strict=True):
+
+        def keep_attention(_module, _inputs, out, c=logits) -> None:
+            for name, value in out[2].items():
+                c[name].append(value)
+
+        layer.ffn.register_forward_hook(lambda _m, _i, out, c=logits: c["ffn"].append(out[1]))
+        layer.attention.register_forward_hook(keep_attention)
+    reg = model(tokens(3, 5)).reg_loss
+
+    def neg_entropy(per_repeat: list[torch.Tensor]) -> torch.Tensor:
+        # [R, B, T, ..., E] → per sequence (and head) mean of softmax over R·T
+        probs = torch.stack(per_repeat).softmax(-1).transpose(0, 1).flatten(1, 2).mean(1)
+        return (probs * probs.log()).sum(-1).mean()
+
+    expected = 0.0
+    for layer_logits in captured:
+        for name, coefficient in (
+            ("ffn", TINY.entropy_reg),
+            ("att_v", TINY.att_entropy_reg),
+            ("att_o", TINY.att_entropy_reg),
+        ):
+            assert len(layer_logits[name]) == TINY.n_repeats
+            expected = expected + coefficient * neg_entropy(layer_logits[name])
+    torch.testing.assert_close(reg, expected)
 
 
 def test_expert_dropout_only_in_training():

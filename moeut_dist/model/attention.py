@@ -101,7 +101,9 @@ class SwitchHead(nn.Module):
             weight.div_(weight.norm(dim=-1, keepdim=True))
             weight.mul_(row_std / weight.std())
 
-    def _select(self, src: torch.Tensor, selector: torch.Tensor):
+    def _select(
+        self, src: torch.Tensor, selector: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits [B, T, H, Ea] (≥ fp32) and the top-ka gates/indices of each head."""
         logits = at_least_fp32(F.linear(src, selector))
         logits = logits.unflatten(-1, (self.n_heads, self.n_experts))
@@ -110,7 +112,9 @@ class SwitchHead(nn.Module):
         )
         return logits, gates, experts
 
-    def _project_values(self, v_src: torch.Tensor, gates, experts) -> torch.Tensor:
+    def _project_values(
+        self, v_src: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
         """Σ_j gv_j · v_src @ v[h, j] for every head: [B, T, H, dh]."""
         batch, time, d = v_src.shape
         flat_experts = experts.reshape(batch * time, self.n_heads, -1)
@@ -127,7 +131,9 @@ class SwitchHead(nn.Module):
         )
         return out.view(batch, time, self.n_heads, self.head_dim)
 
-    def _project_output(self, heads: torch.Tensor, gates, experts) -> torch.Tensor:
+    def _project_output(
+        self, heads: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
         """Σ_h Σ_j go_j · heads[h] @ o[h, j]: [B, T, d]."""
         batch, time = heads.shape[:2]
         flat_experts = experts.reshape(batch * time, self.n_heads, -1)

@@ -111,7 +111,9 @@ class MoEUTLM(nn.Module):
             layer.attention.reset_parameters(std_scale, self.config.n_heads)
             layer.ffn.reset_parameters(std_scale)
 
-    def regularization_loss(self, stats: list[dict[str, list[torch.Tensor]]], n_positions: int):
+    def regularization_loss(
+        self, stats: list[dict[str, list[torch.Tensor]]], n_positions: int
+    ) -> torch.Tensor:
         """γ·Σ_layers −H(σ-MoE selection) + δ·Σ_layers (−H(V selection) − H(O selection))."""
         coefficients = {
             "ffn": self.config.entropy_reg,

@@ -152,7 +152,9 @@ def _global_grad_norm(optimizer) -> torch.Tensor:
     only. Experts are folded over TP, so every rank's expert partition is distinct.
     """
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    squares = torch.zeros((), dtype=torch.float64)
+    # Accumulated where the gradients live: no host sync per parameter, and NCCL (which has no
+    # CPU backend) can all-reduce it.
+    squares = torch.zeros((), dtype=torch.float64, device=optimizer.device)
     for group, params in enumerate(optimizer.params_in_partition):
         # ZeRO's alignment padding comes last in a partition, after the parameters' gradients.
         grads = [
@@ -161,9 +163,9 @@ def _global_grad_norm(optimizer) -> torch.Tensor:
         for grad, param in zip(grads, params, strict=True):
             counted_here = getattr(param, "tensor_model_parallel", False) or is_moe_param(param)
             if tp_rank == 0 or counted_here:
-                squares += grad.double().square().sum().cpu()
+                squares += grad.double().square().sum().to(squares.device)
     dist.all_reduce(squares)
-    return squares.sqrt().float().to(optimizer.device)
+    return squares.sqrt().float()
 
 
 def create_engine(

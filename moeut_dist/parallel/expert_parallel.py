@@ -100,8 +100,16 @@ class ExpertParallelDispatcher:
         self.tensor_group = tensor_group
         self.backend = backend
         self.rank = dist.get_rank(expert_group)
-        self.offsets = torch.tensor(partition.offsets())
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.stats = DispatchStats()
+
+    def _routing_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Owning rank of every global expert and first global expert id of every rank, built
+        once per device (not per call: a host-to-device copy each time)."""
+        if device not in self._tables:
+            offsets = torch.tensor(self.partition.offsets(), device=device)
+            self._tables[device] = (self.partition.owners(device), offsets)
+        return self._tables[device]
 
     def _tensor_parallel(self) -> bool:
         return self.tensor_group is not None and dist.get_world_size(self.tensor_group) > 1
@@ -133,7 +141,7 @@ class ExpertParallelDispatcher:
 
     def _dispatch(self, x, gates, experts, keys, values) -> torch.Tensor:
         n_ranks = self.partition.n_ranks
-        owners = self.partition.owners(x.device)
+        owners, offsets = self._routing_tables(x.device)
         plan = plan_dispatch(experts, owners, n_ranks)
         recv_counts = self._exchange_counts(plan.send_counts, x.device)
 
@@ -141,7 +149,7 @@ class ExpertParallelDispatcher:
         # the other slots are marked with expert id -1.
         sent_experts = experts[plan.token_index]
         on_destination = owners[sent_experts] == plan.destination[:, None]
-        local_ids = sent_experts - self.offsets.to(x.device)[plan.destination][:, None]
+        local_ids = sent_experts - offsets[plan.destination][:, None]
         local_ids = local_ids.masked_fill(~on_destination, -1)
         sent_gates = gates[plan.token_index] * on_destination
 

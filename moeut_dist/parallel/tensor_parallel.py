@@ -91,4 +91,9 @@ def vocab_parallel_embedding(config: MoEUTConfig, tp_size: int) -> VocabParallel
 
 def vocab_parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy from vocabulary-sharded logits [B, T, V / TP]."""
-    return vocab_parallel_cross_entropy(at_least_fp32(logits), targets).mean()
+    # megatron-core's cross-entropy overwrites fp32 input in place (with exp(logits − max)); a
+    # caller's fp32 logits are copied first, 16-bit ones are copied by the upcast anyway.
+    upcast = at_least_fp32(logits)
+    if upcast is logits:
+        upcast = logits.clone()
+    return vocab_parallel_cross_entropy(upcast, targets).mean()
