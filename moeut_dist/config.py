@@ -129,6 +129,9 @@ class DenseConfig(_DictConfig):
     rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
+            _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        _require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
         _require(
             self.d_model % self.n_heads == 0,
             f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})",

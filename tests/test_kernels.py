@@ -308,3 +308,21 @@ def test_model_with_triton_kernels_matches_pytorch_path() -> None:
             atol=1e-6,
             msg=lambda m, n=name: f"{n}: {m}",
         )
+
+
+def test_mixed_dtypes_are_refused_by_name() -> None:
+    x, up, down, gates = _on_device(sigma_moe()).inputs
+    experts, rows = _on_device(sigma_moe()).routing
+    with pytest.raises(ValueError, match=r"share a dtype, got \['bfloat16', 'float32'\]"):
+        moe_mlp(x.bfloat16(), up, down, gates, experts, rows, backend="triton")
+
+
+def test_autocast_runs_the_kernels_in_the_autocast_dtype() -> None:
+    """Under autocast the fp32 weights meet bf16 activations; both go to the kernel in bf16."""
+    case = _on_device(sigma_moe())
+    device = case.inputs[0].device.type
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = moe_mlp(*case.inputs, *case.routing, backend="triton")
+    assert out.dtype == torch.bfloat16
+    expected = reference.moe_mlp(*(t.double() for t in case.inputs), *case.routing)
+    assert _relative_error(out, expected) < 1e-2

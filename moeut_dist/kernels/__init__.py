@@ -28,8 +28,8 @@ Backend = Literal["auto", "torch", "triton"]
 
 
 def _use_triton(x: torch.Tensor, backend: Backend) -> bool:
-    if backend == "auto":
-        return x.is_cuda
+    if backend == "auto":  # float64 stays on the reference path: the kernels target 16/32-bit
+        return x.is_cuda and x.dtype != torch.float64
     if backend not in ("torch", "triton"):
         raise ValueError(f"unknown kernel backend {backend!r}; use 'auto', 'torch' or 'triton'")
     if backend == "triton" and not (x.is_cuda or triton_kernels.INTERPRETING):
@@ -37,6 +37,20 @@ def _use_triton(x: torch.Tensor, backend: Backend) -> bool:
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before import for CPU"
         )
     return backend == "triton"
+
+
+def _same_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The kernels multiply tensors of one dtype: under autocast, that of autocast (as for any
+    matmul); otherwise mixed inputs are a caller error."""
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(t.to(dtype) for t in tensors)
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        names = sorted(str(dtype).removeprefix("torch.") for dtype in dtypes)
+        raise ValueError(f"expert inputs and weights must share a dtype, got {names}")
+    return tensors
 
 
 def _resolve_deterministic(deterministic: bool | None) -> bool:
@@ -62,6 +76,7 @@ def moe_linear(
     x: [N, d_in]; weight: [E, d_in, d_out]; gates: [P]; experts, in_rows, out_rows: [P] int64.
     """
     if _use_triton(x, backend):
+        x, weight = _same_dtype(x, weight)
         return ops.moe_linear_op(
             x, weight, gates, experts, in_rows, out_rows, n_out_rows,
             _resolve_deterministic(deterministic),
@@ -87,6 +102,7 @@ def moe_mlp(
     activations for backward: it recomputes them.
     """
     if _use_triton(x, backend):
+        x, up, down = _same_dtype(x, up, down)
         return ops.moe_mlp_op(
             x, up, down, gates, experts, rows, _resolve_deterministic(deterministic)
         )

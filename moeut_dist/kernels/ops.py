@@ -28,8 +28,8 @@ def _runs_triton(x: torch.Tensor) -> bool:
 
 
 def _pairs_of_each_expert(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...]:
-    order = torch.argsort(experts, stable=True)
-    return order.split(torch.bincount(experts, minlength=n_experts).tolist())
+    order, counts = reference.group_by_expert(experts, n_experts)
+    return order.split(counts)
 
 
 def _pytorch_linear_backward(

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _group_by_expert(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, list[int]]:
+def group_by_expert(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, list[int]]:
     order = torch.argsort(experts, stable=True)
     counts = torch.bincount(experts, minlength=n_experts).tolist()
     return order, counts
@@ -30,7 +30,7 @@ def moe_linear(
     n_out_rows: int,
 ) -> torch.Tensor:
     """out[out_rows[p]] += gates[p] · x[in_rows[p]] @ weight[experts[p]]."""
-    order, counts = _group_by_expert(experts, weight.shape[0])
+    order, counts = group_by_expert(experts, weight.shape[0])
     inputs = x.index_select(0, in_rows[order]).split(counts)
     products = torch.cat([r @ w for w, r in zip(weight.unbind(0), inputs, strict=True)])
     products = products * gates[order, None].to(products.dtype)
@@ -47,7 +47,7 @@ def moe_mlp(
     rows: torch.Tensor,
 ) -> torch.Tensor:
     """out[rows[p]] += gates[p] · relu(x[rows[p]] @ up[e]) @ down[e], e = experts[p]."""
-    order, counts = _group_by_expert(experts, up.shape[0])
+    order, counts = group_by_expert(experts, up.shape[0])
     inputs = x.index_select(0, rows[order]).split(counts)
     products = torch.cat(
         [F.relu(r @ u) @ v for u, v, r in zip(up.unbind(0), down.unbind(0), inputs, strict=True)]
