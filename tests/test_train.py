@@ -297,6 +297,33 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one(
     assert_same_run(run_result(path), uninterrupted)
 
 
+def test_rewriting_a_checkpoint_the_pointer_names_never_leaves_it_on_a_partial_one(
+    corpus, tmp_path, monkeypatch
+):
+    """A run resumed from an older checkpoint rewrites the newer step directories; a crash
+    in the middle must leave the pointer on a complete checkpoint of its own."""
+    config = run_config(corpus, tmp_path / "run", schedule={"steps": 4}, checkpoint={"keep": 3})
+    _train(config, tmp_path / "run.yaml")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert latest_checkpoint(checkpoints).name == "step_00000004"
+
+    write_rank_state = CheckpointManager._write_rank_state
+
+    def crash_at_step_4(self, directory, state):
+        if state.step == 4:
+            raise OSError("disk full")
+        write_rank_state(self, directory, state)
+
+    monkeypatch.setattr(CheckpointManager, "_write_rank_state", crash_at_step_4)
+    resumed = {
+        **config,
+        "checkpoint": {**config["checkpoint"], "resume": str(checkpoints / "step_00000002")},
+    }
+    with pytest.raises(OSError, match="disk full"):
+        _train(resumed, tmp_path / "resumed.yaml")
+    assert latest_checkpoint(checkpoints).name == "step_00000002"
+
+
 def _poisoned_loss(nan_steps: set[int], micro_batches_per_step: int):
     """`parallel_lm_loss`, but NaN on every micro-batch of the steps in `nan_steps`."""
     calls = itertools.count()

@@ -123,6 +123,8 @@ class CheckpointManager:
         self.config = config
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        # This run's newest complete checkpoint: the one it resumed from or last saved.
+        self.timeline_latest: Path | None = None
 
     def resume_point(self) -> Path | None:
         """The checkpoint `checkpoint.resume` asks for: None to start from scratch."""
@@ -138,7 +140,10 @@ class CheckpointManager:
 
     def save(self, engine, state: TrainerState) -> Path:
         directory = self.root / _tag(state.step)
-        if self.rank == 0 and directory.exists():  # left by a save that crashed
+        if self.rank == 0 and directory.exists():
+            # Left by a save that crashed, or by an earlier run that this one (resumed from an
+            # older checkpoint) replaces: the pointer must not name it while it is rewritten.
+            self._point_away_from(directory)
             shutil.rmtree(directory)
         dist.barrier()
         parallel_engine.save_checkpoint(engine, str(directory), ENGINE_TAG)
@@ -147,10 +152,27 @@ class CheckpointManager:
         if self.rank == 0:
             if not is_complete(directory):
                 raise RuntimeError(f"{directory}: a rank's completion marker is missing")
-            write_json_atomic(self.root / _LATEST, {"tag": directory.name, "step": state.step})
+            self._point_to(directory)
             self._prune(directory)
+        self.timeline_latest = directory
         dist.barrier()
         return directory
+
+    def _point_to(self, directory: Path) -> None:
+        step = int(directory.name.removeprefix("step_"))
+        write_json_atomic(self.root / _LATEST, {"tag": directory.name, "step": step})
+
+    def _point_away_from(self, directory: Path) -> None:
+        """If `latest.json` names `directory`, point it at this run's own newest checkpoint (the
+        one it resumed from or last saved), or remove it when this run has none yet."""
+        pointer = self.root / _LATEST
+        if not pointer.is_file() or json.loads(pointer.read_text())["tag"] != directory.name:
+            return
+        own = self.timeline_latest
+        if own is not None and own.parent == self.root and is_complete(own):
+            self._point_to(own)
+        else:
+            pointer.unlink()
 
     def _write_rank_state(self, directory: Path, state: TrainerState) -> None:
         values = {
@@ -190,6 +212,7 @@ class CheckpointManager:
             )
         parallel_engine.load_checkpoint(engine, str(directory), ENGINE_TAG)
         restore_rng(values["rng"])
+        self.timeline_latest = directory
         return TrainerState(
             step=values["step"],
             loader=values["loader"],
