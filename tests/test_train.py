@@ -27,7 +27,7 @@ from moeut_dist.parallel.layout import ParallelConfig
 from moeut_dist.train import loop
 from moeut_dist.train.checkpoint import CheckpointManager, is_complete, latest_checkpoint
 from moeut_dist.train.config import ScheduleSection, check_run, load_config
-from moeut_dist.train.metrics import forward_flops_per_token, read_metrics
+from moeut_dist.train.metrics import forward_flops_per_token, read_run_metrics
 from moeut_dist.train.schedule import lr_multiplier
 from tests.train_helpers import (
     REPO,
@@ -344,7 +344,7 @@ def test_nonfinite_loss_skips_the_step_and_stops_after_too_many(corpus, tmp_path
     )
     monkeypatch.setattr(loop, "parallel_lm_loss", _poisoned_loss({2}, micro_batches_per_step=4))
     _train(config, tmp_path / "skip.yaml")
-    records = read_metrics(tmp_path / "run")
+    records = read_run_metrics(tmp_path / "run")
     assert [r["skipped_steps"] for r in records] == [0, 1, 0, 0, 0, 0]
     assert math.isnan(records[1]["loss"]) and all(math.isfinite(r["loss"]) for r in records[2:])
     weights = {

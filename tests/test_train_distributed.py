@@ -18,7 +18,7 @@ from moeut_dist.export import load_pretrained
 from moeut_dist.model import lm_loss
 from moeut_dist.train.config import check_run, load_config
 from moeut_dist.train.consolidate import export_checkpoint
-from moeut_dist.train.metrics import METRICS_FILE, read_metrics
+from moeut_dist.train.metrics import METRICS_FILE, read_run_metrics
 from tests.train_helpers import (
     assert_same_run,
     deepspeed_launcher,
@@ -115,7 +115,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(reference, corpus, tmp_
     os.kill(_workers(agent.pid)[-1], signal.SIGKILL)
     wait([agent], path)
     result = run_result(path)
-    resumes = read_metrics(tmp_path / "run", "event")
+    resumes = read_run_metrics(tmp_path / "run", "event")
     assert len(resumes) == 1, "the workers were not restarted from a checkpoint"
     assert 2 <= resumes[0]["step"] < STEPS  # a checkpoint of this run, mid-run
     assert_same_run(result, reference[0])
@@ -155,7 +155,7 @@ def test_run_starts_from_the_export_of_another_layout(reference, corpus, tmp_pat
     with torch.no_grad():
         logits = load_pretrained(exported)(tokens[:, :-1]).logits
     expected = lm_loss(logits, tokens[:, 1:]).item()
-    (record,) = read_metrics(tmp_path / "run")
+    (record,) = read_run_metrics(tmp_path / "run")
     assert record["loss"] == pytest.approx(expected, rel=1e-5)
-    (event,) = read_metrics(tmp_path / "run", "event")
+    (event,) = read_run_metrics(tmp_path / "run", "event")
     assert event["initialised_from"] == str(exported)

@@ -18,7 +18,7 @@ from data_prep.tokenizer import train_tokenizer
 from moeut_dist.parallel.shards import read_full_state_dict
 from moeut_dist.train.checkpoint import latest_checkpoint
 from moeut_dist.train.config import load_config
-from moeut_dist.train.metrics import read_metrics
+from moeut_dist.train.metrics import read_run_metrics
 from tests.distributed_utils import free_port
 
 SEQ_LEN = 32
@@ -136,14 +136,14 @@ class RunResult:
 
 def run_result(config_path: Path) -> RunResult:
     config = load_config(config_path)
-    records = read_metrics(config.out_dir)
+    records = read_run_metrics(config.out_dir)
     steps = [r["step"] for r in records]
     assert steps == sorted(set(steps)), f"steps logged more than once or out of order: {steps}"
     latest = latest_checkpoint(config.out_path / "checkpoints")
     weights = read_full_state_dict(latest / "engine", config.model.build(300))
     return RunResult(
         [(r["step"], r["loss"], r["reg_loss"]) for r in records],
-        [(r["step"], r["loss"]) for r in read_metrics(config.out_dir, "val")],
+        [(r["step"], r["loss"]) for r in read_run_metrics(config.out_dir, "val")],
         weights,
         records,
     )

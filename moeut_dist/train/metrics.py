@@ -21,6 +21,7 @@ from megatron.core import parallel_state
 
 from moeut_dist.config import MoEUTConfig
 from moeut_dist.model import MoEUTLM
+from moeut_dist.plots import read_metrics
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -179,7 +180,6 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
-def read_metrics(out_dir: str | Path, kind: str = "train") -> list[dict[str, Any]]:
-    """The records of one kind from a run's metrics file, in order."""
-    lines = (Path(out_dir) / METRICS_FILE).read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+def read_run_metrics(out_dir: str | Path, kind: str = "train") -> list[dict[str, Any]]:
+    """The records of one kind ("train", "val", "event") from a run's metrics file, in order."""
+    return [r for r in read_metrics(Path(out_dir) / METRICS_FILE) if r["kind"] == kind]
