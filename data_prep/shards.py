@@ -44,6 +44,7 @@ from data_prep.readers import (
     iter_documents,
     resolve_inputs,
 )
+from moeut_dist.atomic_files import write_json_atomically
 from moeut_dist.data.manifest import (
     MANIFEST_NAME,
     SAMPLE_FIELD,
@@ -52,7 +53,6 @@ from moeut_dist.data.manifest import (
     SplitInfo,
     read_manifest,
     token_dtype,
-    write_json_atomic,
     write_manifest,
 )
 from moeut_dist.data.tokenizer import Tokenizer, file_sha256
@@ -359,7 +359,7 @@ def build_shards(
 
     def save_progress() -> None:
         states = {split: writer.checkpoint.to_dict() for split, writer in writers.items()}
-        write_json_atomic(progress_path, {"settings": settings, "splits": states})
+        write_json_atomically(progress_path, {"settings": settings, "splits": states})
 
     writers = {
         split: _SplitWriter(

@@ -12,6 +12,7 @@ from typing import Literal
 import sentencepiece as spm
 
 from data_prep.readers import ReadReport, TextUnit, iter_documents, resolve_inputs
+from moeut_dist.atomic_files import write_atomically
 from moeut_dist.data.tokenizer import Tokenizer
 
 
@@ -66,7 +67,5 @@ def train_tokenizer(
     )
     print(report.summary(), file=sys.stderr)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out_path.with_name(f".{out_path.name}.partial")
-    temporary.write_bytes(model.getvalue())
-    os.replace(temporary, out_path)
+    write_atomically(out_path, lambda p: p.write_bytes(model.getvalue()))
     return Tokenizer(out_path)

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from moeut_dist.atomic_files import write_atomically
 from moeut_dist.config import MoEUTConfig
 from moeut_dist.model import MoEUTLM
 from moeut_dist.parallel.shards import find_shard_files, iter_full_tensors, shard_rule
@@ -64,24 +65,17 @@ def _describe(tensor: torch.Tensor) -> str:
     return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary name, then rename, so a crash never leaves a partial file."""
-    temporary = path.with_name(path.name + ".tmp")
-    write(temporary)
-    os.replace(temporary, path)
-
-
 def _write_model_dir(
     out_dir: str | os.PathLike, config: MoEUTConfig, write_weights: Callable[[Path], object],
     tokenizer_path: str | os.PathLike | None,
 ) -> Path:  # fmt: skip
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_FILE, write_weights)
+    write_atomically(out / WEIGHTS_FILE, write_weights)
     config_text = json.dumps(config.to_dict(), indent=2) + "\n"
-    _atomic_write(out / CONFIG_FILE, lambda p: p.write_text(config_text))
+    write_atomically(out / CONFIG_FILE, lambda p: p.write_text(config_text))
     if tokenizer_path is not None:
-        _atomic_write(out / TOKENIZER_FILE, lambda p: shutil.copyfile(tokenizer_path, p))
+        write_atomically(out / TOKENIZER_FILE, lambda p: shutil.copyfile(tokenizer_path, p))
     return out
 
 
@@ -154,7 +148,7 @@ def write_safetensors_streaming(
                     raise CheckpointMismatchError(f"tensor {name!r} does not match the header")
                 out.write(tensor.contiguous().flatten().view(torch.uint8).numpy().data)
 
-    _atomic_write(path, write)
+    write_atomically(path, write)
 
 
 def _full_specs(checkpoint_dir: Path, config: MoEUTConfig) -> TensorSpecs:

@@ -11,12 +11,13 @@ with a tokenizer or context length they were not built for.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from moeut_dist.atomic_files import write_json_atomically
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "moeut-token-shards/1"
@@ -109,19 +110,8 @@ class Manifest:
         return cls(**{**values, "splits": splits, "sources": tuple(values["sources"])})
 
 
-def write_json_atomic(path: str | Path, values: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never a partial one."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.partial")
-    with open(temporary, "w") as f:
-        json.dump(values, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
 def write_manifest(shard_dir: str | Path, manifest: Manifest) -> None:
-    write_json_atomic(Path(shard_dir) / MANIFEST_NAME, manifest.to_dict())
+    write_json_atomically(Path(shard_dir) / MANIFEST_NAME, manifest.to_dict())
 
 
 def read_manifest(shard_dir: str | Path) -> Manifest:

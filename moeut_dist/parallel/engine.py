@@ -39,6 +39,7 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from megatron.core import parallel_state
 from safetensors.torch import load_file, save_file
 
+from moeut_dist.atomic_files import write_atomically
 from moeut_dist.model import MoEUTLM
 from moeut_dist.parallel.layout import ParallelConfig, expert_group_name
 from moeut_dist.parallel.shards import shard_file, shard_metadata
@@ -241,8 +242,7 @@ def save_checkpoint(engine: deepspeed.DeepSpeedEngine, save_dir: str, tag: str) 
             parallel_state.get_tensor_model_parallel_world_size(),
             parallel_state.get_expert_model_parallel_world_size(),
         )
-        save_file(tensors, path + ".tmp", metadata=metadata)
-        os.replace(path + ".tmp", path)
+        write_atomically(path, lambda p: save_file(tensors, str(p), metadata=metadata))
     dist.barrier()
 
 

@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from moeut_dist.atomic_files import write_json_atomically
 from moeut_dist.config import ConfigError
-from moeut_dist.data.manifest import write_json_atomic
 from moeut_dist.parallel import engine as parallel_engine
 from moeut_dist.train.config import TrainConfig
 
@@ -160,7 +160,7 @@ class CheckpointManager:
 
     def _point_to(self, directory: Path) -> None:
         step = int(directory.name.removeprefix("step_"))
-        write_json_atomic(self.root / _LATEST, {"tag": directory.name, "step": step})
+        write_json_atomically(self.root / _LATEST, {"tag": directory.name, "step": step})
 
     def _point_away_from(self, directory: Path) -> None:
         """If `latest.json` names `directory`, point it at this run's own newest checkpoint (the
@@ -183,7 +183,7 @@ class CheckpointManager:
             **asdict(state),
             "rng": capture_rng(),
         }
-        write_json_atomic(_rank_file(directory, "state", self.rank), values)
+        write_json_atomically(_rank_file(directory, "state", self.rank), values)
         if self.rank == 0:
             (directory / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict()))
         _write_marker(_rank_file(directory, "done", self.rank), self.world_size)

@@ -1,0 +1,24 @@
+"""Files that readers see whole or not at all: written under a hidden temporary name, flushed to
+disk, then renamed over the target (a rename within one directory is atomic)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """`write(temporary_path)` produces the file's content; then it replaces `path` at once."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.partial")
+    write(temporary)
+    with open(temporary, "rb+") as written:
+        os.fsync(written.fileno())
+    os.replace(temporary, path)
+
+
+def write_json_atomically(path: str | os.PathLike, values: Any) -> None:
+    write_atomically(path, lambda p: p.write_text(json.dumps(values, indent=1)))
