@@ -286,10 +286,17 @@ def _load_progress(
                 "build into an empty directory"
             )
         return {split: _Checkpoint() for split in splits}
-    with open(progress_path) as f:
-        progress = json.load(f)
-    _require_same_settings(out_dir, progress["settings"], settings)
-    return {split: _Checkpoint.from_dict(progress["splits"][split]) for split in splits}
+    try:
+        progress = json.loads(progress_path.read_text())
+        _require_same_settings(out_dir, progress["settings"], settings)
+        return {split: _Checkpoint.from_dict(progress["splits"][split]) for split in splits}
+    except BadInputError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise BadInputError(
+            f"{progress_path} is damaged ({type(error).__name__}: {error}); delete {out_dir} "
+            "and build again"
+        ) from error
 
 
 def _require_same_settings(out_dir: Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:

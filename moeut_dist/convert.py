@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
+import sys
 
 import torch
 
@@ -54,7 +56,16 @@ def to_official_state_dict(model: MoEUTLM) -> dict[str, torch.Tensor]:
 
 def load_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of an authors' checkpoint file, read without executing pickled code."""
-    return _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'truncated'})"
+        ) from error
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
+    return _unwrap(loaded)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,12 +84,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _convert_command(args: argparse.Namespace) -> int:
     from moeut_dist.export import save_pretrained
 
-    tensors = load_official_checkpoint(args.from_official)
-    if "embedding.weight" not in tensors:
-        raise SystemExit(f"{args.from_official}: no 'embedding.weight'; not a MoEUTLM checkpoint")
-    vocab_size = tensors["embedding.weight"].shape[0]
-    config = MoEUTConfig.from_profile(args.profile, vocab_size=vocab_size)
-    model = from_official_state_dict(tensors, config)
-    out = save_pretrained(model, args.out, args.tokenizer)
+    try:
+        tensors = load_official_checkpoint(args.from_official)
+        if "embedding.weight" not in tensors:
+            raise ValueError(
+                f"{args.from_official}: no 'embedding.weight'; not a MoEUTLM checkpoint"
+            )
+        vocab_size = tensors["embedding.weight"].shape[0]
+        config = MoEUTConfig.from_profile(args.profile, vocab_size=vocab_size)
+        model = from_official_state_dict(tensors, config)
+        out = save_pretrained(model, args.out, args.tokenizer)
+    except (OSError, ValueError) as error:  # unreadable file, unknown profile, wrong tensors
+        print(f"moeut convert: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {out} ({args.profile}, vocab {vocab_size})")
     return 0

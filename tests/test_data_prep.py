@@ -179,6 +179,18 @@ def test_build_with_other_settings_into_the_same_directory_is_refused(tmp_path, 
         build_shards(corpus, tmp_path, tokenizer.path, 64, progress=False)
 
 
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [('{"settings": {"seq_len"', "JSONDecodeError"), ('{"splits": {}}', "KeyError: 'settings'")],
+)
+def test_damaged_progress_record_is_refused_by_name(tmp_path, corpus, tokenizer, content, error):
+    build_shards(corpus, tmp_path, tokenizer.path, SEQ_LEN, progress=False)
+    (tmp_path / "manifest.json").unlink()  # as if killed after its last shard
+    (tmp_path / "progress.json").write_text(content)
+    with pytest.raises(BadInputError, match=rf"progress.json is damaged \({error}"):
+        build_shards(corpus, tmp_path, tokenizer.path, SEQ_LEN, progress=False)
+
+
 def _write_lines(path: Path, lines: list[bytes]) -> Path:
     path.write_bytes(b"\n".join(lines) + b"\n")
     return path

@@ -97,14 +97,49 @@ def test_official_import_rejects_a_wrong_profile_by_tensor(model):
         from_official_state_dict(official, TINY.replace(n_experts=12, experts_per_token=4))
 
 
+def _convert(checkpoint, profile: str, out) -> int:
+    return moeut(["convert", "--from-official", str(checkpoint), "--profile", profile,
+                  "--out", str(out)])  # fmt: skip
+
+
 def test_convert_command(model, tmp_path):
     checkpoint = tmp_path / "official.pt"
     # The authors' trainer wraps the weights and stores RoPE frequencies; both are handled.
     wrapped = {f"model.{n}": t for n, t in to_official_state_dict(model).items()}
     wrapped["model.transformer.layers.0.attention.pe.inv_freq"] = torch.ones(4)
     torch.save({"model": wrapped, "step": 10}, checkpoint)
-    assert moeut(["convert", "--from-official", str(checkpoint), "--profile", "tiny",
-                  "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    assert _convert(checkpoint, "tiny", tmp_path / "out") == 0
     loaded = load_pretrained(tmp_path / "out")
     assert loaded.config.vocab_size == 50
     torch.testing.assert_close(loaded(prompt()).logits, model(prompt()).logits, rtol=0, atol=0)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda path: path.write_bytes(b"not a checkpoint"), "not a readable PyTorch checkpoint"),
+        (lambda path: torch.save({"x": _RunsCode()}, path), "UnpicklingError"),
+        (lambda path: torch.save(torch.ones(2), path), "holds a Tensor, not a state dict"),
+        (lambda path: torch.save({"w": torch.ones(2)}, path), "no 'embedding.weight'"),
+        (lambda path: None, "No such file"),
+    ],
+)
+def test_convert_command_names_an_unusable_checkpoint(tmp_path, capsys, make, message):
+    checkpoint = tmp_path / "official.pt"
+    make(checkpoint)
+    assert _convert(checkpoint, "tiny", tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"moeut convert: {checkpoint}") and message in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_command_names_the_tensor_a_wrong_profile_misses(model, tmp_path, capsys):
+    checkpoint = tmp_path / "official.pt"
+    torch.save(to_official_state_dict(model), checkpoint)
+    assert _convert(checkpoint, "moeut-44m", tmp_path / "out") == 2
+    assert "moeut convert: tensor 'embedding.weight' is (50, 64)" in capsys.readouterr().err

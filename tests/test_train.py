@@ -9,8 +9,10 @@ import json
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +27,12 @@ from moeut_dist.parallel.build import ParallelLoss, parallel_lm_loss
 from moeut_dist.parallel.engine import OptimizerSettings, deepspeed_config
 from moeut_dist.parallel.layout import ParallelConfig
 from moeut_dist.train import loop
-from moeut_dist.train.checkpoint import CheckpointManager, is_complete, latest_checkpoint
+from moeut_dist.train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    is_complete,
+    latest_checkpoint,
+)
 from moeut_dist.train.config import ScheduleSection, check_run, load_config
 from moeut_dist.train.metrics import forward_flops_per_token, read_run_metrics
 from moeut_dist.train.schedule import lr_multiplier
@@ -322,6 +329,69 @@ def test_rewriting_a_checkpoint_the_pointer_names_never_leaves_it_on_a_partial_o
     with pytest.raises(OSError, match="disk full"):
         _train(resumed, tmp_path / "resumed.yaml")
     assert latest_checkpoint(checkpoints).name == "step_00000002"
+
+
+@pytest.fixture(scope="module")
+def two_step_run(corpus, tmp_path_factory):
+    """A finished two-step run (checkpoint at step 2) to damage copies of."""
+    directory = tmp_path_factory.mktemp("two_steps")
+    config = run_config(corpus, directory / "run", schedule={"steps": 2}, eval={"every": 0})
+    _train(config, directory / "run.yaml")
+    return config
+
+
+def _damage(path, content: str | None) -> None:
+    if content is None:
+        path.unlink()
+    else:
+        path.write_text(content)
+
+
+@pytest.mark.parametrize(
+    ("damaged", "content", "message"),
+    [
+        ("latest.json", '{"tag": "step_0000', "latest.json is damaged (JSONDecodeError"),
+        ("latest.json", '{"tag": "../../elsewhere"}', "not a checkpoint directory beside it"),
+        ("step_00000002/done_rank00000", "", "step_00000002, which is not complete"),
+        ("step_00000002/trainer_rank00000.json", None, "rank 0's trainer state is missing"),
+        ("step_00000002/trainer_rank00000.json", '{"format": 1}', "KeyError: 'world_size'"),
+        ("step_00000002/done_rank00000", "2", "written by 2 ranks; resuming needs the same"),
+    ],
+)
+def test_damaged_or_foreign_checkpoint_is_refused_before_the_model_is_built(
+    two_step_run, tmp_path, monkeypatch, damaged, content, message
+):
+    source = Path(two_step_run["out_dir"])
+    shutil.copytree(source, tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    _damage(checkpoints / damaged, content)
+    if content == "2":  # a complete checkpoint of two ranks
+        (checkpoints / "step_00000002" / "done_rank00001").write_text("2")
+    monkeypatch.setattr(loop, "build_model", lambda *_, **__: pytest.fail("model was built"))
+    config = {**two_step_run, "out_dir": str(tmp_path / "run")}
+    config["schedule"] = {**config["schedule"], "steps": 4}
+    with pytest.raises(CheckpointError) as error:
+        _train(config, tmp_path / "resume.yaml")
+    assert message in str(error.value)
+
+
+def test_damaged_checkpoint_stops_the_command_with_one_line(two_step_run, tmp_path):
+    shutil.copytree(two_step_run["out_dir"], tmp_path / "run")
+    (tmp_path / "run/checkpoints/latest.json").write_text("garbage")
+    path = write_config({**two_step_run, "out_dir": str(tmp_path / "run")}, tmp_path / "run.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", "moeut_dist.cli", "train", "--config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    last_line = result.stderr.splitlines()[-1]  # libraries may warn before it
+    assert (
+        last_line.startswith("moeut train: cannot resume: ")
+        and "latest.json is damaged" in last_line
+    )
+    assert "Traceback" not in result.stderr
 
 
 def _poisoned_loss(nan_steps: set[int], micro_batches_per_step: int):

@@ -17,13 +17,13 @@ removed after the pointer moves. Checkpoints live on a file system that every no
 
 Checkpoint files may come from elsewhere, so nothing here unpickles them: trainer state is JSON,
 and `moeut_dist.parallel.engine.load_checkpoint` reads weights from safetensors and DeepSpeed's
-optimizer files with `weights_only=True`.
+optimizer files with `weights_only=True`. A damaged pointer or trainer state, or a checkpoint of
+another world size, is a `CheckpointError` naming the file, raised before the model is built.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from moeut_dist.atomic_files import write_json_atomically
+from moeut_dist.atomic_files import write_atomically, write_json_atomically
 from moeut_dist.config import ConfigError
 from moeut_dist.parallel import engine as parallel_engine
 from moeut_dist.train.config import TrainConfig
@@ -43,6 +43,10 @@ from moeut_dist.train.config import TrainConfig
 _FORMAT = 1
 ENGINE_TAG = "engine"
 _LATEST = "latest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: damaged, or written by another layout."""
 
 
 @dataclass
@@ -88,19 +92,39 @@ def _rank_file(directory: Path, kind: str, rank: int) -> Path:
 
 
 def _write_marker(path: Path, world_size: int) -> None:
-    with open(path, "w") as f:
-        f.write(str(world_size))
-        f.flush()
-        os.fsync(f.fileno())
+    write_atomically(path, lambda p: p.write_text(str(world_size)))
+
+
+def _read_marker(path: Path) -> int | None:
+    """The world size a completion marker holds; None if it is missing or damaged."""
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def is_complete(directory: Path) -> bool:
     """Every rank that wrote into `directory` finished (each marker names the world size)."""
-    first = _rank_file(directory, "done", 0)
-    if not first.is_file():
+    world_size = _read_marker(_rank_file(directory, "done", 0))
+    if world_size is None or world_size < 1:
         return False
-    world_size = int(first.read_text())
-    return all(_rank_file(directory, "done", rank).is_file() for rank in range(world_size))
+    return all(
+        _read_marker(_rank_file(directory, "done", rank)) == world_size
+        for rank in range(world_size)
+    )
+
+
+def _pointer_tag(pointer: Path) -> str:
+    try:
+        tag = json.loads(pointer.read_text())["tag"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"{pointer} is damaged ({type(error).__name__}: {error}); remove it to start over, "
+            "or name a checkpoint directory with checkpoint.resume"
+        ) from error
+    if not isinstance(tag, str) or Path(tag).name != tag:
+        raise CheckpointError(f"{pointer} names {tag!r}, not a checkpoint directory beside it")
+    return tag
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -108,9 +132,9 @@ def latest_checkpoint(root: Path) -> Path | None:
     pointer = root / _LATEST
     if not pointer.is_file():
         return None
-    directory = root / json.loads(pointer.read_text())["tag"]
+    directory = root / _pointer_tag(pointer)
     if not is_complete(directory):
-        raise RuntimeError(f"{pointer} points to {directory}, which is not complete")
+        raise CheckpointError(f"{pointer} points to {directory}, which is not complete")
     return directory
 
 
@@ -127,15 +151,19 @@ class CheckpointManager:
         self.timeline_latest: Path | None = None
 
     def resume_point(self) -> Path | None:
-        """The checkpoint `checkpoint.resume` asks for: None to start from scratch."""
+        """The checkpoint `checkpoint.resume` asks for (None: start from scratch), checked
+        to be complete and resumable by this rank before anything is built."""
+        # Read even when not resuming from it: a damaged pointer fails now, not at the first save.
+        latest = latest_checkpoint(self.root)
         choice = self.config.checkpoint.resume
         if choice == "never":
             return None
-        if choice == "auto":
-            return latest_checkpoint(self.root)
-        directory = Path(choice)
+        directory = latest if choice == "auto" else Path(choice)
+        if directory is None:
+            return None
         if not is_complete(directory):
             raise ConfigError(f"checkpoint.resume: {directory} is not a complete checkpoint")
+        self._read_rank_state(directory)
         return directory
 
     def save(self, engine, state: TrainerState) -> Path:
@@ -166,7 +194,7 @@ class CheckpointManager:
         """If `latest.json` names `directory`, point it at this run's own newest checkpoint (the
         one it resumed from or last saved), or remove it when this run has none yet."""
         pointer = self.root / _LATEST
-        if not pointer.is_file() or json.loads(pointer.read_text())["tag"] != directory.name:
+        if not pointer.is_file() or _pointer_tag(pointer) != directory.name:
             return
         own = self.timeline_latest
         if own is not None and own.parent == self.root and is_complete(own):
@@ -200,16 +228,34 @@ class CheckpointManager:
             if directory not in kept:
                 shutil.rmtree(directory)
 
-    def load(self, engine, directory: Path) -> TrainerState:
-        """Restore weights, optimizer and this rank's RNG states; returns the trainer state."""
-        values = json.loads(_rank_file(directory, "state", self.rank).read_text())
-        layout = (values["format"], values["world_size"], values["parallel"])
+    def _read_rank_state(self, directory: Path) -> dict[str, Any]:
+        """This rank's trainer state in `directory`, checked against the run's layout."""
+        written_by = _read_marker(_rank_file(directory, "done", 0))
+        if written_by != self.world_size:
+            raise CheckpointError(
+                f"{directory} was written by {written_by} ranks; resuming needs the same world "
+                f"size, this run has {self.world_size}"
+            )
+        path = _rank_file(directory, "state", self.rank)
+        try:
+            values = json.loads(path.read_text())
+            layout = (values["format"], values["world_size"], values["parallel"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(
+                f"{path}: rank {self.rank}'s trainer state is missing or damaged "
+                f"({type(error).__name__}: {error})"
+            ) from error
         if layout != (_FORMAT, self.world_size, self.config.parallel.to_dict()):
-            raise ConfigError(
+            raise CheckpointError(
                 f"{directory} was written by {values['world_size']} ranks with parallel layout "
                 f"{values['parallel']} (format {values['format']}); resuming needs the same "
                 "world size and layout"
             )
+        return values
+
+    def load(self, engine, directory: Path) -> TrainerState:
+        """Restore weights, optimizer and this rank's RNG states; returns the trainer state."""
+        values = self._read_rank_state(directory)
         parallel_engine.load_checkpoint(engine, str(directory), ENGINE_TAG)
         restore_rng(values["rng"])
         self.timeline_latest = directory

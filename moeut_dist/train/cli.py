@@ -14,6 +14,7 @@ import sys
 
 def _run(args: argparse.Namespace) -> int:
     from moeut_dist.config import ConfigError
+    from moeut_dist.train.checkpoint import CheckpointError
     from moeut_dist.train.config import load_config
     from moeut_dist.train.loop import NonFiniteLossError, train
 
@@ -25,6 +26,9 @@ def _run(args: argparse.Namespace) -> int:
         train(config)
     except ConfigError as error:
         print(f"moeut train: invalid configuration: {error}", file=sys.stderr)
+        return 2
+    except CheckpointError as error:
+        print(f"moeut train: cannot resume: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
         print(f"moeut train: {error}", file=sys.stderr)
