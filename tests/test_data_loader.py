@@ -132,6 +132,32 @@ def test_resume_at_any_batch_equals_the_uninterrupted_sequence(
         assert all(a.equal(b) for a, b in zip(rest, reference[stop:], strict=True)), stop
 
 
+def test_resume_of_a_finite_pass_follows_the_workers_that_are_left(shard_dir, tokenizer):
+    """A worker whose slot is one sample shorter ends three batches (epochs) before the others,
+    which then alternate; a restore in those last rounds must alternate the same way."""
+    ranks, workers = 13, 3  # many ranks keep one rank's share, hence the test, small
+    total = sum(s.samples for s in read_manifest(shard_dir).split("train").shards)
+    slots = ranks * workers
+    lengths = [total * (s + 1) // slots - total * s // slots for s in range(slots)]
+
+    def two_outlast_one(rank: int) -> bool:
+        mine = lengths[rank * workers : (rank + 1) * workers]
+        return mine.count(max(mine)) == 2
+
+    rank = next(filter(two_outlast_one, range(ranks)))
+    options = dict(batch_size=1, dp_rank=rank, dp_world_size=ranks, num_workers=workers, epochs=3)
+    reference = list(_loader(shard_dir, tokenizer, **options))
+    for stop in range(len(reference) - 6, len(reference)):
+        interrupted = _loader(shard_dir, tokenizer, **options)
+        for _ in itertools.islice(interrupted, stop):
+            pass
+        resumed = _loader(shard_dir, tokenizer, **options)
+        resumed.load_state_dict(json.loads(json.dumps(interrupted.state_dict())))
+        rest = list(resumed)
+        assert len(rest) == len(reference) - stop, stop
+        assert all(a.equal(b) for a, b in zip(rest, reference[stop:], strict=True)), stop
+
+
 def test_resume_skips_consumed_shards_without_reading_them(shard_dir, tokenizer, monkeypatch):
     reads = []
     real_read_shard = loader.read_shard

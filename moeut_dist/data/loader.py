@@ -9,9 +9,10 @@ So every sample is read by exactly one worker per epoch, whatever the layout.
 
 A worker's stream is its slot in epoch 0, then in epoch 1, and so on, cut into batches; a
 position in it is a sample count. The DataLoader takes batches from the workers round robin,
-so the loader's state is how many batches it has yielded plus each worker's position. A
-restored loader starts each worker at its position (whole shards before it are skipped using
-the manifest's counts, unread) and renumbers the workers so that the one due next comes first.
+passing over those whose (finite) stream has ended, so the loader's state is each worker's
+position plus the worker after the one that yielded last. A restored loader starts each worker
+at its position (whole shards before it are skipped using the manifest's counts, unread; an
+ended stream yields nothing) and renumbers the workers so that that one comes first.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from moeut_dist.data.manifest import SAMPLE_FIELD, ShardInfo, read_manifest
 from moeut_dist.data.tokenizer import Tokenizer, file_sha256
 
-_STATE_FORMAT = 1
+_STATE_FORMAT = 2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -284,7 +285,7 @@ class TokenLoader:
             "num_workers": num_workers,
         }
         self._skip_corrupt = skip_corrupt
-        self._batches_yielded = 0
+        self._next_worker = 0
         self._positions = [0] * self._workers
         self._skipped = [0] * self._workers
 
@@ -324,7 +325,7 @@ class TokenLoader:
         dataset = _WorkerBatches(
             self._streams(),
             list(self._positions),
-            self._batches_yielded % self._workers,
+            self._next_worker,
             self._layout["batch_size"],
             self._layout["epochs"],
         )
@@ -337,7 +338,7 @@ class TokenLoader:
         for worker, batch, position, skipped in batches:
             self._positions[worker] = position
             self._skipped[worker] = skipped
-            self._batches_yielded += 1
+            self._next_worker = (worker + 1) % self._workers
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -345,7 +346,7 @@ class TokenLoader:
         return {
             "format": _STATE_FORMAT,
             "layout": dict(self._layout),
-            "batches_yielded": self._batches_yielded,
+            "next_worker": self._next_worker,
             "positions": list(self._positions),
             "skipped_shards": list(self._skipped),
         }
@@ -361,6 +362,6 @@ class TokenLoader:
                 f"{k}: {saved.get(k)!r} saved, {self._layout[k]!r} now" for k in differing
             )
             raise ValueError(f"loader state is for another layout ({details})")
-        self._batches_yielded = state["batches_yielded"]
+        self._next_worker = state["next_worker"]
         self._positions = list(state["positions"])
         self._skipped = list(state["skipped_shards"])

@@ -52,7 +52,9 @@ class ExpertPartition:
 
 @dataclass
 class DispatchStats:
-    """Traffic of the forward dispatch (the return trip and the backward mirror it)."""
+    """Traffic of forward dispatches (the return trip and the backward mirror them). Under
+    activation checkpointing the recomputed forward dispatches again, and that is counted: the
+    bytes really travel twice."""
 
     tokens: int = 0  # tokens routed by this rank
     token_copies: int = 0  # rows it sent, to any rank including itself

@@ -99,7 +99,8 @@ class RoutingMonitor:
         `expert_share[l][e]`: fraction of layer l's selections that chose expert e;
         `expert_entropy[l]`: entropy of that distribution over log(n_experts) (1: uniform);
         `ep_bytes_sent`: activation and routing bytes all ranks sent to other ranks in forward
-        dispatches (the return trip and the backward move about three times as much again).
+        dispatches, recomputed ones included (the return trip and the backward move about three
+        times as much again).
         """
         counts = torch.stack([d.counts for d in self.dispatchers])
         # Tensor-parallel ranks see the same tokens; summing over data-parallel ranks counts
