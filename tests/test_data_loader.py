@@ -132,6 +132,7 @@ def test_resume_at_any_batch_equals_the_uninterrupted_sequence(
         assert all(a.equal(b) for a, b in zip(rest, reference[stop:], strict=True)), stop
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker")
 def test_resume_of_a_finite_pass_follows_the_workers_that_are_left(shard_dir, tokenizer):
     """A worker whose slot is one sample shorter ends three batches (epochs) before the others,
     which then alternate; a restore in those last rounds must alternate the same way."""

@@ -1,11 +1,14 @@
 """`moeut train` under torchrun with 2 processes and expert parallelism (gloo): end to end,
-two simulated nodes, stop-and-resume, a worker killed mid-run, and a run started from the export
-of another layout's checkpoint."""
+two simulated nodes (torchrun agents, and a SLURM job on a local two-node cluster), the DeepSpeed
+launcher, stop-and-resume, a worker killed mid-run, and a run started from the export of another
+layout's checkpoint."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +22,10 @@ from moeut_dist.model import lm_loss
 from moeut_dist.train.config import check_run, load_config
 from moeut_dist.train.consolidate import export_checkpoint
 from moeut_dist.train.metrics import METRICS_FILE, read_run_metrics
+from tests import slurm_cluster
+from tests.distributed_utils import free_port
 from tests.train_helpers import (
+    REPO,
     assert_same_run,
     deepspeed_launcher,
     make_corpus,
@@ -76,6 +82,40 @@ def test_two_process_expert_parallel_run_end_to_end(reference):
 def test_two_nodes_match_one_node(reference, corpus, tmp_path):
     path = write_config(_config(corpus, tmp_path), tmp_path / "run.yaml")
     wait(torchrun(path, 1, agents=2), path)
+    assert_same_run(run_result(path), reference[0])
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """The environment of a local two-node SLURM cluster (see `tests.slurm_cluster`)."""
+    if not slurm_cluster.available():
+        reason = "SLURM is not installed (slurmctld, slurmd, munged); .ci/run installs it"
+        if os.environ.get("MOEUT_REQUIRE_SLURM") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with slurm_cluster.slurm_cluster(tmp_path_factory.mktemp("slurm")) as env:
+        yield env
+
+
+def test_slurm_job_on_two_nodes_matches_one_node(reference, corpus, tmp_path, slurm):
+    path = write_config(_config(corpus, tmp_path), tmp_path / "run.yaml")
+    job_log = tmp_path / "job.log"
+    env = {
+        **slurm,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{slurm['PATH']}",  # torchrun
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "NPROC_PER_NODE": "1",  # no GPUs to count
+        "MASTER_PORT": str(free_port()),
+    }
+    submitted = subprocess.run(
+        ["sbatch", "--wait", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
+         f"--output={job_log}", str(REPO / "launch" / "slurm.sbatch"), str(path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log = job_log.read_text() if job_log.exists() else ""
+    assert submitted.returncode == 0, f"{submitted.stderr}\n{log[-6000:]}"
+    assert "--rdzv-endpoint=127.0.0.1:" in log  # the head node's NodeAddr, not its name
     assert_same_run(run_result(path), reference[0])
 
 
