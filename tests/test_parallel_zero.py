@@ -66,11 +66,11 @@ def _reference_run(config) -> tuple[list[tuple[float, float, float]], dict[str, 
     return history, model.state_dict()
 
 
-def _engine(config, layout: ParallelConfig):
+def _engine(config, layout: ParallelConfig, bf16: bool = False):
     initialize(layout, config)
     model = build_model(config, layout, seed=1234)
     dp_size = parallel_state.get_data_parallel_world_size()
-    return create_engine(model, layout, SETTINGS, micro_batch_size=BATCH // dp_size)
+    return create_engine(model, layout, SETTINGS, micro_batch_size=BATCH // dp_size, bf16=bf16)
 
 
 def _train_step(engine, config, step: int) -> tuple[float, float, float]:
@@ -90,6 +90,19 @@ def _check_layout_trains_like_one_process(config, layout, expected_history, expe
     # The cross-entropy runs in fp32 (as `lm_loss` does), so gradients agree to ~1e-7 relative;
     # Adam turns that into larger update differences where a gradient is near eps.
     assert_close_dicts(weights, expected_weights, rtol=1e-5, atol=1e-6, what=f"{layout} weight")
+
+
+def _check_bf16_layout_follows_one_process(config, expected_history) -> None:
+    """bf16 weights and activations under TP × EP × ZeRO-2: the losses and the global gradient
+    norm (computed from ZeRO's fp32 gradient partitions) follow the one-process run to bf16
+    precision."""
+    layout = ParallelConfig(tensor=2, expert=2, zero_stage=2)
+    engine = _engine(config, layout, bf16=True)
+    assert engine.module.embedding.weight.dtype == torch.bfloat16
+    for step, want in enumerate(expected_history):
+        got = _train_step(engine, config, step)
+        for what, g, w in zip(("lm", "reg", "grad norm"), got, want, strict=True):
+            assert g == pytest.approx(w, rel=1e-2), f"bf16 step {step} {what}"
 
 
 def _check_checkpoint_round_trip(config, save_dir: str) -> None:
@@ -153,6 +166,7 @@ def _zero_checks(save_dir: str) -> None:
         ParallelConfig(tensor=2, expert=2, zero_stage=2, checkpoint_activations=True),
     ):
         _check_layout_trains_like_one_process(config, layout, expected_history, expected_weights)
+    _check_bf16_layout_follows_one_process(config, expected_history)
     _check_checkpoint_round_trip(config, save_dir)
     _check_export_matches_training_model(config, save_dir)
 

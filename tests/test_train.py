@@ -21,7 +21,7 @@ from deepspeed.runtime.config import DeepSpeedConfig
 from moeut_dist import profiles
 from moeut_dist.config import ConfigError
 from moeut_dist.data import read_manifest
-from moeut_dist.export import save_pretrained
+from moeut_dist.export import load_pretrained, save_pretrained
 from moeut_dist.model import MoEUTLM
 from moeut_dist.parallel.build import ParallelLoss, parallel_lm_loss
 from moeut_dist.parallel.engine import OptimizerSettings, deepspeed_config
@@ -34,6 +34,7 @@ from moeut_dist.train.checkpoint import (
     latest_checkpoint,
 )
 from moeut_dist.train.config import ScheduleSection, check_run, load_config
+from moeut_dist.train.consolidate import export_checkpoint
 from moeut_dist.train.metrics import forward_flops_per_token, read_run_metrics
 from moeut_dist.train.schedule import lr_multiplier
 from tests.train_helpers import (
@@ -94,6 +95,7 @@ def test_config_reads_yaml_and_dotted_overrides(corpus, tmp_path):
         (["model.d_modle=3"], 1, "unknown key(s) ['model.d_modle']"),
         (["optim.lr=fast"], 1, "optim.lr must be float"),
         (["schedule.steps=2.5"], 1, "schedule.steps must be int"),
+        (["precision=fp16"], 1, "precision must be one of ['auto', 'bf16', 'fp32']"),
         (["model.profile=moeut-727m"], 1, "named 'moeut-582m'"),
         (["parallel.expert=3"], 2, "world size 2 is not a multiple"),
         (["parallel.tensor=4"], 4, "does not divide n_heads"),
@@ -331,6 +333,28 @@ def test_rewriting_a_checkpoint_the_pointer_names_never_leaves_it_on_a_partial_o
     assert latest_checkpoint(checkpoints).name == "step_00000002"
 
 
+def test_bf16_run_resumes_bit_identically_and_exports_in_bf16(corpus, tmp_path):
+    """bf16 weights and activations, fp32 master weights and Adam state in ZeRO's partitions:
+    all of it is checkpointed, so a resumed run continues bit for bit."""
+    config = run_config(corpus, tmp_path / "whole", precision="bf16", eval={"every": 0})
+    whole_path = write_config(config, tmp_path / "whole.yaml")
+    loop.train(load_config(whole_path))
+    whole = run_result(whole_path)
+    assert {t.dtype for t in whole.weights.values()} == {torch.bfloat16}
+    assert whole.losses[-1][1] < whole.losses[0][1]
+
+    parts = {**config, "out_dir": str(tmp_path / "parts")}
+    _train({**parts, "stop_after_steps": 3}, tmp_path / "first.yaml")
+    parts_path = write_config(parts, tmp_path / "parts.yaml")
+    loop.train(load_config(parts_path))
+    assert_same_run(run_result(parts_path), whole)
+
+    model = load_pretrained(export_checkpoint(tmp_path / "whole", tmp_path / "model"))
+    assert model.embedding.weight.dtype == torch.bfloat16
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, whole.weights[name]), name
+
+
 @pytest.fixture(scope="module")
 def two_step_run(corpus, tmp_path_factory):
     """A finished two-step run (checkpoint at step 2) to damage copies of."""
@@ -408,10 +432,14 @@ def _poisoned_loss(nan_steps: set[int], micro_batches_per_step: int):
     return loss
 
 
-def test_nonfinite_loss_skips_the_step_and_stops_after_too_many(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nonfinite_loss_skips_the_step_and_stops_after_too_many(
+    corpus, tmp_path, monkeypatch, precision
+):
     config = run_config(
-        corpus, tmp_path / "run", eval={"every": 0}, checkpoint={"every": 1, "keep": 10}
-    )
+        corpus, tmp_path / "run", eval={"every": 0}, checkpoint={"every": 1, "keep": 10},
+        precision=precision,
+    )  # fmt: skip
     monkeypatch.setattr(loop, "parallel_lm_loss", _poisoned_loss({2}, micro_batches_per_step=4))
     _train(config, tmp_path / "skip.yaml")
     records = read_run_metrics(tmp_path / "run")

@@ -175,11 +175,12 @@ def create_engine(
     settings: OptimizerSettings,
     micro_batch_size: int,
     gradient_accumulation_steps: int = 1,
+    bf16: bool | None = None,
 ) -> deepspeed.DeepSpeedEngine:
     """DeepSpeed engine with AdamW and ZeRO `parallel.zero_stage` for a model from
-    `build.build_model`, bf16 on GPUs. Call `engine.backward(loss)` and `engine.step()` after
-    every micro-batch; the optimizer steps after every `gradient_accumulation_steps` of them,
-    on the mean of their gradients."""
+    `build.build_model`; in bf16 (None: on GPUs) with fp32 master weights. Call
+    `engine.backward(loss)` and `engine.step()` after every micro-batch; the optimizer steps
+    after every `gradient_accumulation_steps` of them, on the mean of their gradients."""
     register_expert_groups(parallel)
     model.add_module(
         "deepspeed_expert_marker",
@@ -204,7 +205,7 @@ def create_engine(
             micro_batch_size,
             gradient_accumulation_steps,
             data_parallel_size=parallel_state.get_data_parallel_world_size(),
-            bf16=torch.cuda.is_available(),
+            bf16=torch.cuda.is_available() if bf16 is None else bf16,
         ),
         mpu=MegatronMPU(),
     )

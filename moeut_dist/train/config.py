@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
 
+import torch
 import yaml
 
 from moeut_dist import profiles
@@ -202,6 +203,9 @@ class TrainConfig(_Section):
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    # Weights and activations: "bf16" (fp32 master weights and optimizer state in ZeRO's
+    # partitions), "fp32", or "auto" (bf16 on CUDA, fp32 elsewhere).
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     # Non-finite losses tolerated in a row (each skips its step) before the run stops.
     max_consecutive_nonfinite: int = 3
     # End this session with a checkpoint after this many steps (time-limited allocations); a
@@ -238,6 +242,13 @@ class TrainConfig(_Section):
             raise ConfigError("eval.every and data.num_workers must not be negative")
         if not self.data.shard_dir or not self.data.tokenizer:
             raise ConfigError("data.shard_dir and data.tokenizer are required")
+
+    @property
+    def bf16(self) -> bool:
+        """Whether the run trains in bf16 (`precision`, with "auto" resolved on this machine)."""
+        if self.precision == "auto":
+            return torch.cuda.is_available()
+        return self.precision == "bf16"
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)

@@ -181,6 +181,7 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         optimizer_settings(config),
         config.data.micro_batch_size,
         gradient_accumulation_steps=plan.grad_accumulation,
+        bf16=config.bf16,
     )
     seed_everything(config.seed)
 
