@@ -61,7 +61,8 @@ class MoEUTConfig(_DictConfig):
     att_n_experts: int = 1  # Ea, SwitchHead V/O experts per head
     att_experts_per_head: int = 2  # ka
     dropout: float = 0.0
-    expert_dropout: float = 0.0
+    expert_dropout: float = 0.0  # σ-MoE: fraction of experts hidden from each token's choice
+    att_expert_dropout: float = 0.0  # the same for SwitchHead's V/O experts (authors' code)
     entropy_reg: float = 0.01  # γ
     att_entropy_reg: float = 0.001  # δ
     rope_base: float = 10000.0
@@ -95,7 +96,7 @@ class MoEUTConfig(_DictConfig):
                 f"att_experts_per_head ({self.att_experts_per_head}) must be in "
                 f"1..att_n_experts ({self.att_n_experts})",
             )
-        for name in ("dropout", "expert_dropout"):
+        for name in ("dropout", "expert_dropout", "att_expert_dropout"):
             _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1)")
         _require(self.kernel in ("auto", "torch", "triton"), f"unknown kernel {self.kernel!r}")
 

@@ -101,14 +101,15 @@ def evaluate_batches(
         for batch in batches:
             logits = model(batch[:, :-1].to(device)).logits
             targets = batch[:, 1:].to(device)
-            nll += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+            nll += loss.item()  # summed in float64: an fp32 total drifts over millions of tokens
             tokens += targets.numel()
             n_bytes += sum(target_bytes(sample, tokenizer) for sample in batch.tolist())
     finally:
         model.train(was_training)
     if tokens == 0:
         raise ValueError("no batches to evaluate")
-    return LanguageModelingResult(float(nll), tokens, n_bytes)
+    return LanguageModelingResult(nll, tokens, n_bytes)
 
 
 def evaluate_shards(

@@ -347,9 +347,27 @@ def test_reg_loss_equals_the_spec_recomputed_from_the_selection_logits():
     torch.testing.assert_close(reg, expected)
 
 
-def test_expert_dropout_only_in_training():
-    config = TINY.replace(expert_dropout=0.5)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_switchhead_selection_is_computed_in_fp32_in_a_bf16_model(autocast):
+    attention = make_model(TINY, dtype=torch.bfloat16).transformer.layers[0].attention
+    src = torch.randn(2, 5, TINY.d_model).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits, _, _ = attention._select(src, attention.sel_v)
+    expected = F.linear(src.float(), attention.sel_v.float())
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.flatten(-2), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("field", "dropped", "untouched"),
+    [("expert_dropout", "ffn", "attention"), ("att_expert_dropout", "attention", "ffn")],
+)
+def test_expert_dropout_only_in_training(field, dropped, untouched):
+    config = TINY.replace(**{field: 0.5})
     model = make_model(config)
+    layer = model.transformer.layers[0]
+    assert getattr(layer, dropped).expert_dropout == 0.5
+    assert getattr(layer, untouched).expert_dropout == 0.0  # the spec's expert dropout is σ-MoE's
     seq = tokens(2, 6)
     torch.manual_seed(0)
     a = model(seq).logits

@@ -6,7 +6,9 @@ block, gathers the input rows its pairs name, multiplies them by that expert's m
 scatter-adds the gated result into the output rows (fp32 atomics: fast, order-dependent rounding)
 or, in deterministic mode, stores one row per pair that `_segment_sum_kernel` then reduces per
 output row in a fixed order. Weight gradients are per-expert reductions done by one program per
-output tile, so they never need atomics and are deterministic in both modes.
+output tile, so they never need atomics and are deterministic in both modes. Autotuning picks
+only output tiles, warps and stages, never a reduction chunk, so it cannot change the rounding
+from one process to the next.
 
 Per-pair buffers (deterministic outputs, the σ-MoE backward's hidden gradients) are indexed by
 pair id, not by sorted position, so any kernel can read them back through an identity row map.
@@ -35,6 +37,11 @@ if INTERPRETING:
 # Pairs per program. The routing schedule depends on it, so it is fixed per process rather than
 # autotuned; the interpreter uses small blocks so that tiny tests still span several blocks.
 BLOCK_M = 16 if INTERPRETING else 64
+# Reduction chunks: along the inner dimension of a product (BLOCK_K) and over an expert's pairs
+# in a weight gradient (BLOCK_P). They set the order of floating-point sums, so they are fixed
+# rather than autotuned: a timing-dependent choice could round differently in another process.
+BLOCK_K = 16 if INTERPRETING else 64
+BLOCK_P = 16 if INTERPRETING else 32
 
 
 def _configs(
@@ -49,15 +56,10 @@ def _configs(
     ]
 
 
-_GEMM_CONFIGS = _configs(("BLOCK_N", "BLOCK_K"), [(64, 64), (128, 64), (128, 32)], [(4, 3), (8, 3)])
-_MLP_FORWARD_CONFIGS = _configs(
-    ("BLOCK_N", "BLOCK_K"), [(64, 64), (128, 64), (64, 32)], [(4, 3), (8, 3)]
-)
-_MLP_BACKWARD_CONFIGS = _configs(("BLOCK_K",), [(32,), (64,)], [(4, 3), (8, 3)])
+_GEMM_CONFIGS = _configs(("BLOCK_N",), [(64,), (128,)], [(4, 3), (8, 3)])
+_MLP_BACKWARD_CONFIGS = _configs((), [()], [(4, 3), (8, 3)])
 _WEIGHT_GRAD_CONFIGS = _configs(
-    ("BLOCK_I", "BLOCK_J", "BLOCK_P"),
-    [(64, 64, 32), (128, 64, 32), (128, 128, 32), (64, 128, 64)],
-    [(4, 3), (8, 3)],
+    ("BLOCK_I", "BLOCK_J"), [(64, 64), (128, 64), (128, 128), (64, 128)], [(4, 3), (8, 3)]
 )
 
 
@@ -201,9 +203,7 @@ def _scatter_linear_kernel(
         tl.store(gate_grad_ptr + pairs, gate_grad, mask=pair_mask)
 
 
-@triton.autotune(
-    configs=_MLP_FORWARD_CONFIGS, key=["D_IN", "D_OUT", "HIDDEN"], reset_to_zero=["out_ptr"]
-)
+@triton.autotune(configs=_GEMM_CONFIGS, key=["D_IN", "D_OUT", "HIDDEN"], reset_to_zero=["out_ptr"])
 @triton.jit
 def _mlp_forward_kernel(
     x_ptr,
@@ -319,14 +319,15 @@ def _mlp_hidden_grad_kernel(
         grad_hidden, grad_out_ptr, rows, pair_mask, stride_g, down_ptr + expert * stride_de,
         stride_dn, stride_dk, offs_h, h_mask, D_OUT, BLOCK_K, PRECISION,
     )  # fmt: skip
-    # Round the hidden activation as the forward's down projection saw it.
-    hidden = tl.maximum(pre, 0.0).to(down_ptr.dtype.element_ty).to(tl.float32)
+    hidden = tl.maximum(pre, 0.0)
     tl.store(gate_grad_ptr + pairs, tl.sum(grad_hidden * hidden, axis=1), mask=pair_mask)
     mask = pair_mask[:, None] & h_mask[None, :]
     offsets = pairs[:, None] * HIDDEN + offs_h[None, :]
     grad_pre = tl.where(pre > 0.0, grad_hidden * gates[:, None], 0.0)
     tl.store(grad_pre_ptr + offsets, grad_pre, mask=mask)
-    tl.store(gated_hidden_ptr + offsets, hidden * gates[:, None], mask=mask)
+    # The down projection's input rounded exactly as in the forward, for its weight gradient.
+    gated_hidden = (hidden * gates[:, None]).to(down_ptr.dtype.element_ty)
+    tl.store(gated_hidden_ptr + offsets, gated_hidden, mask=mask)
 
 
 @triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["DIM_I", "DIM_J"])
@@ -530,6 +531,7 @@ def _scatter_linear(
             weight.stride(out_dim), written.stride(0), dot.stride(0),
             SCALE_BY_GATE=gates is not None, GATE_GRAD=gate_grad is not None,
             ATOMIC=not deterministic, PRECISION=_dot_precision(a.dtype), BLOCK_M=BLOCK_M,
+            BLOCK_K=BLOCK_K,
         )  # fmt: skip
     out = _reduce_pairs(written, out_rows, n_out_rows, a.dtype, deterministic)
     return out, gate_grad
@@ -556,7 +558,7 @@ def _expert_weight_grad(
         a, a_rows, b, b_rows, gates if gates is not None else a, grad, schedule.order,
         schedule.expert_start, dim_i, dim_j, a.stride(0), b.stride(0), grad.stride(0),
         grad.stride(1), grad.stride(2), SCALE_BY_GATE=gates is not None,
-        PRECISION=_dot_precision(a.dtype),
+        PRECISION=_dot_precision(a.dtype), BLOCK_P=BLOCK_P,
     )  # fmt: skip
     return grad
 
@@ -607,6 +609,7 @@ def _mlp_launch_args(
         PRECISION=_dot_precision(x.dtype),
         BLOCK_M=BLOCK_M,
         BLOCK_H=max(16, triton.next_power_of_2(up.shape[2])),
+        BLOCK_K=BLOCK_K,
     )
     return (x.shape[1], down.shape[2], up.shape[2], x.stride(0), *strides), meta
 

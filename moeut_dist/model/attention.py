@@ -10,7 +10,7 @@ from torch import nn
 
 from moeut_dist import kernels
 from moeut_dist.config import MoEUTConfig
-from moeut_dist.model.moe import at_least_fp32, top_k_sigmoid_gates
+from moeut_dist.model.moe import linear_in_fp32, top_k_sigmoid_gates
 from moeut_dist.model.rope import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # keys, values: [B, H, T_past, dh], RoPE applied
@@ -66,7 +66,7 @@ class SwitchHead(nn.Module):
         self.head_dim = dh
         self.n_experts = config.att_n_experts
         self.experts_per_head = config.att_experts_per_head
-        self.expert_dropout = config.expert_dropout
+        self.expert_dropout = config.att_expert_dropout
         self.backend = config.kernel
         inner = self.n_heads * dh
         self.q = nn.Linear(d, inner, bias=False)
@@ -105,7 +105,7 @@ class SwitchHead(nn.Module):
         self, src: torch.Tensor, selector: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits [B, T, H, Ea] (≥ fp32) and the top-ka gates/indices of each head."""
-        logits = at_least_fp32(F.linear(src, selector))
+        logits = linear_in_fp32(src, selector)
         logits = logits.unflatten(-1, (self.n_heads, self.n_experts))
         gates, experts = top_k_sigmoid_gates(
             logits, self.experts_per_head, self.expert_dropout, self.training

@@ -13,8 +13,16 @@ from moeut_dist.config import MoEUTConfig
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Selection logits are kept in fp32 (or fp64): bf16 gates would make top-k ties common."""
+    """`x` in fp32, or fp64 if it is already: for the sigmoid, top-k and losses."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def linear_in_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weightᵀ computed in (at least) fp32, whatever the model's dtype or autocast say: the
+    spec's SwitchHead selection, where bf16 logits would make top-k ties common."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        return nn.functional.linear(x.to(dtype), weight.to(dtype))
 
 
 def top_k_sigmoid_gates(
@@ -103,6 +111,9 @@ class SigmaMoE(nn.Module):
         self, expert_in: torch.Tensor, select_in: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the output [B, T, d] and the selection logits [B, T, E] (≥ fp32)."""
+        # The product runs in the model's dtype, as in the authors' code (in bf16, ties at the
+        # top-k boundary occur and topk breaks them deterministically); an fp32 product with
+        # E outputs would cost about a tenth of the experts' FLOPs at fp32 speed.
         logits = at_least_fp32(nn.functional.linear(select_in, self.expert_sel))
         gates, experts = top_k_sigmoid_gates(logits, self.k, self.expert_dropout, self.training)
         d = expert_in.shape[-1]
