@@ -1,11 +1,14 @@
-"""Corpus readers: plain text, JSONL (optionally .gz / .zst) and Parquet, as one document stream.
+"""Corpus readers: plain text, JSON (optionally .gz / .zst) and Parquet, as one document stream.
 
 Inputs are files, folders (searched recursively) or glob patterns, expanded in sorted order so
-that the document order, and everything built from it, does not depend on the file system.
+that the document order, and everything built from it, does not depend on the file system; a
+file named twice is read once. A `.jsonl` file is JSON Lines; so is a `.json` file, unless it
+starts with `[`: then it is one JSON array of records, read into memory whole.
 A malformed record (bad JSON, bad UTF-8, a missing or non-string text field) is skipped but
-counted and reported with its `file:line`; the run stops only when their number exceeds the
-error budget. Problems that would spoil the whole run (a missing input, an unknown format, a
-Parquet file without the text column) are raised before any document is read.
+counted and reported with its `file:line` (`file:record N` in a JSON array); the run stops only
+when their number exceeds the error budget. Problems that would spoil the whole run (a missing
+input, an unknown format, a Parquet file without the text column) are raised before any
+document is read; an unreadable compressed file or an invalid JSON array, when it is read.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import gzip
 import io
 import json
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -27,10 +30,11 @@ _FORMATS = {
     ".txt": "text",
     ".text": "text",
     ".jsonl": "jsonl",
-    ".json": "jsonl",
+    ".json": "json",
     ".parquet": "parquet",
 }
 _MAX_EXAMPLES = 10
+_JSON_WHITESPACE = b" \t\r\n"
 
 
 class BadInputError(ValueError):
@@ -40,13 +44,13 @@ class BadInputError(ValueError):
 @dataclass(frozen=True)
 class Document:
     text: str
-    location: str  # "path:line" (or "path:row" for Parquet), for reports
+    location: str  # "path:line" ("path:record N" in a JSON array, "path:row" in Parquet)
 
 
 @dataclass(frozen=True)
 class Source:
     path: Path
-    format: str  # "text", "jsonl" or "parquet"
+    format: str  # "text", "jsonl", "json" (an array or JSON Lines) or "parquet"
 
 
 @dataclass
@@ -120,11 +124,21 @@ def resolve_inputs(inputs: Sequence[str | Path], text_field: str = "text") -> li
     """Expand files, folders and globs into sources, checking each can be read as asked."""
     if not inputs:
         raise BadInputError("no inputs given")
-    sources = [Source(path, _format_of(path)) for item in inputs for path in _expand_one(item)]
+    paths = _first_of_each_file(path for item in inputs for path in _expand_one(item))
+    sources = [Source(path, _format_of(path)) for path in paths]
     for source in sources:
         if source.format == "parquet":
             _check_parquet_column(source.path, text_field)
     return sources
+
+
+def _first_of_each_file(paths: Iterable[Path]) -> list[Path]:
+    """`paths` in order, without the later names of a file already named (overlapping inputs,
+    links): by real path."""
+    first_by_file: dict[Path, Path] = {}
+    for path in paths:
+        first_by_file.setdefault(path.resolve(), path)
+    return list(first_by_file.values())
 
 
 def _check_parquet_column(path: Path, text_field: str) -> None:
@@ -149,13 +163,17 @@ def _open_binary(path: Path) -> IO[bytes]:
     return open(path, "rb")
 
 
-def _decoded_lines(path: Path, report: ReadReport) -> Iterator[tuple[int, str]]:
-    # A corrupt or truncated compressed file fails while it is read: name it, no traceback.
-    unreadable: tuple[type[Exception], ...] = (OSError, EOFError)
+def _read_errors(path: Path) -> tuple[type[Exception], ...]:
+    """What reading a corrupt or truncated (compressed) input raises."""
     if path.suffix == ".zst":
         import zstandard
 
-        unreadable += (zstandard.ZstdError,)
+        return (OSError, EOFError, zstandard.ZstdError)
+    return (OSError, EOFError)
+
+
+def _decoded_lines(path: Path, report: ReadReport) -> Iterator[tuple[int, str]]:
+    # A corrupt or truncated compressed file fails while it is read: name it, no traceback.
     number = 0
     try:
         with _open_binary(path) as f:
@@ -164,10 +182,24 @@ def _decoded_lines(path: Path, report: ReadReport) -> Iterator[tuple[int, str]]:
                     yield number, raw.decode("utf-8")
                 except UnicodeDecodeError:
                     report.record_bad(f"{path}:{number}", "invalid UTF-8")
-    except unreadable as error:
+    except _read_errors(path) as error:
         raise BadInputError(
             f"{path}: unreadable after line {number} (corrupt or truncated? {error})"
         ) from error
+
+
+def _record_document(
+    record: Any, location: str, text_field: str, report: ReadReport
+) -> Document | None:
+    """The document of one JSON record, or None once the reason there is none is reported."""
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if isinstance(text, str):
+        return Document(text, location)
+    if not isinstance(record, dict) or text_field not in record:
+        report.record_bad(location, f"missing field {text_field!r}")
+    else:
+        report.record_bad(location, f"field {text_field!r} is not a string")
+    return None
 
 
 def _jsonl_documents(path: Path, text_field: str, report: ReadReport) -> Iterator[Document]:
@@ -180,13 +212,45 @@ def _jsonl_documents(path: Path, text_field: str, report: ReadReport) -> Iterato
         except json.JSONDecodeError:
             report.record_bad(location, "invalid JSON")
             continue
-        text = record.get(text_field) if isinstance(record, dict) else None
-        if isinstance(text, str):
-            yield Document(text, location)
-        elif not isinstance(record, dict) or text_field not in record:
-            report.record_bad(location, f"missing field {text_field!r}")
-        else:
-            report.record_bad(location, f"field {text_field!r} is not a string")
+        if document := _record_document(record, location, text_field, report):
+            yield document
+
+
+def _json_array(path: Path) -> list[Any] | None:
+    """The records of a file holding one JSON array; None if its first byte that is not JSON
+    whitespace is not `[` (then it is JSON Lines)."""
+    try:
+        with _open_binary(path) as f:
+            head = _through_first_content_byte(f)
+            if not head.endswith(b"["):
+                return None
+            content = head + f.read()
+    except _read_errors(path) as error:
+        raise BadInputError(f"{path}: unreadable (corrupt or truncated? {error})") from error
+    try:
+        return json.loads(content)
+    except ValueError as error:  # bad JSON or bad UTF-8 anywhere spoils the whole array
+        raise BadInputError(f"{path}: not a valid JSON array ({error})") from error
+
+
+def _through_first_content_byte(stream: IO[bytes]) -> bytes:
+    """The bytes read from `stream` up to and including the first that is not JSON whitespace."""
+    head = bytearray()
+    while byte := stream.read(1):
+        head += byte
+        if byte not in _JSON_WHITESPACE:
+            break
+    return bytes(head)
+
+
+def _json_documents(path: Path, text_field: str, report: ReadReport) -> Iterator[Document]:
+    records = _json_array(path)
+    if records is None:
+        yield from _jsonl_documents(path, text_field, report)
+        return
+    for number, record in enumerate(records, start=1):
+        if document := _record_document(record, f"{path}:record {number}", text_field, report):
+            yield document
 
 
 def _text_documents(path: Path, unit: TextUnit, report: ReadReport) -> Iterator[Document]:
@@ -241,11 +305,13 @@ def iter_documents(
 
     `text_unit` says what a document is in a plain text file: the whole file, each paragraph
     (a run of non-blank lines; a play's speeches, a book's paragraphs) or each non-blank line.
-    JSONL and Parquet hold one document per record, in `text_field`.
+    JSON, JSONL and Parquet hold one document per record, in `text_field`.
     """
     for source in sources:
         if source.format == "jsonl":
             documents = _jsonl_documents(source.path, text_field, report)
+        elif source.format == "json":
+            documents = _json_documents(source.path, text_field, report)
         elif source.format == "parquet":
             documents = _parquet_documents(source.path, text_field, report)
         else:

@@ -339,7 +339,10 @@ def build_shards(
         raise BadInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if not Path(tokenizer_path).is_file():
         raise BadInputError(f"tokenizer {tokenizer_path} not found")
-    tokenizer = Tokenizer(tokenizer_path)
+    try:
+        tokenizer = Tokenizer(tokenizer_path)
+    except ValueError as error:  # not a SentencePiece model, or one without `</s>`
+        raise BadInputError(str(error)) from error
     sources = resolve_inputs(inputs, text_field)
     out_dir = Path(out_dir)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -356,7 +359,10 @@ def build_shards(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / MANIFEST_NAME).exists():
-        manifest = read_manifest(out_dir)
+        try:
+            manifest = read_manifest(out_dir)
+        except ValueError as error:
+            raise BadInputError(f"{error}; delete {out_dir} and build again") from error
         _require_same_settings(out_dir, manifest.build, settings)
         return manifest
 

@@ -11,17 +11,32 @@ from typing import Literal
 
 import sentencepiece as spm
 
-from data_prep.readers import ReadReport, TextUnit, iter_documents, resolve_inputs
+from data_prep.readers import BadInputError, ReadReport, TextUnit, iter_documents, resolve_inputs
 from moeut_dist.atomic_files import write_atomically
 from moeut_dist.data.tokenizer import Tokenizer
 
 
-def _sentences(documents: Iterator[str]) -> Iterator[str]:
-    """Non-blank lines of each document: SentencePiece's unit of training input."""
-    for text in documents:
-        for line in text.splitlines():
-            if line.strip():
-                yield line
+def _sentences(documents: Iterator[str], failures: list[Exception]) -> Iterator[str]:
+    """Non-blank lines of each document: SentencePiece's unit of training input.
+
+    An error while reading ends up in `failures` too: SentencePiece would turn it into a
+    RuntimeError holding its traceback as text.
+    """
+    try:
+        for text in documents:
+            for line in text.splitlines():
+                if line.strip():
+                    yield line
+    except Exception as error:
+        failures.append(error)
+        raise
+
+
+def _sentencepiece_reason(error: RuntimeError) -> str:
+    """SentencePiece's explanation without the C++ check before it: "INTERNAL: file.cc(744)
+    [check] explanation"; the whole message when there is no explanation."""
+    _, _, reason = str(error).partition("] ")
+    return reason.strip() or str(error).strip()
 
 
 def train_tokenizer(
@@ -51,20 +66,29 @@ def train_tokenizer(
     report = ReadReport(max_bad_records=max_bad_records)
     documents = iter_documents(sources, report, text_field=text_field, text_unit=text_unit)
     model = io.BytesIO()
+    reading_failures: list[Exception] = []
     spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(document.text for document in documents),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        split_digits=split_digits,
-        byte_fallback=byte_fallback,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        character_coverage=character_coverage,
-        num_threads=threads or os.cpu_count() or 1,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sentences((d.text for d in documents), reading_failures),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            split_digits=split_digits,
+            byte_fallback=byte_fallback,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            character_coverage=character_coverage,
+            num_threads=threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as error:
+        if reading_failures:
+            raise reading_failures[0] from None
+        raise BadInputError(
+            f"SentencePiece cannot train on {report.documents} documents: "
+            f"{_sentencepiece_reason(error)}"
+        ) from error
     print(report.summary(), file=sys.stderr)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(out_path, lambda p: p.write_bytes(model.getvalue()))

@@ -14,10 +14,13 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
     """`write(temporary_path)` produces the file's content; then it replaces `path` at once."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.partial")
-    write(temporary)
-    with open(temporary, "rb+") as written:
-        os.fsync(written.fileno())
-    os.replace(temporary, path)
+    try:
+        write(temporary)
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # only left if something failed before the rename
 
 
 def write_json_atomically(path: str | os.PathLike, values: Any) -> None:

@@ -37,6 +37,7 @@ class DemoSettings:
     vocab_size: int = 4000
     seq_len: int = 128
     steps: int = 800
+    val_fraction: float = 0.02  # of the documents; every process needs a micro-batch (8) of them
     processes: int = 2
     seed: int = 0
     prompt: str = "ROMEO."
@@ -79,7 +80,8 @@ def prepare_data(settings: DemoSettings) -> None:
                         text_unit="paragraph", seed=settings.seed)  # fmt: skip
     _step("shards")
     manifest = build_shards(
-        [texts], settings.shards, settings.tokenizer, settings.seq_len, val_fraction=0.02,
+        [texts], settings.shards, settings.tokenizer, settings.seq_len,
+        val_fraction=settings.val_fraction,
         workers=settings.processes, text_unit="paragraph",
     )  # fmt: skip
     for name, split in manifest.splits.items():

@@ -101,8 +101,9 @@ def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "
             raise FileNotFoundError(f"{model_dir} has no {required}: not a moeut model directory")
     config = read_config(model_dir)
     weights = load_file(str(model_dir / WEIGHTS_FILE), device=str(device))
-    # A model is saved in one dtype: every tensor must share the embedding's.
-    verify_state_dict(expected_state_dict(config, weights["embedding.weight"].dtype), weights)
+    # A model is saved in one dtype: every tensor must share the first one's.
+    dtype = next(iter(weights.values())).dtype if weights else torch.float32
+    verify_state_dict(expected_state_dict(config, dtype), weights)
     with torch.device("meta"):
         model = MoEUTLM(config)
     model.load_state_dict(weights, assign=True)
@@ -124,7 +125,8 @@ def write_safetensors_streaming(
     """Write a safetensors file whose tensors arrive one at a time, in the order of `specs`.
 
     The header (names, dtypes, shapes, byte offsets) comes from `specs` up front, so no more than
-    one tensor is ever held; each arriving tensor must match its spec.
+    one tensor is ever held; each arriving tensor must match its spec. Written in place: callers
+    that need the file whole or not at all wrap this in `write_atomically`.
     """
     header, offset = {}, 0
     for name, (shape, dtype) in specs.items():
@@ -138,17 +140,14 @@ def write_safetensors_streaming(
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
 
-    def write(temporary: Path) -> None:
-        with open(temporary, "wb") as out:
-            out.write(struct.pack("<Q", len(encoded)) + encoded)
-            expected = iter(specs.items())
-            for name, tensor in tensors:
-                spec_name, (shape, dtype) = next(expected)
-                if (name, tuple(tensor.shape), tensor.dtype) != (spec_name, shape, dtype):
-                    raise CheckpointMismatchError(f"tensor {name!r} does not match the header")
-                out.write(tensor.contiguous().flatten().view(torch.uint8).numpy().data)
-
-    write_atomically(path, write)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)) + encoded)
+        expected = iter(specs.items())
+        for name, tensor in tensors:
+            spec_name, (shape, dtype) = next(expected)
+            if (name, tuple(tensor.shape), tensor.dtype) != (spec_name, shape, dtype):
+                raise CheckpointMismatchError(f"tensor {name!r} does not match the header")
+            out.write(tensor.contiguous().flatten().view(torch.uint8).numpy().data)
 
 
 def _full_specs(checkpoint_dir: Path, config: MoEUTConfig) -> TensorSpecs:

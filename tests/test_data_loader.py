@@ -66,7 +66,11 @@ def _all_samples(shard_dir: Path, split: str = "train", only: str | None = None)
     for shard in manifest.split(split).shards:
         if only in (None, shard.name):
             stored = read_shard(
-                shard_dir / shard.name, shard.samples, manifest.sample_len, np.dtype(manifest.dtype)
+                shard_dir / shard.name,
+                shard.samples,
+                manifest.sample_len,
+                np.dtype(manifest.dtype),
+                vocab_size=manifest.vocab_size,
             )
             rows.update(row.astype(np.int64).tobytes() for row in stored)
     return rows
@@ -165,7 +169,9 @@ def test_resume_skips_consumed_shards_without_reading_them(shard_dir, tokenizer,
     monkeypatch.setattr(
         loader,
         "read_shard",
-        lambda path, *args: reads.append(path.name) or real_read_shard(path, *args),
+        lambda path, *args, **kwargs: (
+            reads.append(path.name) or real_read_shard(path, *args, **kwargs)
+        ),
     )
     interrupted = _loader(shard_dir, tokenizer, batch_size=8)
     for _ in itertools.islice(interrupted, 50):  # 400 samples: a dozen shards in
@@ -205,6 +211,72 @@ def test_truncated_shard_is_skipped_when_asked(shard_dir, tokenizer, tmp_path):
         seen = _rows(epoch)
     assert epoch.skipped_shards == 1
     assert seen == _all_samples(shard_dir) - _all_samples(shard_dir, only=shard.name)
+
+
+def _put_id_out_of_range(shard_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the shards in which the first id of one shard equals the vocabulary size."""
+    copy = shutil.copytree(shard_dir, tmp_path / "copy")
+    manifest = read_manifest(copy)
+    shard = copy / manifest.split("train").shards[3].name
+    content = bytearray(shard.read_bytes())
+    first_sample = 512  # after the first member's tar header
+    out_of_range = np.array([manifest.vocab_size], np.dtype(manifest.dtype)).tobytes()
+    content[first_sample : first_sample + len(out_of_range)] = out_of_range
+    shard.write_bytes(content)
+    return shard
+
+
+def test_shard_with_an_id_outside_the_vocabulary_is_an_error_naming_it(
+    shard_dir, tokenizer, tmp_path
+):
+    shard = _put_id_out_of_range(shard_dir, tmp_path)
+    vocab_size = read_manifest(shard.parent).vocab_size
+    with pytest.raises(ShardError, match=rf"{shard}: token id {vocab_size} is not below"):
+        list(_loader(shard.parent, tokenizer, batch_size=8, epochs=1))
+    epoch = _loader(shard.parent, tokenizer, batch_size=8, epochs=1, skip_corrupt=True)
+    with pytest.warns(RuntimeWarning, match=str(shard)):
+        seen = _rows(epoch)
+    assert epoch.skipped_shards == 1
+    assert seen == _all_samples(shard_dir) - _all_samples(shard_dir, only=shard.name)
+
+
+def _damage_manifest(shard_dir: Path, tmp_path: Path, damage) -> Path:
+    copy = shutil.copytree(shard_dir, tmp_path / "copy")
+    manifest = copy / "manifest.json"
+    values = json.loads(manifest.read_text())
+    manifest.write_text(damage(values) if callable(damage) else damage)
+    return manifest
+
+
+def _without_dropped_tail(values: dict) -> str:
+    del values["splits"]["val"]["dropped_tail_tokens"]
+    return json.dumps(values)
+
+
+def _with(key: str, value):
+    return lambda values: json.dumps({**values, key: value})
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        ('{"format": "moeut-token-shards/1", "seq', "Unterminated string"),
+        ("[]", "the manifest has type list, expected dict"),
+        (_without_dropped_tail, "missing key splits.val.dropped_tail_tokens"),
+        (_with("seq_len", "16"), "seq_len has type str, expected int"),
+        (_with("splits", []), "splits has type list, expected dict"),
+        (_with("splits", {"train": {"shards": [{"name": "x"}], "dropped_tail_tokens": 0}}),
+         "missing key splits.train.shards\\[0\\].samples"),
+        (_with("extra", 1), "unknown key extra"),
+        (_with("format", "other/1"), "unknown manifest format 'other/1'"),
+    ],
+)  # fmt: skip
+def test_damaged_manifest_is_a_value_error_naming_it_and_the_problem(
+    shard_dir, tmp_path, damage, problem
+):
+    manifest = _damage_manifest(shard_dir, tmp_path, damage)
+    with pytest.raises(ValueError, match=rf"^{manifest} is damaged: .*{problem}"):
+        read_manifest(manifest.parent)
 
 
 def test_other_tokenizer_is_refused_naming_both_hashes(shard_dir, tokenizer, tmp_path):

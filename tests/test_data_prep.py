@@ -59,7 +59,16 @@ def _stored_tokens(shard_dir: Path, split: str) -> np.ndarray:
     dtype = np.dtype(manifest.dtype)
     shards = manifest.split(split).shards
     return np.concatenate(
-        [read_shard(shard_dir / s.name, s.samples, manifest.sample_len, dtype) for s in shards]
+        [
+            read_shard(
+                shard_dir / s.name,
+                s.samples,
+                manifest.sample_len,
+                dtype,
+                vocab_size=manifest.vocab_size,
+            )
+            for s in shards
+        ]
     ).reshape(-1)
 
 
@@ -250,6 +259,44 @@ def test_every_input_format_is_read(tmp_path):
     ]
 
 
+def test_json_is_an_array_of_records_or_json_lines(tmp_path):
+    records = [{"text": "first"}, {"body": "no text"}, {"text": 7}, "not a record", {"text": "2nd"}]
+    (tmp_path / "array.json").write_text("\n  " + json.dumps(records, indent=1))
+    with gzip.open(tmp_path / "array.json.gz", "wt") as f:
+        json.dump([{"text": "gzipped"}], f)
+    (tmp_path / "lines.json").write_text('{"text": "line one"}\n{"text": "line two"}\n')
+    report = ReadReport()
+    documents = list(iter_documents(resolve_inputs([tmp_path]), report))
+    array = tmp_path / "array.json"
+    assert [(d.text, d.location) for d in documents] == [
+        ("first", f"{array}:record 1"),
+        ("2nd", f"{array}:record 5"),
+        ("gzipped", f"{array}.gz:record 1"),
+        ("line one", f"{tmp_path / 'lines.json'}:1"),
+        ("line two", f"{tmp_path / 'lines.json'}:2"),
+    ]
+    assert report.examples == [
+        f"{array}:record 2: missing field 'text'",
+        f"{array}:record 3: field 'text' is not a string",
+        f"{array}:record 4: missing field 'text'",
+    ]
+
+
+def test_invalid_json_array_is_named_not_a_traceback(tmp_path):
+    (tmp_path / "cut.json").write_text('[{"text": "a"}, {"te')
+    with pytest.raises(BadInputError, match=r"cut\.json: not a valid JSON array \(Unterminated"):
+        list(iter_documents(resolve_inputs([tmp_path / "cut.json"]), ReadReport()))
+
+
+def test_a_file_named_by_several_inputs_is_read_once(tmp_path):
+    first = write_jsonl(tmp_path / "a.jsonl", ["alpha"])
+    second = write_jsonl(tmp_path / "b.jsonl", ["beta"])
+    (tmp_path / "link.jsonl").symlink_to(first)
+    other_spelling = f"{tmp_path}/../{tmp_path.name}/b.jsonl"
+    inputs = [second, first, other_spelling, str(tmp_path / "*.jsonl"), tmp_path]
+    assert [source.path for source in resolve_inputs(inputs)] == [second, first]
+
+
 def test_paragraphs_are_documents(tmp_path):
     (tmp_path / "play.txt").write_text("\nHAMLET. To be,\nor not.\n\n\nOPHELIA. Good my lord.\n")
     paragraphs = iter_documents(
@@ -289,6 +336,33 @@ def test_missing_tokenizer_is_named(tmp_path, corpus):
         build_shards(corpus, tmp_path / "shards", tmp_path / "missing.model", SEQ_LEN)
 
 
+@pytest.mark.parametrize("content", ["not a model", ""])
+def test_file_that_is_not_a_tokenizer_is_named(tmp_path, corpus, content):
+    (tmp_path / "corpus.model").write_text(content)
+    with pytest.raises(ValueError, match=r"corpus\.model is not a SentencePiece model"):
+        Tokenizer(tmp_path / "corpus.model")
+    with pytest.raises(BadInputError, match=r"corpus\.model is not a SentencePiece model"):
+        build_shards(corpus, tmp_path / "shards", tmp_path / "corpus.model", SEQ_LEN)
+
+
+def test_too_large_vocabulary_is_bad_input_with_sentencepieces_reason(tmp_path, corpus):
+    with pytest.raises(BadInputError, match=r"Vocabulary size too high \(100000\)\. .* <= \d+"):
+        train_tokenizer(corpus, tmp_path / "tok.model", vocab_size=100_000)
+
+
+def test_malformed_records_beyond_the_budget_stop_tokenizer_training(tmp_path):
+    bad = _write_lines(tmp_path / "bad.jsonl", [b'{"text": "good"}', b"{", b"{", b"{"])
+    with pytest.raises(BadInputError, match="more than 2 malformed records"):
+        train_tokenizer([bad], tmp_path / "tok.model", vocab_size=50, max_bad_records=2)
+
+
+def test_damaged_manifest_of_a_finished_build_is_named(tmp_path, corpus, tokenizer):
+    build_shards(corpus, tmp_path, tokenizer.path, SEQ_LEN, progress=False)
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(BadInputError, match=r"manifest\.json is damaged: .*; delete"):
+        build_shards(corpus, tmp_path, tokenizer.path, SEQ_LEN, progress=False)
+
+
 def test_cli_builds_shards(tmp_path, corpus, tokenizer, capsys):
     parser = cli.argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
@@ -314,4 +388,11 @@ def test_cli_builds_shards(tmp_path, corpus, tokenizer, capsys):
     args = parser.parse_args(["prep", "tokenizer", str(tmp_path / "none.jsonl"), "--out", "x"])
     assert args.handler(args) == 2
     assert "none.jsonl: no such file" in capsys.readouterr().err
+    args = parser.parse_args(
+        ["prep", "tokenizer", *map(str, corpus), "--out", "x", "--vocab-size", "100000"]
+    )
+    assert args.handler(args) == 2
+    assert "error: SentencePiece cannot train on 600 documents: Vocabulary size too high" in (
+        capsys.readouterr().err
+    )
     assert cli.parse_size("1GiB") == 1 << 30 and cli.parse_size("512") == 512

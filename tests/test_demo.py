@@ -25,7 +25,7 @@ def test_demo_pipeline_on_generated_text(tmp_path, capsys):
         (corpus / f"text{index}.txt").write_text("\n\n".join(documents) + "\n")
     settings = DemoSettings(
         work_dir=tmp_path / "work", corpus=corpus, vocab_size=300, seq_len=32, steps=30,
-        prompt="ba",
+        val_fraction=0.1, prompt="ba",
     )  # fmt: skip
 
     run_demo(settings)
@@ -41,11 +41,12 @@ def test_demo_pipeline_on_generated_text(tmp_path, capsys):
     assert after < 0.8 * before
     assert "\nba" in printed  # the sample starts with the prompt
 
-    def trained_steps() -> list[int]:
+    def logged_steps(kind: str) -> list[int]:
         records = map(json.loads, (settings.run_dir / "metrics.jsonl").read_text().splitlines())
-        return [record["step"] for record in records if record["kind"] == "train"]
+        return [record["step"] for record in records if record["kind"] == kind]
 
-    assert trained_steps() == [10, 20, 30]
+    assert logged_steps("train") == [10, 20, 30]
+    assert logged_steps("val") == [30]  # the last step is always validated
 
     # The run also exports through the command line, here with the authors' format beside it.
     out = tmp_path / "exported"
@@ -61,4 +62,4 @@ def test_demo_pipeline_on_generated_text(tmp_path, capsys):
     )
 
     run_demo(settings)  # a rerun finds every step done: nothing is trained again
-    assert trained_steps() == [10, 20, 30]
+    assert logged_steps("train") == [10, 20, 30]

@@ -89,7 +89,11 @@ def val_samples(shard_dir) -> torch.Tensor:
     manifest = read_manifest(shard_dir)
     rows = [
         read_shard(
-            shard_dir / shard.name, shard.samples, manifest.sample_len, np.dtype(manifest.dtype)
+            shard_dir / shard.name,
+            shard.samples,
+            manifest.sample_len,
+            np.dtype(manifest.dtype),
+            vocab_size=manifest.vocab_size,
         )
         for shard in manifest.split("val").shards
     ]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from moeut_dist import MoEUTConfig, MoEUTLM
 from moeut_dist.cli import main as moeut
@@ -143,3 +144,12 @@ def test_convert_command_names_the_tensor_a_wrong_profile_misses(model, tmp_path
     torch.save(to_official_state_dict(model), checkpoint)
     assert _convert(checkpoint, "moeut-44m", tmp_path / "out") == 2
     assert "moeut convert: tensor 'embedding.weight' is (50, 64)" in capsys.readouterr().err
+
+
+def test_model_directory_without_a_tensor_is_refused_naming_it(model, tmp_path):
+    out = save_pretrained(model, tmp_path / "model")
+    weights = load_file(out / "model.safetensors")
+    del weights["embedding.weight"]
+    save_file(weights, out / "model.safetensors")
+    with pytest.raises(CheckpointMismatchError, match=r"missing tensor 'embedding\.weight'"):
+        load_pretrained(out)

@@ -95,6 +95,7 @@ def test_config_reads_yaml_and_dotted_overrides(corpus, tmp_path):
         (["model.d_modle=3"], 1, "unknown key(s) ['model.d_modle']"),
         (["optim.lr=fast"], 1, "optim.lr must be float"),
         (["schedule.steps=2.5"], 1, "schedule.steps must be int"),
+        (["seed=-1"], 1, "seed must be in 0..2**32 - 1, got -1"),
         (["precision=fp16"], 1, "precision must be one of ['auto', 'bf16', 'fp32']"),
         (["model.profile=moeut-727m"], 1, "named 'moeut-582m'"),
         (["parallel.expert=3"], 2, "world size 2 is not a multiple"),
@@ -113,6 +114,26 @@ def test_config_errors_name_the_problem(corpus, tmp_path, overrides, world_size,
     assert message in str(error.value)
 
 
+def test_text_overrides_are_taken_as_written(corpus, tmp_path):
+    path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
+    config = load_config(
+        path, ["out_dir=runs/exp #2", "checkpoint.resume=2024", "init_from=a: b", "seed=7"]
+    )
+    assert (config.out_dir, config.checkpoint.resume, config.init_from) == (
+        "runs/exp #2", "2024", "a: b",
+    )  # fmt: skip
+    assert config.seed == 7 and load_config(path, ["init_from=null"]).init_from is None
+
+
+def test_world_size_without_a_launcher_is_refused(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 is set but RANK is not"):
+        loop.world_size_from_environment()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert loop.world_size_from_environment() == 1
+
+
 def test_unreadable_config_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
@@ -122,17 +143,18 @@ def test_unreadable_config_file_is_a_config_error(tmp_path):
         load_config(broken)
 
 
-def test_val_split_smaller_than_the_data_parallel_ranks_is_refused(corpus, tmp_path):
+def test_val_split_smaller_than_a_micro_batch_per_rank_is_refused(corpus, tmp_path):
     val_samples = read_manifest(corpus.shard_dir).split("val").samples
     path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
-    world = val_samples + 1  # more data-parallel ranks than validation samples
+    world = val_samples // 2 + 1  # some rank's share is less than a micro-batch of 2
     overrides = [f"data.global_batch_size={2 * world}"]
-    with pytest.raises(ConfigError, match=f"val split has {val_samples} samples"):
+    with pytest.raises(ConfigError, match=f"val split has {val_samples} samples, less than one"):
         check_run(load_config(path, overrides), world_size=world)
     check_run(load_config(path, [*overrides, "eval.every=0"]), world_size=world)
+    check_run(load_config(path, [f"data.global_batch_size={2 * (world - 1)}"]), world - 1)
 
 
-def test_pruning_keeps_the_checkpoint_the_pointer_names(tmp_path):
+def test_pruning_keeps_this_runs_newest_and_leaves_an_abandoned_runs_alone(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6):
         directory = root / f"step_{step:08d}"
@@ -140,18 +162,23 @@ def test_pruning_keeps_the_checkpoint_the_pointer_names(tmp_path):
         (directory / "done_rank00000").write_text("1")
     manager = object.__new__(CheckpointManager)  # _prune needs only the root and `keep`
     manager.root, manager.keep = root, 2
-    # A run resumed from step 2 has just saved step 4; step 6 is left from the abandoned run.
+    (root / "step_00000001").mkdir()  # a save that crashed
+    # A run resumed from step 2 has just saved step 4; step 6 is left from the abandoned run:
+    # it neither displaces this run's own step 2 nor is deleted.
     manager._prune(root / "step_00000004")
-    assert sorted(d.name for d in root.glob("step_*")) == ["step_00000004", "step_00000006"]
+    assert sorted(d.name for d in root.glob("step_*")) == [
+        "step_00000002", "step_00000004", "step_00000006",
+    ]  # fmt: skip
     manager.keep = 1
     manager._prune(root / "step_00000004")
-    assert sorted(d.name for d in root.glob("step_*")) == ["step_00000004"]
+    assert sorted(d.name for d in root.glob("step_*")) == ["step_00000004", "step_00000006"]
 
 
 def test_init_from_needs_a_model_directory_of_the_same_model(corpus, tmp_path, other_model_dir):
     path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
-    config = load_config(path, [f"init_from={other_model_dir}", "model.kernel=auto"])
-    check_run(config, world_size=1)  # the kernel backend is not part of the model
+    # How the model is computed and trained (kernels, dropouts, regulariser weights) may differ.
+    training_only = ["model.kernel=auto", "model.expert_dropout=0.1", "model.entropy_reg=0.1"]
+    check_run(load_config(path, [f"init_from={other_model_dir}", *training_only]), world_size=1)
     with pytest.raises(ConfigError, match=r"has no config\.json; not a model directory"):
         check_run(load_config(path, [f"init_from={tmp_path}"]), world_size=1)
 
@@ -160,7 +187,7 @@ def test_init_from_needs_a_model_directory_of_the_same_model(corpus, tmp_path, o
     ("overrides", "message"),
     [
         (["model.vocab_size=320"], "holds a model with vocab_size = 300, the run's model has "),
-        (["model.entropy_reg=0.1"], "entropy_reg = 0.01, the run's model has entropy_reg = 0.1"),
+        (["model.experts_per_token=2"], "experts_per_token = 4, the run's model has experts_"),
     ],
 )
 def test_init_from_a_different_model_is_refused_naming_the_field(
@@ -397,6 +424,18 @@ def test_damaged_or_foreign_checkpoint_is_refused_before_the_model_is_built(
     with pytest.raises(CheckpointError) as error:
         _train(config, tmp_path / "resume.yaml")
     assert message in str(error.value)
+
+
+def test_resume_with_other_data_settings_is_refused_before_the_model_is_built(
+    two_step_run, tmp_path, monkeypatch
+):
+    shutil.copytree(two_step_run["out_dir"], tmp_path / "run")
+    monkeypatch.setattr(loop, "build_model", lambda *_, **__: pytest.fail("model was built"))
+    config = {**two_step_run, "out_dir": str(tmp_path / "run")}
+    config["data"] = {**config["data"], "micro_batch_size": 4}
+    config["schedule"] = {**config["schedule"], "steps": 4}
+    with pytest.raises(CheckpointError, match=r"another layout \(batch_size: 2 saved, 4 now\)"):
+        _train(config, tmp_path / "resume.yaml")
 
 
 def test_damaged_checkpoint_stops_the_command_with_one_line(two_step_run, tmp_path):

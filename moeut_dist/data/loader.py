@@ -41,8 +41,14 @@ class ShardError(RuntimeError):
     """A shard that cannot be read as the manifest describes it; the message names its path."""
 
 
-def read_shard(path: Path, samples: int, sample_len: int, dtype: np.dtype) -> np.ndarray:
-    """A shard's samples in stored order, `[samples, sample_len]`, checked against the manifest."""
+def read_shard(
+    path: Path, samples: int, sample_len: int, dtype: np.dtype, *, vocab_size: int
+) -> np.ndarray:
+    """A shard's samples in stored order, `[samples, sample_len]`, checked against the manifest.
+
+    Every id must be below `vocab_size`: a flipped bit or another tokenizer's shard fails here,
+    naming the shard, instead of as an index error inside the embedding.
+    """
     rows = np.empty((samples, sample_len), dtype)
     sample_bytes = sample_len * dtype.itemsize
     count = 0
@@ -62,6 +68,10 @@ def read_shard(path: Path, samples: int, sample_len: int, dtype: np.dtype) -> np
         raise ShardError(f"{path}: unreadable shard ({error})") from error
     if count != samples:
         raise ShardError(f"{path}: holds {count} samples, the manifest says {samples} (truncated?)")
+    if rows.size and (largest := rows.max()) >= vocab_size:
+        raise ShardError(
+            f"{path}: token id {largest} is not below the manifest's vocab_size {vocab_size}"
+        )
     return rows
 
 
@@ -101,6 +111,7 @@ class _SlotStream:
         shards: Sequence[ShardInfo],
         sample_len: int,
         dtype: np.dtype,
+        vocab_size: int,
         seed: int,
         slot: int,
         n_slots: int,
@@ -111,6 +122,7 @@ class _SlotStream:
         self._shards = shards
         self._sample_len = sample_len
         self._dtype = dtype
+        self._vocab_size = vocab_size
         self._seed = seed
         self._slot = slot
         self._n_slots = n_slots
@@ -144,7 +156,11 @@ class _SlotStream:
         shard = self._shards[piece.shard]
         try:
             stored = read_shard(
-                self._shard_dir / shard.name, shard.samples, self._sample_len, self._dtype
+                self._shard_dir / shard.name,
+                shard.samples,
+                self._sample_len,
+                self._dtype,
+                vocab_size=self._vocab_size,
             )
         except ShardError as error:
             if not self._skip_corrupt:
@@ -312,6 +328,7 @@ class TokenLoader:
                 self._shards,
                 self.manifest.sample_len,
                 dtype,
+                self.manifest.vocab_size,
                 self._layout["seed"],
                 first_slot + worker,
                 self._n_slots,

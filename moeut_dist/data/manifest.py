@@ -10,7 +10,9 @@ with a tokenizer or context length they were not built for.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ from moeut_dist.atomic_files import write_json_atomically
 MANIFEST_NAME = "manifest.json"
 FORMAT = "moeut-token-shards/1"
 SAMPLE_FIELD = "tokens"
+# The JSON type of each kind of dataclass field, for checking a manifest as loaded.
+_JSON_TYPES = {int: int, str: str, tuple: list, dict: dict}
 
 
 class ManifestMismatchError(ValueError):
@@ -97,17 +101,41 @@ class Manifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Manifest:
-        if values.get("format") != FORMAT:
+    def from_dict(cls, values: Any) -> Manifest:
+        """The manifest in decoded JSON, or a ValueError naming what is wrong with it."""
+        if isinstance(values, dict) and values.get("format") != FORMAT:
             raise ValueError(f"unknown manifest format {values.get('format')!r}, expected {FORMAT}")
-        splits = {
-            name: SplitInfo(
-                shards=tuple(ShardInfo(**shard) for shard in split["shards"]),
-                dropped_tail_tokens=split["dropped_tail_tokens"],
+        fields = _fields(cls, values, "")
+        splits = {}
+        for name, split in fields["splits"].items():
+            split_fields = _fields(SplitInfo, split, f"splits.{name}")
+            shards = (
+                ShardInfo(**_fields(ShardInfo, shard, f"splits.{name}.shards[{index}]"))
+                for index, shard in enumerate(split_fields["shards"])
             )
-            for name, split in values["splits"].items()
-        }
-        return cls(**{**values, "splits": splits, "sources": tuple(values["sources"])})
+            splits[name] = SplitInfo(**{**split_fields, "shards": tuple(shards)})
+        return cls(**{**fields, "splits": splits, "sources": tuple(fields["sources"])})
+
+
+def _fields(cls: type, values: Any, where: str) -> dict[str, Any]:
+    """`values`, checked to be the fields of the dataclass `cls` as the writer writes them: all
+    of them, nothing else, each of the JSON type of its annotation. `where` names `values`."""
+    if type(values) is not dict:
+        raise ValueError(
+            f"{where or 'the manifest'} has type {type(values).__name__}, expected dict"
+        )
+    prefix = f"{where}." if where else ""
+    names = [f.name for f in dataclasses.fields(cls)]
+    problems = [f"missing key {prefix}{name}" for name in names if name not in values]
+    problems += [f"unknown key {prefix}{key}" for key in sorted(values.keys() - set(names))]
+    for name, annotation in typing.get_type_hints(cls).items():
+        expected = _JSON_TYPES[typing.get_origin(annotation) or annotation]
+        if name in values and type(values[name]) is not expected:
+            found = type(values[name]).__name__
+            problems.append(f"{prefix}{name} has type {found}, expected {expected.__name__}")
+    if problems:
+        raise ValueError(", ".join(problems))
+    return values
 
 
 def write_manifest(shard_dir: str | Path, manifest: Manifest) -> None:
@@ -121,5 +149,7 @@ def read_manifest(shard_dir: str | Path) -> Manifest:
         raise FileNotFoundError(
             f"{path} not found: {shard_dir} is not a shard directory or its build has not finished"
         )
-    with open(path) as f:
-        return Manifest.from_dict(json.load(f))
+    try:
+        return Manifest.from_dict(json.loads(path.read_bytes()))
+    except ValueError as error:  # invalid JSON, UTF-8 or contents
+        raise ValueError(f"{path} is damaged: {error}") from error

@@ -22,6 +22,18 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _load_processor(path: Path, model_bytes: bytes) -> spm.SentencePieceProcessor:
+    not_a_model = ValueError(f"{path} is not a SentencePiece model")
+    # SentencePiece takes empty bytes (an empty protobuf message) for a model without pieces,
+    # and reports bytes it cannot parse as a RuntimeError naming its own C++ source line.
+    if not model_bytes:
+        raise not_a_model
+    try:
+        return spm.SentencePieceProcessor(model_proto=model_bytes)
+    except RuntimeError as error:
+        raise not_a_model from error
+
+
 class Tokenizer:
     """A loaded SentencePiece model.
 
@@ -34,7 +46,7 @@ class Tokenizer:
         model_bytes = self.path.read_bytes()
         # Hash the bytes that are loaded, not the file again, so the two cannot disagree.
         self.sha256 = hashlib.sha256(model_bytes).hexdigest()
-        self._processor = spm.SentencePieceProcessor(model_proto=model_bytes)
+        self._processor = _load_processor(self.path, model_bytes)
         if self._processor.eos_id() < 0:
             raise ValueError(f"{self.path}: tokenizer has no end-of-sentence piece for documents")
 

@@ -59,6 +59,15 @@ class TrainerState:
     consecutive_nonfinite: int = 0
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """A checkpoint to continue from, with this rank's trainer state and RNG states read."""
+
+    directory: Path
+    state: TrainerState
+    rng: dict[str, Any]
+
+
 def capture_rng() -> dict[str, Any]:
     """Every RNG state of this process as JSON values."""
     name, keys, position, has_gauss, gauss = np.random.get_state()
@@ -150,7 +159,7 @@ class CheckpointManager:
         # This run's newest complete checkpoint: the one it resumed from or last saved.
         self.timeline_latest: Path | None = None
 
-    def resume_point(self) -> Path | None:
+    def resume_point(self) -> ResumePoint | None:
         """The checkpoint `checkpoint.resume` asks for (None: start from scratch), checked
         to be complete and resumable by this rank before anything is built."""
         # Read even when not resuming from it: a damaged pointer fails now, not at the first save.
@@ -163,8 +172,7 @@ class CheckpointManager:
             return None
         if not is_complete(directory):
             raise ConfigError(f"checkpoint.resume: {directory} is not a complete checkpoint")
-        self._read_rank_state(directory)
-        return directory
+        return self._read_rank_state(directory)
 
     def save(self, engine, state: TrainerState) -> Path:
         directory = self.root / _tag(state.step)
@@ -217,18 +225,18 @@ class CheckpointManager:
         _write_marker(_rank_file(directory, "done", self.rank), self.world_size)
 
     def _prune(self, latest: Path) -> None:
-        """Remove all but the newest `keep` complete checkpoints; `latest` (the one the pointer
-        names) always stays, even when a run resumed from an older checkpoint left newer ones."""
-        complete = sorted(
-            (d for d in self.root.glob("step_*") if is_complete(d) and d != latest),
-            key=lambda d: d.name,
-        )
-        kept = {latest, *(complete[-(self.keep - 1) :] if self.keep > 1 else [])}
-        for directory in self.root.glob("step_*"):
+        """Keep `latest` (the one the pointer names) and the newest `keep - 1` complete
+        checkpoints before it; remove the other directories before it. Those after it were
+        left by a run this one resumed behind: they are not this run's to count or delete
+        (each is replaced when this run saves the same step)."""
+        earlier = sorted(d for d in self.root.glob("step_*") if d.name < latest.name)
+        complete = [d for d in earlier if is_complete(d)]
+        kept = set(complete[-(self.keep - 1) :] if self.keep > 1 else [])
+        for directory in earlier:
             if directory not in kept:
                 shutil.rmtree(directory)
 
-    def _read_rank_state(self, directory: Path) -> dict[str, Any]:
+    def _read_rank_state(self, directory: Path) -> ResumePoint:
         """This rank's trainer state in `directory`, checked against the run's layout."""
         written_by = _read_marker(_rank_file(directory, "done", 0))
         if written_by != self.world_size:
@@ -240,6 +248,13 @@ class CheckpointManager:
         try:
             values = json.loads(path.read_text())
             layout = (values["format"], values["world_size"], values["parallel"])
+            state = TrainerState(
+                step=values["step"],
+                loader=values["loader"],
+                skipped_steps=values["skipped_steps"],
+                consecutive_nonfinite=values["consecutive_nonfinite"],
+            )
+            resume = ResumePoint(directory, state, values["rng"])
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise CheckpointError(
                 f"{path}: rank {self.rank}'s trainer state is missing or damaged "
@@ -251,17 +266,10 @@ class CheckpointManager:
                 f"{values['parallel']} (format {values['format']}); resuming needs the same "
                 "world size and layout"
             )
-        return values
+        return resume
 
-    def load(self, engine, directory: Path) -> TrainerState:
-        """Restore weights, optimizer and this rank's RNG states; returns the trainer state."""
-        values = self._read_rank_state(directory)
-        parallel_engine.load_checkpoint(engine, str(directory), ENGINE_TAG)
-        restore_rng(values["rng"])
-        self.timeline_latest = directory
-        return TrainerState(
-            step=values["step"],
-            loader=values["loader"],
-            skipped_steps=values["skipped_steps"],
-            consecutive_nonfinite=values["consecutive_nonfinite"],
-        )
+    def load(self, engine, resume: ResumePoint) -> None:
+        """Restore weights, optimizer and this rank's RNG states from `resume`."""
+        parallel_engine.load_checkpoint(engine, str(resume.directory), ENGINE_TAG)
+        restore_rng(resume.rng)
+        self.timeline_latest = resume.directory

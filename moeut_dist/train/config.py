@@ -232,6 +232,8 @@ class TrainConfig(_Section):
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{name} must be positive, got {value}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in 0..2**32 - 1, got {self.seed}")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
             raise ConfigError(f"stop_after_steps must be positive, got {self.stop_after_steps}")
         if not 0 <= self.schedule.warmup_steps <= self.schedule.steps:
@@ -261,19 +263,40 @@ class TrainConfig(_Section):
         return Path(self.out_dir)
 
 
+def _annotation(path: list[str]) -> Any:
+    """The annotated type of the config field a dotted path names; None if there is none."""
+    section: Any = TrainConfig
+    for part in path:
+        if section is ModelSection:
+            hints = {"profile": str, **typing.get_type_hints(MoEUTConfig)}
+        elif dataclasses.is_dataclass(section):
+            hints = typing.get_type_hints(section)
+        else:
+            return None
+        section = hints.get(part)
+    return section
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` → (["a", "b", "c"], value parsed as JSON, else as YAML, else the text)."""
+    """`a.b.c=value` → (["a", "b", "c"], value). A text field (a path, a name) takes the text as
+    it is, so `out_dir=runs/exp #2` keeps its `#`; `null` or `~` clear an optional one. Other
+    values are parsed as JSON, else as YAML, else kept as text."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} is not of the form key=value")
+    path = key.split(".")
+    annotation = _annotation(path)
+    if annotation is str:
+        return path, raw
+    if annotation == str | None:
+        return path, None if raw in ("null", "~") else raw
     try:
-        value = json.loads(raw)
+        return path, json.loads(raw)
     except json.JSONDecodeError:
         try:
-            value = yaml.safe_load(raw)
+            return path, yaml.safe_load(raw)
         except yaml.YAMLError:
-            value = raw
-    return key.split("."), value
+            return path, raw
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -316,9 +339,11 @@ class RunPlan:
     grad_accumulation: int
 
 
-# How the model is computed, not what it is: a model directory trained with one kernel backend
-# starts a run with another.
-_EXECUTION_FIELDS = frozenset({"kernel"})
+# How the model is computed or trained, not what it is: a model directory trained with other
+# values of these starts a run all the same.
+_TRAINING_ONLY_FIELDS = frozenset(
+    {"kernel", "dropout", "expert_dropout", "att_expert_dropout", "entropy_reg", "att_entropy_reg"}
+)
 
 
 def check_init_from(directory: str, model: MoEUTConfig) -> None:
@@ -332,7 +357,9 @@ def check_init_from(directory: str, model: MoEUTConfig) -> None:
         saved = read_config(path)
     except ValueError as error:
         raise ConfigError(f"init_from: {path / CONFIG_FILE}: {error}") from error
-    compared = [f.name for f in dataclasses.fields(MoEUTConfig) if f.name not in _EXECUTION_FIELDS]
+    compared = [
+        f.name for f in dataclasses.fields(MoEUTConfig) if f.name not in _TRAINING_ONLY_FIELDS
+    ]
     for name in compared:
         ours, theirs = getattr(model, name), getattr(saved, name)
         if ours != theirs:
@@ -351,7 +378,10 @@ def check_run(config: TrainConfig, world_size: int) -> RunPlan:
         manifest = read_manifest(data.shard_dir)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"data.shard_dir: {error}") from error
-    tokenizer = Tokenizer(data.tokenizer)
+    try:
+        tokenizer = Tokenizer(data.tokenizer)
+    except ValueError as error:
+        raise ConfigError(f"data.tokenizer: {error}") from error
     try:
         manifest.check_compatible(seq_len=data.seq_len, tokenizer_sha256=tokenizer.sha256)
     except ManifestMismatchError as error:
@@ -387,11 +417,13 @@ def check_run(config: TrainConfig, world_size: int) -> RunPlan:
     if config.eval.every:
         if "val" not in manifest.splits:
             raise ConfigError("eval.every > 0 but the shards have no 'val' split; set eval.every=0")
-        # The validation loader reads in each rank's process (no workers): one slot per rank.
-        if manifest.split("val").samples < data_parallel:
+        # Every rank must get a full micro-batch (the smallest share is val // ranks samples),
+        # else validation could never run.
+        val_samples = manifest.split("val").samples
+        if val_samples // data_parallel < data.micro_batch_size:
             raise ConfigError(
-                f"the val split has {manifest.split('val').samples} samples, fewer than the "
-                f"{data_parallel} data-parallel ranks reading it; set eval.every=0 or build "
-                "the shards with a larger val_fraction"
+                f"the val split has {val_samples} samples, less than one micro-batch "
+                f"({data.micro_batch_size}) for each of the {data_parallel} data-parallel ranks; "
+                "set eval.every=0 or build the shards with a larger val_fraction"
             )
     return RunPlan(model, manifest, data_parallel, data.global_batch_size // per_step)

@@ -27,12 +27,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
+from moeut_dist.config import ConfigError
 from moeut_dist.data import TokenLoader
 from moeut_dist.export import WEIGHTS_FILE
 from moeut_dist.parallel.build import build_model, load_full_weights, parallel_lm_loss
 from moeut_dist.parallel.engine import OptimizerSettings, create_engine
 from moeut_dist.parallel.layout import init_distributed, initialize
-from moeut_dist.train.checkpoint import CheckpointManager, TrainerState
+from moeut_dist.train.checkpoint import CheckpointError, CheckpointManager, TrainerState
 from moeut_dist.train.config import RunPlan, TrainConfig, check_run
 from moeut_dist.train.metrics import MetricsWriter, RoutingMonitor, training_flops_per_token
 from moeut_dist.train.schedule import lr_multiplier
@@ -44,7 +45,15 @@ class NonFiniteLossError(RuntimeError):
 
 def world_size_from_environment() -> int:
     """The world size a launcher (torchrun, deepspeed, srun wrapper) announced; 1 without one."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    if "RANK" not in os.environ:
+        if os.environ.get("WORLD_SIZE", "1") != "1":
+            # Left over from elsewhere: this process would train alone on a plan made for more.
+            raise ConfigError(
+                f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but RANK is not; start the run "
+                "with a launcher (torchrun, deepspeed, srun) or unset WORLD_SIZE"
+            )
+        return 1
+    return int(os.environ["WORLD_SIZE"])
 
 
 @contextlib.contextmanager
@@ -168,8 +177,16 @@ def train(config: TrainConfig) -> None:
 def _train(config: TrainConfig, plan: RunPlan) -> None:
     initialize(config.parallel, plan.model)
     checkpoints = CheckpointManager(config)
-    resume_from = checkpoints.resume_point()
-    init_from = config.init_from if resume_from is None else None
+    resume = checkpoints.resume_point()
+    loader = make_loader(config, "train", epochs=None)
+    state = TrainerState(step=0, loader=loader.state_dict())
+    if resume is not None:
+        state = resume.state
+        try:
+            loader.load_state_dict(state.loader)
+        except ValueError as error:  # data settings changed since the checkpoint
+            raise CheckpointError(f"{resume.directory}: {error}") from error
+    init_from = config.init_from if resume is None else None
     model = build_model(plan.model, config.parallel, seed=config.seed)
     if init_from is not None:
         # Before the engine exists: ZeRO copies the weights into its fp32 master partitions.
@@ -184,16 +201,13 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         bf16=config.bf16,
     )
     seed_everything(config.seed)
+    if resume is not None:
+        checkpoints.load(engine, resume)
 
-    loader = make_loader(config, "train", epochs=None)
-    state = TrainerState(step=0, loader=loader.state_dict())
-    if resume_from is not None:
-        state = checkpoints.load(engine, resume_from)
-        loader.load_state_dict(state.loader)
-    resumed_step = state.step if resume_from is not None else None
+    resumed_step = state.step if resume is not None else None
     metrics = MetricsWriter(config.out_path, config.logging.tensorboard, resumed_step)
-    if resume_from is not None:
-        metrics.write("event", state.step, {"resumed_from": str(resume_from)})
+    if resume is not None:
+        metrics.write("event", state.step, {"resumed_from": str(resume.directory)})
     if init_from is not None:
         metrics.write("event", state.step, {"initialised_from": init_from})
 

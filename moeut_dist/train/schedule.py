@@ -11,7 +11,8 @@ def lr_multiplier(step: int, schedule: ScheduleSection) -> float:
     """Multiplier of the base learning rate for the update of step `step` (0-based).
 
     Warm-up reaches 1 at step `warmup_steps - 1`; the cosine then falls from 1 to
-    `min_lr_ratio`, which the last step (`steps - 1`) reaches.
+    `min_lr_ratio`, which the last step (`steps - 1`) reaches when the cosine has at least two
+    steps (with one, that step keeps the full rate).
     """
     if step < schedule.warmup_steps:
         return (step + 1) / schedule.warmup_steps
