@@ -293,10 +293,14 @@ def _load_progress(
     except BadInputError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise BadInputError(
-            f"{progress_path} is damaged ({type(error).__name__}: {error}); delete {out_dir} "
-            "and build again"
+        raise _damaged_build(
+            out_dir, f"{progress_path} is damaged ({type(error).__name__}: {error})"
         ) from error
+
+
+def _damaged_build(out_dir: Path, problem: str) -> BadInputError:
+    """The error for a build directory whose records cannot be trusted: only a rebuild helps."""
+    return BadInputError(f"{problem}; delete {out_dir} and build again")
 
 
 def _require_same_settings(out_dir: Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:
@@ -362,7 +366,7 @@ def build_shards(
         try:
             manifest = read_manifest(out_dir)
         except ValueError as error:
-            raise BadInputError(f"{error}; delete {out_dir} and build again") from error
+            raise _damaged_build(out_dir, str(error)) from error
         _require_same_settings(out_dir, manifest.build, settings)
         return manifest
 
