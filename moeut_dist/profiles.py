@@ -1,8 +1,9 @@
 """Named model configurations: the paper's six MoEUTs, a tiny test model, dense baselines.
 
 The paper's "727M" profile has 581.94M parameters with its published settings; it is named by
-what it is (`moeut-582m`). Dense baselines keep the MoEUT's width and depth and solve the
-feed-forward width so the parameter count matches (the paper's 244M baseline: d_ff = 4.01·d).
+what it is (`moeut-582m`). Dense baselines keep the MoEUT's width and depth; their feed-forward
+width is the paper's where the spec publishes it (244M: 4.014·d) and otherwise solved so that the
+parameter count matches.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ _PAPER = {
 }
 
 _RENAMED = {"moeut-727m": "moeut-582m"}
+
+# The dense baselines' feed-forward width as a multiple of d, where the paper states it.
+_PAPER_DENSE_FFN = {"moeut-244m": 4.014}
 
 
 def _paper_profile(d: int, n_layers: int, h: int, dh: int, e: int, k: int, ea: int, g: int):
@@ -65,12 +69,19 @@ def _dense_heads(d_model: int) -> int:
     return min(divisors, key=lambda h: abs(d_model / h - 64))
 
 
-def _dense_matching(config: MoEUTConfig) -> dict[str, Any]:
+def _matched_d_ff(config: MoEUTConfig) -> int:
+    """The feed-forward width that gives a dense model of this width and depth the MoEUT's count."""
     d, n_layers, vocab = config.d_model, config.n_layers, config.vocab_size
-    target = moeut_parameter_count(config)
     outside_layers = 2 * vocab * d + vocab + 2 * d  # embedding, LM head (+bias), final norm
     per_layer_fixed = 4 * d * d + 4 * d  # Q, K, V, O and two LayerNorms
-    d_ff = round(((target - outside_layers) / n_layers - per_layer_fixed) / (2 * d))
+    per_layer = (moeut_parameter_count(config) - outside_layers) / n_layers
+    return round((per_layer - per_layer_fixed) / (2 * d))
+
+
+def _dense_baseline(moeut_name: str, config: MoEUTConfig) -> dict[str, Any]:
+    d, n_layers, vocab = config.d_model, config.n_layers, config.vocab_size
+    published = _PAPER_DENSE_FFN.get(moeut_name)
+    d_ff = round(published * d) if published else _matched_d_ff(config)
     return dict(vocab_size=vocab, d_model=d, n_layers=n_layers, n_heads=_dense_heads(d), d_ff=d_ff)
 
 
@@ -105,5 +116,5 @@ def get_dense(name: str, **overrides: Any) -> DenseConfig:
         choices = sorted(f"dense-{n.removeprefix('moeut-')}" for n in _PAPER)
         raise ConfigError(f"unknown dense profile {name!r}; choose one of {choices}")
     vocab = overrides.get("vocab_size", PAPER_VOCAB_SIZE)
-    matched = _dense_matching(get(moeut_name, vocab_size=vocab))
-    return DenseConfig.from_dict({**matched, **overrides})
+    baseline = _dense_baseline(moeut_name, get(moeut_name, vocab_size=vocab))
+    return DenseConfig.from_dict({**baseline, **overrides})

@@ -75,10 +75,18 @@ def test_paper_profile_parameter_counts(name):
 def test_dense_baselines_match_their_moeut():
     config = profiles.get_dense("dense-244m")
     assert (config.d_model, config.n_layers, config.n_heads) == (1024, 18, 16)
-    assert abs(config.d_ff / config.d_model - 4.014) < 0.01
+    assert config.d_ff == round(4.014 * 1024)
     with torch.device("meta"):
         count = sum(p.numel() for p in DenseLM(config).parameters())
     assert abs(count / 243.33e6 - 1) < 1e-3
+
+
+def test_dense_baseline_layers_start_at_the_pre_ln_scale():
+    config = profiles.get_dense("dense-44m", vocab_size=300)
+    layer = DenseLM(config).layers[0]
+    for linear in (layer.attention.qkv, layer.attention.o, layer.ffn[0], layer.ffn[2]):
+        expected = math.sqrt(2 / (config.n_layers * linear.in_features))
+        assert linear.weight.std().item() == pytest.approx(expected, rel=0.02)
 
 
 def test_renamed_and_unknown_profiles_are_explained():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,6 +69,17 @@ class DenseLM(nn.Module):
         self.layers = nn.ModuleList(DenseLayer(config) for _ in range(config.n_layers))
         self.out_norm = nn.LayerNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The authors' pre-LN baseline initialisation: every layer's linear weight is drawn from
+        N(0, 2 / (L · fan_in)), so that the residual stream's variance stays of order one through
+        the depth; the embedding and the LM head keep PyTorch's defaults."""
+        for module in self.layers.modules():
+            if isinstance(module, nn.Linear):
+                std = math.sqrt(2.0 / (self.config.n_layers * module.in_features))
+                nn.init.normal_(module.weight, 0, std)
 
     def forward(
         self,
