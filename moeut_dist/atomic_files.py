@@ -1,5 +1,6 @@
 """Files that readers see whole or not at all: written under a hidden temporary name, flushed to
-disk, then renamed over the target (a rename within one directory is atomic)."""
+disk, then renamed over the target (a rename within one directory is atomic), and the rename
+itself flushed, so that a power loss cannot undo a write that was reported done."""
 
 from __future__ import annotations
 
@@ -16,11 +17,20 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
     temporary = path.with_name(f".{path.name}.partial")
     try:
         write(temporary)
-        with open(temporary, "rb+") as written:
-            os.fsync(written.fileno())
+        fsync_path(temporary)
         os.replace(temporary, path)
+        fsync_path(path.parent)
     finally:
         temporary.unlink(missing_ok=True)  # only left if something failed before the rename
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's content, or a directory's entries, to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_json_atomically(path: str | os.PathLike, values: Any) -> None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import sys
 
 import torch
 
+from moeut_dist.cli_errors import reports_bad_input
 from moeut_dist.config import MoEUTConfig
 from moeut_dist.export import expected_state_dict, verify_state_dict
 from moeut_dist.model import MoEUTLM
@@ -81,21 +81,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_convert_command)
 
 
+@reports_bad_input("convert")
 def _convert_command(args: argparse.Namespace) -> int:
     from moeut_dist.export import save_pretrained
 
-    try:
-        tensors = load_official_checkpoint(args.from_official)
-        if "embedding.weight" not in tensors:
-            raise ValueError(
-                f"{args.from_official}: no 'embedding.weight'; not a MoEUTLM checkpoint"
-            )
-        vocab_size = tensors["embedding.weight"].shape[0]
-        config = MoEUTConfig.from_profile(args.profile, vocab_size=vocab_size)
-        model = from_official_state_dict(tensors, config)
-        out = save_pretrained(model, args.out, args.tokenizer)
-    except (OSError, ValueError) as error:  # unreadable file, unknown profile, wrong tensors
-        print(f"moeut convert: {error}", file=sys.stderr)
-        return 2
+    tensors = load_official_checkpoint(args.from_official)
+    if "embedding.weight" not in tensors:
+        raise ValueError(f"{args.from_official}: no 'embedding.weight'; not a MoEUTLM checkpoint")
+    vocab_size = tensors["embedding.weight"].shape[0]
+    config = MoEUTConfig.from_profile(args.profile, vocab_size=vocab_size)
+    model = from_official_state_dict(tensors, config)
+    out = save_pretrained(model, args.out, args.tokenizer)
     print(f"wrote {out} ({args.profile}, vocab {vocab_size})")
     return 0

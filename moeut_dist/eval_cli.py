@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
+
+from moeut_dist.cli_errors import reports_bad_input
 
 if TYPE_CHECKING:
     import torch
 
     from moeut_dist.data import Tokenizer
     from moeut_dist.generate import SamplingConfig
-
-Handler = Callable[[argparse.Namespace], int]
+    from moeut_dist.zeroshot import Item
 
 
 def stream_text(
@@ -39,29 +40,39 @@ def stream_text(
             emitted = text
 
 
-def _device(requested: str | None) -> str:
+def _device(requested: str | None) -> torch.device:
+    """The device to run on: `requested`, checked to exist here, or CUDA when there is one."""
     import torch
 
-    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"unknown device {requested!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {requested!r} is not supported; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {requested!r} is not available: this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device
 
 
+@reports_bad_input("generate")
 def _generate_command(args: argparse.Namespace) -> int:
     from moeut_dist.evaluate import load_model_and_tokenizer
     from moeut_dist.generate import SamplingConfig
 
-    try:
-        sampling = SamplingConfig(
-            max_new_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    device = _device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, device)
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    model, tokenizer = load_model_and_tokenizer(args.model_dir, _device(args.device))
     write_generation(model, tokenizer, args.prompt, sampling, sys.stdout)
     return 0
 
@@ -78,7 +89,13 @@ def write_generation(
     # The end-of-document id opens a document in the training stream, so it starts the prompt.
     prompt_ids = [tokenizer.eod_id, *tokenizer.encode(prompt)]
     device = next(model.parameters()).device
-    tokens = generate(model, torch.tensor([prompt_ids], device=device), sampling, tokenizer.eod_id)
+    tokens = generate(
+        model,
+        torch.tensor([prompt_ids], device=device),
+        sampling,
+        stop_token=tokenizer.eod_id,
+        vocab_size=tokenizer.vocab_size,
+    )
     out.write(prompt)
     out.flush()
     for piece in stream_text(tokenizer, prompt_ids, (step.item() for step in tokens)):
@@ -98,6 +115,7 @@ def _task_file(text: str) -> tuple[str, str]:
     return name, path
 
 
+@reports_bad_input("eval")
 def _eval_command(args: argparse.Namespace) -> int:
     from moeut_dist.evaluate import evaluate_shards, load_model_and_tokenizer
     from moeut_dist.zeroshot import (
@@ -113,13 +131,15 @@ def _eval_command(args: argparse.Namespace) -> int:
     if args.builtin_tasks:
         task_files += [(name, str(builtin_sample(name))) for name in TASKS]
     if args.shards is None and not task_files:
-        print(
-            "error: nothing to evaluate: give --shards, --task or --builtin-tasks", file=sys.stderr
-        )
-        return 2
+        raise ValueError("nothing to evaluate: give --shards, --task or --builtin-tasks")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = _device(args.device)
     # Read every task file before the model runs, so a malformed line fails fast.
     tasks = [(get_task(name), read_task_file(name, path), path) for name, path in task_files]
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, _device(args.device))
+    model, tokenizer = load_model_and_tokenizer(args.model_dir, device)
+    for task, items, _ in tasks:
+        _refuse_candidates_without_tokens(task.name, items, tokenizer)
     report: dict[str, Any] = {"tasks": []}
     if args.shards is not None:
         result = evaluate_shards(
@@ -149,32 +169,19 @@ def _eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_reporting_errors(handler: Handler) -> Handler:
-    """Report bad input (missing files, mismatched tokenizer, malformed task lines) in one
-    line instead of a traceback."""
+def _refuse_candidates_without_tokens(
+    task_name: str, items: Sequence[Item], tokenizer: Tokenizer
+) -> None:
+    """Refuse, naming file:line, a candidate that the tokenizer encodes to no tokens (such as
+    one made of zero-width characters): it has no likelihood to score."""
+    from moeut_dist.zeroshot import TaskFormatError
 
-    def run(args: argparse.Namespace) -> int:
-        from moeut_dist.data import ManifestMismatchError, ShardError
-        from moeut_dist.evaluate import ModelDirectoryError
-        from moeut_dist.export import CheckpointMismatchError
-        from moeut_dist.zeroshot import TaskFormatError
-
-        try:
-            return handler(args)
-        except (
-            FileNotFoundError,
-            KeyError,  # an unknown split of the shards
-            ManifestMismatchError,
-            ShardError,  # a corrupt or truncated shard
-            ModelDirectoryError,
-            CheckpointMismatchError,
-            TaskFormatError,
-        ) as error:
-            message = error.args[0] if isinstance(error, KeyError) else error
-            print(f"error: {message}", file=sys.stderr)
-            return 2
-
-    return run
+    for item in items:
+        for candidate in item.candidates:
+            if not tokenizer.encode(candidate):
+                raise TaskFormatError(
+                    f"{item.source}: {task_name}: the candidate {candidate!r} encodes to no tokens"
+                )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -190,7 +197,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1: no filter")
     generate.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     generate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    generate.set_defaults(handler=_run_reporting_errors(_generate_command))
+    generate.set_defaults(handler=_generate_command)
 
     evaluate = subparsers.add_parser(
         "eval", help="perplexity and bits per byte on shards; zero-shot task accuracy"
@@ -213,4 +220,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--json", help="also write the results to this JSON file")
     evaluate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    evaluate.set_defaults(handler=_run_reporting_errors(_eval_command))
+    evaluate.set_defaults(handler=_eval_command)

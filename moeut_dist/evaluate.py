@@ -27,12 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeut_dist.data import Tokenizer, TokenLoader, read_manifest
-from moeut_dist.export import TOKENIZER_FILE, load_pretrained
-from moeut_dist.model import MoEUTLM
-
-
-class ModelDirectoryError(ValueError):
-    """A model directory whose tokenizer does not fit its model."""
+from moeut_dist.export import TOKENIZER_FILE, ModelDirectoryError, load_pretrained
+from moeut_dist.model import MoEUTLM, perplexity
 
 
 @dataclass(frozen=True)
@@ -43,7 +39,7 @@ class LanguageModelingResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nll / self.tokens)
+        return perplexity(self.nll / self.tokens)
 
     @property
     def bits_per_byte(self) -> float:
@@ -53,7 +49,12 @@ class LanguageModelingResult:
 def load_model_and_tokenizer(
     model_dir: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[MoEUTLM, Tokenizer]:
-    """The model of a model directory and the tokenizer saved with it, checked to fit."""
+    """The model of a model directory and the tokenizer saved with it, checked to fit.
+
+    The model's vocabulary may be larger than the tokenizer's (padded, e.g. for tensor
+    parallelism to divide it); the padding ids never occur in text, so they only take some
+    probability mass, as they did in training.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} not found")
@@ -121,10 +122,15 @@ def evaluate_shards(
     batch_size: int = 8,
 ) -> LanguageModelingResult:
     """One pass over a split of a shard directory built with `tokenizer`; refuses shards
-    built with another tokenizer (`ManifestMismatchError`)."""
+    built with another tokenizer (`ManifestMismatchError`) and a missing or empty split."""
+    manifest = read_manifest(shard_dir)
+    if split not in manifest.splits:
+        raise ValueError(f"{shard_dir} has no split {split!r}; it has {sorted(manifest.splits)}")
+    if manifest.splits[split].samples == 0:
+        raise ValueError(f"split {split!r} of {shard_dir} holds no samples to evaluate")
     loader = TokenLoader(
         shard_dir,
-        seq_len=read_manifest(shard_dir).seq_len,
+        seq_len=manifest.seq_len,
         tokenizer=tokenizer,
         batch_size=batch_size,
         split=split,

@@ -5,6 +5,9 @@ model was trained in. `export_shards` builds one from a training checkpoint's pe
 files with memory bounded by the largest tensor: the safetensors header is computed from the
 shards' headers, then each full tensor is assembled and streamed to disk in turn. Loading checks
 every tensor's name, shape and dtype against the config and names the first mismatch.
+
+Every writer goes through `write_model_dir`, which builds the directory beside its destination
+and moves it into place whole.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from moeut_dist.atomic_files import write_atomically
-from moeut_dist.config import MoEUTConfig
+from moeut_dist.atomic_files import fsync_path
+from moeut_dist.config import ConfigError, MoEUTConfig
 from moeut_dist.model import MoEUTLM
 from moeut_dist.parallel.shards import find_shard_files, iter_full_tensors, shard_rule
 
@@ -34,6 +37,11 @@ TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 class CheckpointMismatchError(ValueError):
     """A state dict that does not fit the model it is loaded into."""
+
+
+class ModelDirectoryError(ValueError):
+    """A model directory that cannot be used as it is: a damaged weights file, a tokenizer that
+    does not fit the model, or a destination that is not a model directory."""
 
 
 def expected_state_dict(config: MoEUTConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -65,32 +73,100 @@ def _describe(tensor: torch.Tensor) -> str:
     return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
 
 
-def _write_model_dir(
-    out_dir: str | os.PathLike, config: MoEUTConfig, write_weights: Callable[[Path], object],
-    tokenizer_path: str | os.PathLike | None,
-) -> Path:  # fmt: skip
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / WEIGHTS_FILE, write_weights)
-    config_text = json.dumps(config.to_dict(), indent=2) + "\n"
-    write_atomically(out / CONFIG_FILE, lambda p: p.write_text(config_text))
+def write_model_dir(out_dir: str | os.PathLike, write_files: Callable[[Path], object]) -> Path:
+    """Write a model directory whole: `write_files(directory)` fills a new hidden sibling of
+    `out_dir`, which replaces `out_dir` once it is complete.
+
+    So no file of an earlier model survives beside the new one, and a crash leaves the old
+    directory or the new one, never a mix or a half-written file. Replacing takes two renames
+    (Linux cannot swap two directories at once): if a crash falls between them, the old
+    directory waits under a hidden name and the next write to `out_dir` puts it back first.
+    An existing `out_dir` must be a model directory or empty: anything else is refused before
+    anything is written, so an unrelated folder is never deleted.
+    """
+    out = Path(out_dir).resolve()  # through a symbolic link, which then names the new directory
+    staging, retired = _hidden_sibling(out, "partial"), _hidden_sibling(out, "old")
+    _finish_interrupted_replacement(out, retired)
+    _check_replaceable(out)
+    shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier write
+    staging.mkdir(parents=True)
+    try:
+        write_files(staging)
+        for path in [*staging.iterdir(), staging]:
+            fsync_path(path)
+        if out.exists():
+            out.rename(retired)
+        staging.rename(out)
+        fsync_path(out.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # only left if something failed
+    shutil.rmtree(retired, ignore_errors=True)
+    return Path(out_dir)
+
+
+def _hidden_sibling(path: Path, suffix: str) -> Path:
+    # Beside `path`, so on its file system: renaming it into place is a rename, not a copy.
+    return path.with_name(f".{path.name}.{suffix}")
+
+
+def _finish_interrupted_replacement(out: Path, retired: Path) -> None:
+    if retired.exists():
+        if out.exists():  # the new directory is in place; only deleting the old one was left
+            shutil.rmtree(retired)
+        else:
+            retired.rename(out)
+
+
+def _is_model_dir(path: Path) -> bool:
+    return all((path / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE))
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and not _is_model_dir(out) and (not out.is_dir() or any(out.iterdir())):
+        raise ModelDirectoryError(
+            f"{out} exists and is not a model directory (no {CONFIG_FILE} and {WEIGHTS_FILE}); "
+            "refusing to replace it"
+        )
+
+
+def _write_model_files(
+    directory: Path, config: MoEUTConfig, write_weights: Callable[[Path], object],
+    tokenizer_path: str | os.PathLike | None, add_files: Callable[[Path], object] | None = None,
+) -> None:  # fmt: skip
+    write_weights(directory / WEIGHTS_FILE)
+    (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     if tokenizer_path is not None:
-        write_atomically(out / TOKENIZER_FILE, lambda p: shutil.copyfile(tokenizer_path, p))
-    return out
+        shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
+    if add_files is not None:
+        add_files(directory)
 
 
 def save_pretrained(
     model: MoEUTLM, out_dir: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None
 ) -> Path:
-    """Write the model directory of a single-process model."""
+    """Write the model directory of a single-process model (see `write_model_dir`)."""
     weights = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    return _write_model_dir(
-        out_dir, model.config, lambda p: save_file(weights, str(p)), tokenizer_path
+    return write_model_dir(
+        out_dir,
+        lambda directory: _write_model_files(
+            directory, model.config, lambda p: save_file(weights, str(p)), tokenizer_path
+        ),
     )
 
 
 def read_config(model_dir: str | os.PathLike) -> MoEUTConfig:
-    return MoEUTConfig.from_dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
+    """The config of a model directory; a `ConfigError` naming the file if it is damaged."""
+    path = Path(model_dir) / CONFIG_FILE
+    try:
+        values = json.loads(path.read_bytes())
+    except ValueError as error:  # invalid JSON or UTF-8
+        raise ConfigError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} holds a JSON {type(values).__name__}, not an object")
+    try:
+        return MoEUTConfig.from_dict(values)
+    except (ValueError, TypeError) as error:  # unknown keys; missing keys or wrong types
+        raise ConfigError(f"{path}: {error}") from error
 
 
 def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> MoEUTLM:
@@ -100,7 +176,10 @@ def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "
         if not (model_dir / required).is_file():
             raise FileNotFoundError(f"{model_dir} has no {required}: not a moeut model directory")
     config = read_config(model_dir)
-    weights = load_file(str(model_dir / WEIGHTS_FILE), device=str(device))
+    try:
+        weights = load_file(str(model_dir / WEIGHTS_FILE), device=str(device))
+    except SafetensorError as error:
+        raise ModelDirectoryError(f"{model_dir / WEIGHTS_FILE} is damaged: {error}") from error
     # A model is saved in one dtype: every tensor must share the first one's.
     dtype = next(iter(weights.values())).dtype if weights else torch.float32
     verify_state_dict(expected_state_dict(config, dtype), weights)
@@ -125,8 +204,8 @@ def write_safetensors_streaming(
     """Write a safetensors file whose tensors arrive one at a time, in the order of `specs`.
 
     The header (names, dtypes, shapes, byte offsets) comes from `specs` up front, so no more than
-    one tensor is ever held; each arriving tensor must match its spec. Written in place: callers
-    that need the file whole or not at all wrap this in `write_atomically`.
+    one tensor is ever held; each arriving tensor must match its spec, and every spec must get
+    its tensor. Written in place: the file is whole only if this returns.
     """
     header, offset = {}, 0
     for name, (shape, dtype) in specs.items():
@@ -144,10 +223,15 @@ def write_safetensors_streaming(
         out.write(struct.pack("<Q", len(encoded)) + encoded)
         expected = iter(specs.items())
         for name, tensor in tensors:
-            spec_name, (shape, dtype) = next(expected)
+            spec = next(expected, None)
+            if spec is None:
+                raise CheckpointMismatchError(f"tensor {name!r} is not in the header")
+            spec_name, (shape, dtype) = spec
             if (name, tuple(tensor.shape), tensor.dtype) != (spec_name, shape, dtype):
                 raise CheckpointMismatchError(f"tensor {name!r} does not match the header")
             out.write(tensor.contiguous().flatten().view(torch.uint8).numpy().data)
+        if (missing := next(expected, None)) is not None:
+            raise CheckpointMismatchError(f"the tensors ended before {missing[0]!r}")
 
 
 def _full_specs(checkpoint_dir: Path, config: MoEUTConfig) -> TensorSpecs:
@@ -174,8 +258,11 @@ def _full_specs(checkpoint_dir: Path, config: MoEUTConfig) -> TensorSpecs:
 def export_shards(
     checkpoint_dir: str | os.PathLike, config: MoEUTConfig, out_dir: str | os.PathLike,
     tokenizer_path: str | os.PathLike | None = None,
+    add_files: Callable[[Path], object] | None = None,
 ) -> Path:  # fmt: skip
-    """A model directory from a checkpoint's per-rank weight files, any TP/EP layout."""
+    """A model directory from a checkpoint's per-rank weight files, any TP/EP layout (see
+    `write_model_dir`). `add_files(directory)` may add files of its own to the new directory,
+    which then holds the model files already; they are moved into place together."""
     specs = _full_specs(Path(checkpoint_dir), config)
     dtype = specs["embedding.weight"][1] if "embedding.weight" in specs else torch.float32
     # Checked before any tensor data is read: a wrong config fails in milliseconds.
@@ -184,6 +271,13 @@ def export_shards(
         {name: torch.empty(shape, dtype=d, device="meta") for name, (shape, d) in specs.items()},
     )
     tensors = iter_full_tensors(checkpoint_dir, config)
-    return _write_model_dir(
-        out_dir, config, lambda p: write_safetensors_streaming(p, specs, tensors), tokenizer_path
+    return write_model_dir(
+        out_dir,
+        lambda directory: _write_model_files(
+            directory,
+            config,
+            lambda p: write_safetensors_streaming(p, specs, tensors),
+            tokenizer_path,
+            add_files,
+        ),
     )

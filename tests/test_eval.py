@@ -1,5 +1,5 @@
-"""Perplexity and bits per byte on shards, `moeut generate` and `moeut eval` end to end, on a
-tiny random MoEUT with a SentencePiece tokenizer trained on synthetic text."""
+"""Perplexity and bits per byte on shards, `moeut generate`, `moeut eval` and `moeut export` end
+to end, on a tiny random MoEUT with a SentencePiece tokenizer trained on synthetic text."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
 
 from data_prep.shards import build_shards
 from data_prep.synthetic import synthetic_documents, write_jsonl
@@ -19,9 +21,15 @@ from moeut_dist import MoEUTConfig, MoEUTLM
 from moeut_dist.cli import main as moeut
 from moeut_dist.data import read_manifest, read_shard
 from moeut_dist.eval_cli import stream_text
-from moeut_dist.evaluate import evaluate_shards, load_model_and_tokenizer, target_bytes
+from moeut_dist.evaluate import (
+    LanguageModelingResult,
+    evaluate_shards,
+    load_model_and_tokenizer,
+    target_bytes,
+)
 from moeut_dist.export import save_pretrained
 from moeut_dist.generate import SamplingConfig, generate
+from moeut_dist.parallel.shards import shard_file, shard_metadata
 from moeut_dist.zeroshot import (
     TASKS,
     builtin_sample,
@@ -72,6 +80,18 @@ def model_dir(tmp_path_factory, tokenizer):
     config = MoEUTConfig.from_profile("tiny", vocab_size=tokenizer.vocab_size, kernel="torch")
     model = MoEUTLM(config)
     return save_pretrained(model, tmp_path_factory.mktemp("model"), tokenizer.path)
+
+
+@pytest.fixture(scope="module")
+def padded_model_dir(tmp_path_factory, tokenizer):
+    """A model whose vocabulary is padded 20 ids past the tokenizer's (as for tensor
+    parallelism), the padding ids made the likeliest next tokens."""
+    torch.manual_seed(0)
+    config = MoEUTConfig.from_profile("tiny", vocab_size=tokenizer.vocab_size + 20, kernel="torch")
+    model = MoEUTLM(config)
+    with torch.no_grad():
+        model.lm_head.bias[tokenizer.vocab_size :] = 20.0
+    return save_pretrained(model, tmp_path_factory.mktemp("padded"), tokenizer.path)
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +184,25 @@ def test_generation_streams_the_decoded_continuation(model_dir, loaded, capsys):
     assert "".join(pieces) == continuation and len(pieces) > 1
 
 
+def test_generation_with_a_padded_vocabulary_produces_only_the_tokenizer_pieces(
+    padded_model_dir, capsys
+):
+    assert generated(padded_model_dir, capsys, "--temperature", "0").startswith("Ba")
+
+
+def test_eval_scores_a_padded_vocabulary_over_every_id_of_the_model(
+    padded_model_dir, shards, capsys
+):
+    """The padding ids never occur in text; they only take probability mass, as in training."""
+    args = [str(padded_model_dir), "--shards", str(shards), "--builtin-tasks", "--device", "cpu"]
+    assert moeut(["eval", *args]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_the_perplexity_of_a_diverged_model_is_infinite():
+    assert LanguageModelingResult(nll=1e6, tokens=10, bytes=40).perplexity == math.inf
+
+
 def test_scores_of_the_model_do_not_depend_on_batching(loaded):
     model, tokenizer = loaded
     requests = [
@@ -207,13 +246,17 @@ def test_eval_command_reports_language_modeling_and_every_builtin_task(
         assert 0 <= entry["acc"] <= 1
 
 
-def failing_eval(capsys, *args: str) -> str:
-    assert moeut(["eval", *args, "--device", "cpu"]) == 2
-    return capsys.readouterr().err
+def refused(capsys, command: str, *args: str) -> str:
+    """The error of a `moeut` command (on the CPU) that refuses its input: one line, status 2."""
+    capsys.readouterr()  # what came before the command
+    assert moeut([command, "--device", "cpu", *args]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"moeut {command}: ") and error.count("\n") == 1, error
+    return error
 
 
 def test_eval_names_a_missing_model_directory(tmp_path, capsys):
-    assert "not found" in failing_eval(capsys, str(tmp_path / "absent"), "--builtin-tasks")
+    assert "not found" in refused(capsys, "eval", str(tmp_path / "absent"), "--builtin-tasks")
 
 
 def test_eval_refuses_shards_of_another_tokenizer(model_dir, corpus, shards, tmp_path, capsys):
@@ -221,12 +264,118 @@ def test_eval_refuses_shards_of_another_tokenizer(model_dir, corpus, shards, tmp
     other_dir = tmp_path / "model"
     shutil.copytree(model_dir, other_dir)
     shutil.copyfile(other.path, other_dir / "tokenizer.model")
-    error = failing_eval(capsys, str(other_dir), "--shards", str(shards))
+    error = refused(capsys, "eval", str(other_dir), "--shards", str(shards))
     assert f"tokenizer has sha256 {other.sha256}" in error
 
 
 def test_eval_names_the_malformed_line_of_a_task_file(model_dir, tmp_path, capsys):
     path = tmp_path / "piqa.jsonl"
     path.write_text(builtin_sample("piqa").read_text() + '{"goal": "no solutions"}\n')
-    error = failing_eval(capsys, str(model_dir), "--task", f"piqa={path}")
+    error = refused(capsys, "eval", str(model_dir), "--task", f"piqa={path}")
     assert f"{path}:5: piqa: missing field 'sol1'" in error
+
+
+def test_eval_names_the_line_of_a_candidate_without_tokens(model_dir, tmp_path, capsys):
+    path = tmp_path / "blimp.jsonl"
+    lines = [
+        '{"sentence_good": "Ba ke", "sentence_bad": "ke Ba"}',
+        "",
+        '{"sentence_good": "\u200b", "sentence_bad": "Ba"}',
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    error = refused(capsys, "eval", str(model_dir), "--task", f"blimp={path}")
+    assert f"{path}:3: blimp: the candidate '\\u200b' encodes to no tokens" in error
+
+
+def _add_config_key(config_path) -> None:
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "bogus": 1}))
+
+
+def _truncate(path) -> None:
+    path.write_bytes(path.read_bytes()[:5000])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "config.json").write_text("{"), "config.json is not valid JSON"),
+        (lambda d: _add_config_key(d / "config.json"), "unknown MoEUTConfig key(s) ['bogus']"),
+        (lambda d: _truncate(d / "model.safetensors"), "model.safetensors is damaged"),
+        (lambda d: (d / "tokenizer.model").write_text("{}"), "is not a SentencePiece model"),
+    ],
+)
+def test_a_damaged_model_directory_is_named(model_dir, tmp_path, capsys, damage, message):
+    damaged = shutil.copytree(model_dir, tmp_path / "model")
+    damage(damaged)
+    assert message in refused(capsys, "generate", str(damaged))
+
+
+def _without_validation_samples(manifest_text: str) -> str:
+    manifest = json.loads(manifest_text)
+    manifest["splits"]["val"]["shards"] = []
+    return json.dumps(manifest)
+
+
+@pytest.mark.parametrize(
+    ("edit", "options", "message"),
+    [
+        (lambda text: "{", [], "manifest.json is damaged"),
+        (lambda text: text, ["--split", "test"], "has no split 'test'"),
+        (_without_validation_samples, [], "holds no samples to evaluate"),
+    ],
+)
+def test_unusable_shards_are_named(model_dir, shards, tmp_path, capsys, edit, options, message):
+    """Only the manifest is copied: each of these is refused before any shard is read."""
+    (tmp_path / "manifest.json").write_text(edit((shards / "manifest.json").read_text()))
+    error = refused(capsys, "eval", str(model_dir), "--shards", str(tmp_path), *options)
+    assert message in error
+
+
+@pytest.mark.parametrize(
+    ("command", "options", "message"),
+    [
+        ("eval", ["--builtin-tasks", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        ("generate", ["--temperature", "nan"], "temperature must be finite and >= 0"),
+        ("generate", ["--temperature", "inf"], "temperature must be finite and >= 0"),
+        ("generate", ["--max-tokens", "-5"], "max_new_tokens must be >= 0, got -5"),
+        ("generate", ["--seed", "99999999999999999999999"], "seed must be in 0..2**64 - 1"),
+        ("generate", ["--device", "cuda:99"], "device 'cuda:99' is not available"),
+        ("generate", ["--device", "tpu"], "unknown device 'tpu'"),
+    ],
+)
+def test_impossible_settings_are_refused_before_the_model_loads(
+    model_dir, capsys, command, options, message
+):
+    assert message in refused(capsys, command, str(model_dir), *options)
+
+
+def one_process_checkpoint(model_dir, tokenizer_path, directory):
+    """The parts of a one-process training checkpoint that `moeut export` reads, holding the
+    weights of `model_dir`."""
+    weights = directory / "engine"
+    weights.mkdir(parents=True)
+    tensors = load_file(model_dir / "model.safetensors")
+    save_file(tensors, shard_file(weights, 0, 0), metadata=shard_metadata(1, 1))
+    run = {
+        "model": {"profile": "tiny", "kernel": "torch"},
+        "data": {"shard_dir": str(directory), "tokenizer": str(tokenizer_path)},
+    }
+    (directory / "config.yaml").write_text(yaml.safe_dump(run))
+    shutil.copyfile(tokenizer_path, directory / "tokenizer.model")
+    (directory / "done_rank00000").write_text("1")
+    return directory
+
+
+def test_export_replaces_the_whole_model_directory(model_dir, tokenizer, tmp_path):
+    checkpoint = one_process_checkpoint(model_dir, tokenizer.path, tmp_path / "checkpoint")
+    out = tmp_path / "exported"
+    assert moeut(["export", str(checkpoint), str(out), "--official"]) == 0
+    official = torch.load(out / "official_model.pt", weights_only=True)
+    assert official.keys() == load_file(model_dir / "model.safetensors").keys()
+    assert moeut(["export", str(checkpoint), str(out)]) == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint", "exported"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,12 @@ from safetensors.torch import load_file, save_file
 from moeut_dist import MoEUTConfig, MoEUTLM
 from moeut_dist.cli import main as moeut
 from moeut_dist.convert import from_official_state_dict, to_official_state_dict
-from moeut_dist.export import CheckpointMismatchError, load_pretrained, save_pretrained
+from moeut_dist.export import (
+    CheckpointMismatchError,
+    load_pretrained,
+    save_pretrained,
+    write_safetensors_streaming,
+)
 from moeut_dist.generate import SamplingConfig, filter_logits, generate
 
 TINY = MoEUTConfig.from_profile("tiny", vocab_size=50)
@@ -43,6 +49,40 @@ def test_sampling_is_reproducible_under_a_seed(model):
 
     torch.testing.assert_close(sample(7), sample(7))
     assert not torch.equal(sample(7), sample(8))
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300])
+def test_a_tiny_temperature_samples_like_greedy(model, temperature):
+    greedy = list(generate(model, prompt(), SamplingConfig(6, temperature=0)))
+    tiny = list(generate(model, prompt(), SamplingConfig(6, temperature=temperature, seed=0)))
+    torch.testing.assert_close(torch.stack(tiny), torch.stack(greedy))
+
+
+def test_generation_produces_no_id_past_the_tokenizer_vocabulary():
+    """A vocabulary padded past the tokenizer's 40 pieces, with the padding ids made the likeliest:
+    they are still never produced."""
+    torch.manual_seed(0)
+    padded = MoEUTLM(TINY).eval()
+    with torch.no_grad():
+        padded.lm_head.bias[40:] = 20.0
+    for settings in (SamplingConfig(8, temperature=0), SamplingConfig(8, temperature=2, seed=1)):
+        tokens = torch.stack(list(generate(padded, prompt(), settings, vocab_size=40)))
+        assert tokens.max() < 40
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"temperature": float("nan")}, "temperature must be finite and >= 0"),
+        ({"temperature": float("inf")}, "temperature must be finite and >= 0"),
+        ({"max_new_tokens": -5}, "max_new_tokens must be >= 0"),
+        ({"seed": 2**64}, r"seed must be in 0\.\.2\*\*64 - 1"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ],
+)
+def test_impossible_sampling_settings_are_refused_naming_the_setting(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**settings)
 
 
 def test_generation_stops_at_the_stop_token(model):
@@ -153,3 +193,51 @@ def test_model_directory_without_a_tensor_is_refused_naming_it(model, tmp_path):
     save_file(weights, out / "model.safetensors")
     with pytest.raises(CheckpointMismatchError, match=r"missing tensor 'embedding\.weight'"):
         load_pretrained(out)
+
+
+def test_a_streamed_weights_file_gets_exactly_the_tensors_of_its_header(tmp_path):
+    specs = {"a": ((2,), torch.float32), "b": ((3,), torch.float32)}
+    a, b = ("a", torch.zeros(2)), ("b", torch.zeros(3))
+    with pytest.raises(CheckpointMismatchError, match="the tensors ended before 'b'"):
+        write_safetensors_streaming(tmp_path / "short", specs, [a])
+    with pytest.raises(CheckpointMismatchError, match="tensor 'c' is not in the header"):
+        write_safetensors_streaming(tmp_path / "long", specs, [a, b, ("c", torch.zeros(1))])
+
+
+def stand_in_tokenizer(directory: Path) -> Path:
+    """A file for `save_pretrained` to store as the tokenizer (it copies it without reading it)."""
+    path = directory / "stand_in.model"
+    path.write_bytes(b"a tokenizer")
+    return path
+
+
+def test_a_model_directory_is_replaced_whole(model, tmp_path):
+    out = save_pretrained(model, tmp_path / "model", stand_in_tokenizer(tmp_path))
+    (out / "official_model.pt").write_bytes(b"an earlier export's")
+    save_pretrained(model, out)
+    assert sorted(path.name for path in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_failed_write_leaves_the_previous_model_directory(model, tmp_path):
+    out = save_pretrained(model, tmp_path / "model")
+    weights = (out / "model.safetensors").read_bytes()
+    out.rename(tmp_path / ".model.old")  # where a crash between replacing's two renames leaves it
+    with pytest.raises(FileNotFoundError):
+        save_pretrained(MoEUTLM(TINY), out, tokenizer_path=tmp_path / "absent.model")
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
+
+
+def test_convert_replaces_a_model_directory_and_refuses_any_other(model, tmp_path, capsys):
+    checkpoint = tmp_path / "official.pt"
+    torch.save(to_official_state_dict(model), checkpoint)
+    out = save_pretrained(model, tmp_path / "model", stand_in_tokenizer(tmp_path))
+    assert _convert(checkpoint, "tiny", out) == 0
+    assert not (out / "tokenizer.model").exists()  # converted without --tokenizer
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert _convert(checkpoint, "tiny", folder) == 2
+    assert "is not a model directory" in capsys.readouterr().err
+    assert [path.name for path in folder.iterdir()] == ["notes.txt"]

@@ -18,6 +18,7 @@ from moeut_dist.parallel.expert_parallel import (
 from moeut_dist.parallel.layout import ParallelConfig, initialize
 from tests.distributed_utils import run_distributed
 from tests.parallel_cases import (
+    SEED,
     assert_close_dicts,
     batch,
     data_parallel_share,
@@ -160,7 +161,33 @@ def _model_checks() -> None:
         ParallelConfig(tensor=2, expert=4, checkpoint_activations=True),
     ):
         _check_layout_matches_one_process(layout)
+    _check_expert_dropout_matches_one_process(ParallelConfig(tensor=2))
     _check_recompute_reroutes_identically(ParallelConfig(tensor=2, expert=2))
+
+
+def _check_expert_dropout_matches_one_process(layout: ParallelConfig) -> None:
+    """Expert dropout in σ-MoE and SwitchHead drops, on each tensor-parallel rank's heads, what
+    one process would drop on the same sequences (this data-parallel rank's)."""
+    config = model_config(expert_dropout=0.3, att_expert_dropout=0.5)
+    torch.set_default_dtype(torch.float64)
+    initialize(layout, config)
+    tokens = data_parallel_share(batch(config, 0))
+    reference = reference_model(config)
+    torch.manual_seed(99)
+    lm, reg = reference_loss(reference, tokens)
+    (lm + reg).backward()
+    model = build_model(config, layout, seed=SEED)
+    torch.manual_seed(99)
+    loss = parallel_lm_loss(model, tokens)
+    loss.total.backward()
+    torch.testing.assert_close(loss.total, lm + reg)
+    # Expert gradients are partial sums until reduced over the expert-data-parallel group, which
+    # spans other data-parallel ranks' sequences; the dense ones are this rank's already.
+    dense = {n: p.grad for n, p in model.named_parameters() if not hasattr(p, "group_name")}
+    grads = gather_full(dense, config)
+    expected = {n: p.grad for n, p in reference.named_parameters() if n in dense}
+    assert_close_dicts(grads, expected, rtol=1e-6, atol=1e-9, what=f"{layout} dropout grad")
+    torch.set_default_dtype(torch.float32)
 
 
 def _check_recompute_reroutes_identically(layout: ParallelConfig) -> None:

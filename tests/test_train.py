@@ -17,15 +17,22 @@ from pathlib import Path
 import pytest
 import torch
 from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.utils import safe_get_full_fp32_param
+from safetensors.torch import load_file
 
 from moeut_dist import profiles
-from moeut_dist.config import ConfigError
+from moeut_dist.config import ConfigError, MoEUTConfig
 from moeut_dist.data import read_manifest
-from moeut_dist.export import load_pretrained, save_pretrained
+from moeut_dist.export import WEIGHTS_FILE, load_pretrained, save_pretrained
 from moeut_dist.model import MoEUTLM
-from moeut_dist.parallel.build import ParallelLoss, parallel_lm_loss
-from moeut_dist.parallel.engine import OptimizerSettings, deepspeed_config
-from moeut_dist.parallel.layout import ParallelConfig
+from moeut_dist.parallel.build import ParallelLoss, build_model, parallel_lm_loss
+from moeut_dist.parallel.engine import (
+    OptimizerSettings,
+    create_engine,
+    deepspeed_config,
+    load_initial_weights,
+)
+from moeut_dist.parallel.layout import ParallelConfig, initialize
 from moeut_dist.train import loop
 from moeut_dist.train.checkpoint import (
     CheckpointError,
@@ -33,7 +40,7 @@ from moeut_dist.train.checkpoint import (
     is_complete,
     latest_checkpoint,
 )
-from moeut_dist.train.config import ScheduleSection, check_run, load_config
+from moeut_dist.train.config import ScheduleSection, check_init_from, check_run, load_config
 from moeut_dist.train.consolidate import export_checkpoint
 from moeut_dist.train.metrics import forward_flops_per_token, read_run_metrics
 from moeut_dist.train.schedule import lr_multiplier
@@ -105,6 +112,12 @@ def test_config_reads_yaml_and_dotted_overrides(corpus, tmp_path):
         (["data.shard_dir=/nonexistent"], 1, "manifest.json not found"),
         (["data.tokenizer=/nonexistent.model"], 1, "does not exist"),
         (["model.vocab_size=256"], 1, "smaller than the tokenizer's 300"),
+        (["optim.lr=-1"], 1, "optim.lr must be a finite number ≥ 0, got -1.0"),
+        (["optim.lr=nan"], 1, "optim.lr must be a finite number ≥ 0, got nan"),
+        (["optim.betas=[0.9, 1.5]"], 1, "optim.betas must be two numbers in [0, 1)"),
+        (["optim.eps=0"], 1, "optim.eps must be a finite number > 0"),
+        (["optim.weight_decay=-0.1"], 1, "optim.weight_decay must be a finite number ≥ 0"),
+        (["optim.grad_clip=-1"], 1, "optim.grad_clip must be a finite number ≥ 0 (0: no"),
     ],
 )
 def test_config_errors_name_the_problem(corpus, tmp_path, overrides, world_size, message):
@@ -123,6 +136,9 @@ def test_text_overrides_are_taken_as_written(corpus, tmp_path):
         "runs/exp #2", "2024", "a: b",
     )  # fmt: skip
     assert config.seed == 7 and load_config(path, ["init_from=null"]).init_from is None
+    dated = tmp_path / "dated.yaml"
+    dated.write_text(path.read_text() + "out_dir: 2024-05-01\n")  # YAML reads a date
+    assert load_config(dated).out_dir == "2024-05-01"
 
 
 def test_world_size_without_a_launcher_is_refused(monkeypatch):
@@ -174,13 +190,21 @@ def test_pruning_keeps_this_runs_newest_and_leaves_an_abandoned_runs_alone(tmp_p
     assert sorted(d.name for d in root.glob("step_*")) == ["step_00000004", "step_00000006"]
 
 
-def test_init_from_needs_a_model_directory_of_the_same_model(corpus, tmp_path, other_model_dir):
+def _run_model(path: Path, overrides: list[str] = ()) -> MoEUTConfig:
+    return check_run(load_config(path, overrides), world_size=1).model
+
+
+def test_init_from_needs_a_model_directory_of_the_same_model(
+    corpus, tmp_path, other_model_dir, monkeypatch
+):
     path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
     # How the model is computed and trained (kernels, dropouts, regulariser weights) may differ.
     training_only = ["model.kernel=auto", "model.expert_dropout=0.1", "model.entropy_reg=0.1"]
-    check_run(load_config(path, [f"init_from={other_model_dir}", *training_only]), world_size=1)
+    check_init_from(other_model_dir, _run_model(path, training_only))
+    # A run that starts afresh checks its init_from before it builds the model.
+    monkeypatch.setattr(loop, "build_model", lambda *_, **__: pytest.fail("model was built"))
     with pytest.raises(ConfigError, match=r"has no config\.json; not a model directory"):
-        check_run(load_config(path, [f"init_from={tmp_path}"]), world_size=1)
+        loop.train(load_config(path, [f"init_from={tmp_path}"]))
 
 
 @pytest.mark.parametrize(
@@ -195,8 +219,27 @@ def test_init_from_a_different_model_is_refused_naming_the_field(
 ):
     path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
     with pytest.raises(ConfigError, match="init_from: ") as error:
-        check_run(load_config(path, [f"init_from={other_model_dir}", *overrides]), world_size=1)
+        check_init_from(other_model_dir, _run_model(path, overrides))
     assert message in str(error.value)
+
+
+def test_init_from_sets_the_fp32_master_weights_exactly(corpus, tmp_path, other_model_dir):
+    """In bf16 the module holds rounded weights; ZeRO's fp32 master copy, which the optimizer
+    updates, must start from the model directory's weights themselves."""
+    config = load_config(
+        write_config(run_config(corpus, tmp_path / "run", precision="bf16"), tmp_path / "r.yaml")
+    )
+    model_config = _run_model(tmp_path / "r.yaml")
+    weights = load_file(other_model_dir / WEIGHTS_FILE)
+    with loop.distributed_session():
+        initialize(config.parallel, model_config)
+        model = build_model(model_config, config.parallel, seed=0)
+        engine = create_engine(model, config.parallel, config.optim, 2, bf16=True)
+        load_initial_weights(engine, other_model_dir / WEIGHTS_FILE)
+        for name, param in engine.module.named_parameters():
+            assert param.dtype == torch.bfloat16
+            assert torch.equal(param, weights[name].to(torch.bfloat16)), name
+            assert torch.equal(safe_get_full_fp32_param(param), weights[name]), name
 
 
 def test_config_error_stops_the_command_before_any_work(corpus, tmp_path):
@@ -296,12 +339,18 @@ def test_run_logs_metrics_and_keeps_the_last_checkpoints(uninterrupted, corpus, 
     assert all(0 < loss < math.log(300) + 1 for _, loss in uninterrupted.val)
 
 
-def test_stopped_and_resumed_run_is_bit_identical(uninterrupted, corpus, tmp_path, other_model_dir):
+def test_stopped_and_resumed_run_is_bit_identical(uninterrupted, corpus, tmp_path):
     config = run_config(corpus, tmp_path / "run")
     _train({**config, "stop_after_steps": 3}, tmp_path / "first.yaml")
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000003"
-    # The checkpoint wins over `init_from`: other weights there would break bit-identity.
-    path = write_config({**config, "init_from": str(other_model_dir)}, tmp_path / "second.yaml")
+    # The checkpoint wins over `init_from`, which is not even read (it may be gone by now), and
+    # recomputing activations in backward changes nothing a checkpoint holds.
+    second = {
+        **config,
+        "init_from": str(tmp_path / "deleted_model"),
+        "parallel": {**config.get("parallel", {}), "checkpoint_activations": True},
+    }
+    path = write_config(second, tmp_path / "second.yaml")
     loop.train(load_config(path))
     assert_same_run(run_result(path), uninterrupted)
     kept = sorted(d.name for d in (tmp_path / "run" / "checkpoints").glob("step_*"))
@@ -436,6 +485,69 @@ def test_resume_with_other_data_settings_is_refused_before_the_model_is_built(
     config["schedule"] = {**config["schedule"], "steps": 4}
     with pytest.raises(CheckpointError, match=r"another layout \(batch_size: 2 saved, 4 now\)"):
         _train(config, tmp_path / "resume.yaml")
+
+
+def test_checkpoints_without_their_pointer_are_named_not_abandoned(
+    two_step_run, tmp_path, monkeypatch
+):
+    shutil.copytree(two_step_run["out_dir"], tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "latest.json").unlink()
+    monkeypatch.setattr(loop, "build_model", lambda *_, **__: pytest.fail("model was built"))
+    config = {**two_step_run, "out_dir": str(tmp_path / "run")}
+    with pytest.raises(CheckpointError) as error:
+        _train(config, tmp_path / "auto.yaml")
+    assert "complete checkpoints but no latest.json" in str(error.value)
+    assert f"checkpoint.resume={checkpoints / 'step_00000002'}" in str(error.value)
+
+
+def test_a_damaged_pointer_yields_to_an_explicit_choice_and_a_fresh_start_keeps_the_old_log(
+    two_step_run, tmp_path
+):
+    shutil.copytree(two_step_run["out_dir"], tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "latest.json").write_text("garbage")
+    config = {**two_step_run, "out_dir": str(tmp_path / "run")}
+    named = {
+        **config,
+        "checkpoint": {**config["checkpoint"], "resume": str(checkpoints / "step_00000002")},
+    }
+    _train(named, tmp_path / "named.yaml")  # resumes at the last step: nothing left to do
+    old_log = (tmp_path / "run" / "metrics.jsonl").read_text()
+
+    never = {**config, "checkpoint": {**config["checkpoint"], "resume": "never"}}
+    _train(never, tmp_path / "never.yaml")
+    assert latest_checkpoint(checkpoints).name == "step_00000002"
+    assert (tmp_path / "run" / "metrics.1.jsonl").read_text() == old_log
+    assert [r["step"] for r in read_run_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_every_checkpoint_file_is_on_disk_before_its_completion_marker(
+    corpus, tmp_path, monkeypatch
+):
+    flushed = []
+    fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        fsync(descriptor)
+        path = Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+        # Files written atomically are flushed under their temporary name, then renamed.
+        if path.name.startswith(".") and path.name.endswith(".partial"):
+            path = path.with_name(path.name[1 : -len(".partial")])
+        flushed.append(path)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    schedule = {"steps": 1, "warmup_steps": 0}
+    config = run_config(corpus, tmp_path / "run", schedule=schedule, eval={"every": 0})
+    _train(config, tmp_path / "run.yaml")
+    directory = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    marker = flushed.index(directory / "done_rank00000")
+    # DeepSpeed also copies its zero_to_fp32 scripts beside the checkpoint: its own sources,
+    # not part of what a resume reads.
+    files = {p for p in directory.rglob("*") if p.is_file() and not p.match("zero_to_*.py")}
+    files -= {directory / "done_rank00000"}
+    assert files and files <= set(flushed[:marker])
+    assert {directory, directory / "engine"} <= set(flushed[:marker])
 
 
 def test_damaged_checkpoint_stops_the_command_with_one_line(two_step_run, tmp_path):

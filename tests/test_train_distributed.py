@@ -19,7 +19,7 @@ from moeut_dist.config import ConfigError
 from moeut_dist.data import TokenLoader
 from moeut_dist.export import load_pretrained
 from moeut_dist.model import lm_loss
-from moeut_dist.train.config import check_run, load_config
+from moeut_dist.train.config import check_init_from, check_run, load_config
 from moeut_dist.train.consolidate import export_checkpoint
 from moeut_dist.train.metrics import METRICS_FILE, read_run_metrics
 from tests import slurm_cluster
@@ -188,7 +188,7 @@ def test_run_starts_from_the_export_of_another_layout(reference, corpus, tmp_pat
     )
     path = write_config(config, tmp_path / "run.yaml")
     with pytest.raises(ConfigError, match="n_experts = 16, the run's model has n_experts = 8"):
-        check_run(load_config(path, ["model.n_experts=8"]), world_size=2)
+        check_init_from(exported, check_run(load_config(path, ["model.n_experts=8"]), 2).model)
     wait(torchrun(path), path)
 
     tokens = _first_batch(path)

@@ -55,14 +55,18 @@ def _head_pairs(
 class SwitchHead(nn.Module):
     """Multi-head attention whose V and O projections are sigmoid-gated mixtures of experts.
 
-    `n_heads` may be smaller than the model's when tensor parallelism gives this process a slice
-    of the heads; each head's experts and selectors live with the head.
+    Tensor parallelism gives a process the `n_heads` heads from `first_head` on; each head's
+    experts and selectors live with the head.
     """
 
-    def __init__(self, config: MoEUTConfig, n_heads: int | None = None) -> None:
+    def __init__(
+        self, config: MoEUTConfig, n_heads: int | None = None, first_head: int = 0
+    ) -> None:
         super().__init__()
         d, dh = config.d_model, config.head_dim
         self.n_heads = n_heads or config.n_heads
+        self.first_head = first_head
+        self.n_heads_total = config.n_heads
         self.head_dim = dh
         self.n_experts = config.att_n_experts
         self.experts_per_head = config.att_experts_per_head
@@ -107,9 +111,16 @@ class SwitchHead(nn.Module):
         """Logits [B, T, H, Ea] (≥ fp32) and the top-ka gates/indices of each head."""
         logits = linear_in_fp32(src, selector)
         logits = logits.unflatten(-1, (self.n_heads, self.n_experts))
-        gates, experts = top_k_sigmoid_gates(
-            logits, self.experts_per_head, self.expert_dropout, self.training
-        )
+        dropped = None
+        if self.training and self.expert_dropout > 0:
+            # Drawn for every head of the model and then sliced: the masks of one process, for
+            # whichever heads tensor parallelism gives this one.
+            every_head = torch.rand(
+                *logits.shape[:-2], self.n_heads_total, self.n_experts, device=logits.device
+            )
+            heads = slice(self.first_head, self.first_head + self.n_heads)
+            dropped = every_head[..., heads, :] < self.expert_dropout
+        gates, experts = top_k_sigmoid_gates(logits, self.experts_per_head, dropped)
         return logits, gates, experts
 
     def _project_values(

@@ -26,19 +26,16 @@ def linear_in_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def top_k_sigmoid_gates(
-    logits: torch.Tensor, k: int, expert_dropout: float, training: bool
+    logits: torch.Tensor, k: int, dropped: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gates and indices of the k largest sigmoid(logits) along the last dim.
 
-    The gates are not renormalised. Expert dropout (training only) hides a random fraction of
-    experts from the choice; the gates of the chosen ones are unaffected.
+    The gates are not renormalised. Expert dropout hides the experts `dropped` marks (a boolean
+    mask shaped like `logits`) from the choice; the gates of the chosen ones are unaffected.
     """
     probs = torch.sigmoid(logits)
     with torch.no_grad():
-        candidates = probs
-        if training and expert_dropout > 0:
-            dropped = torch.rand_like(probs) < expert_dropout
-            candidates = probs.masked_fill(dropped, float("-inf"))
+        candidates = probs if dropped is None else probs.masked_fill(dropped, float("-inf"))
         indices = candidates.topk(k, dim=-1, sorted=False).indices
     return probs.gather(-1, indices), indices
 
@@ -115,7 +112,10 @@ class SigmaMoE(nn.Module):
         # top-k boundary occur and topk breaks them deterministically); an fp32 product with
         # E outputs would cost about a tenth of the experts' FLOPs at fp32 speed.
         logits = at_least_fp32(nn.functional.linear(select_in, self.expert_sel))
-        gates, experts = top_k_sigmoid_gates(logits, self.k, self.expert_dropout, self.training)
+        dropped = None
+        if self.training and self.expert_dropout > 0:
+            dropped = torch.rand_like(logits) < self.expert_dropout
+        gates, experts = top_k_sigmoid_gates(logits, self.k, dropped)
         d = expert_in.shape[-1]
         out = self.dispatcher(
             expert_in.reshape(-1, d),

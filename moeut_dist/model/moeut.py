@@ -148,3 +148,8 @@ class MoEUTLM(nn.Module):
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; logits [B, T, V], targets [B, T]."""
     return F.cross_entropy(at_least_fp32(logits.flatten(0, 1)), targets.flatten())
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp of a mean NLL in nats; inf where that would overflow (a diverged model)."""
+    return math.inf if mean_nll > 700 else math.exp(mean_nll)

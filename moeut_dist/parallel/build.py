@@ -5,7 +5,7 @@ one process), then parallelism is applied from outside: TP modules replace the a
 embedding and LM head, σ-MoE keeps only its local experts and gets the expert-parallel
 dispatcher, and the full weights are sharded into the new layout. `shard_state_dict` and
 `gather_state_dict` convert between a full (single-process) state dict and this rank's shards;
-`load_full_weights` starts a parallelised model from a single-process weights file.
+`read_local_shards` reads this rank's part of a single-process weights file.
 """
 
 from __future__ import annotations
@@ -90,12 +90,6 @@ def read_local_shards(path: str | os.PathLike, config: MoEUTConfig) -> dict[str,
             index = _local_index(name, full.get_shape(), config, ranks)
             local[name] = full[index] if index else file.get_tensor(name)
         return local
-
-
-def load_full_weights(model: MoEUTLM, path: str | os.PathLike) -> None:
-    """Load this rank's shards of a single-process model's weights (the safetensors file of a
-    model directory) into `model`, parallelised under any layout; every tensor must fit."""
-    model.load_state_dict(read_local_shards(path, model.config), strict=True)
 
 
 def _all_gather_uneven(tensor: torch.Tensor, counts: list[int], group) -> torch.Tensor:

@@ -20,10 +20,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import types
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import deepspeed
@@ -34,13 +32,14 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
-from deepspeed.utils import groups
+from deepspeed.utils import groups, safe_set_full_fp32_param
 from deepspeed.utils.tensor_fragment import fragment_address
 from megatron.core import parallel_state
 from safetensors.torch import load_file, save_file
 
-from moeut_dist.atomic_files import write_atomically
+from moeut_dist.atomic_files import fsync_path, write_atomically
 from moeut_dist.model import MoEUTLM
+from moeut_dist.parallel.build import read_local_shards
 from moeut_dist.parallel.layout import ParallelConfig, expert_group_name
 from moeut_dist.parallel.shards import shard_file, shard_metadata
 
@@ -213,7 +212,20 @@ def create_engine(
     zero.scaled_global_norm = types.MethodType(
         lambda self, norm_type=2: _global_grad_norm(self), zero
     )
+    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)  # keeps its serialization
     return engine
+
+
+@torch.no_grad()
+def load_initial_weights(engine: deepspeed.DeepSpeedEngine, path: str | os.PathLike) -> None:
+    """Start from a single-process model's weights (the safetensors file of a model directory),
+    under any layout: this rank's shards go into the module and, unrounded, into ZeRO's fp32
+    master partitions, which DeepSpeed built from the module (in bf16, from a rounded copy)."""
+    model: MoEUTLM = engine.module
+    weights = read_local_shards(path, model.config)
+    model.load_state_dict(weights, strict=True)
+    for name, param in model.named_parameters():
+        safe_set_full_fp32_param(param, weights[name].float())
 
 
 def _model_coordinates() -> tuple[int, int]:
@@ -232,7 +244,7 @@ def _is_shard_writer() -> bool:
 
 def save_checkpoint(engine: deepspeed.DeepSpeedEngine, save_dir: str, tag: str) -> None:
     """DeepSpeed checkpoint `save_dir/tag` plus this layout's weight shards in the same folder."""
-    engine.save_checkpoint(save_dir, tag=tag)
+    engine.save_checkpoint(save_dir, tag=tag, save_latest=False)  # our pointer is our own
     directory = os.path.join(save_dir, tag)
     model: MoEUTLM = engine.module
     if _is_shard_writer():
@@ -251,25 +263,20 @@ def save_checkpoint(engine: deepspeed.DeepSpeedEngine, save_dir: str, tag: str) 
 _DEEPSPEED_SAFE_GLOBALS = [fragment_address, LossScaler, ZeroStageEnum]
 
 
-class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine, loading without executing pickled code: tensors,
-    containers and the plain DeepSpeed data types its files hold are all it reconstructs."""
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, made durable and safe: every file it saves is on
+    disk before `save` returns (a checkpoint's completion marker must never outlive its files),
+    and loading executes no pickled code: tensors, containers and the plain DeepSpeed data
+    types its files hold are all it reconstructs."""
+
+    def save(self, state_dict, path: str) -> None:
+        super().save(state_dict, path)
+        fsync_path(path)
+        fsync_path(os.path.dirname(path))
 
     def load(self, path: str, map_location=None):
         with torch.serialization.safe_globals(_DEEPSPEED_SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
-
-
-@contextlib.contextmanager
-def _weights_only_loading(engine: deepspeed.DeepSpeedEngine) -> Iterator[None]:
-    """The engine's loads go through `WeightsOnlyCheckpointEngine`; its own engine (and how it
-    saves) comes back afterwards."""
-    own = engine.checkpoint_engine
-    engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
-    try:
-        yield
-    finally:
-        engine.checkpoint_engine = own
 
 
 def load_checkpoint(engine: deepspeed.DeepSpeedEngine, load_dir: str, tag: str) -> None:
@@ -280,5 +287,4 @@ def load_checkpoint(engine: deepspeed.DeepSpeedEngine, load_dir: str, tag: str) 
     def load_shard(src, dst: torch.nn.Module) -> None:
         dst.load_state_dict(load_file(path), strict=True)
 
-    with _weights_only_loading(engine):
-        engine.load_checkpoint(load_dir, tag=tag, custom_load_fn=load_shard)
+    engine.load_checkpoint(load_dir, tag=tag, custom_load_fn=load_shard)

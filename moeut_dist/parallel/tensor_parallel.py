@@ -36,7 +36,8 @@ class TensorParallelSwitchHead(SwitchHead):
     """SwitchHead over this rank's `n_heads / tp_size` heads; the output is the full sum."""
 
     def __init__(self, config: MoEUTConfig, tp_group) -> None:
-        super().__init__(config, n_heads=config.n_heads // tp_group.size())
+        n_heads = config.n_heads // tp_group.size()
+        super().__init__(config, n_heads, first_head=tp_group.rank() * n_heads)
         self.tp_group = tp_group
 
     def forward(

@@ -7,13 +7,20 @@ One directory per checkpoint, under `<out_dir>/checkpoints/`:
       engine/                   `moeut_dist.parallel.engine.save_checkpoint`: DeepSpeed's optimizer
                                 partitions and one safetensors file per (TP rank, EP rank)
       trainer_rank00003.json    rank 3's step, data-loader position, RNG states (JSON, no pickle)
-      done_rank00003            rank 3 finished writing everything above (holds the world size)
       config.yaml               the run's config
+      tokenizer.model           the run's tokenizer, so that an export needs nothing else
+      done_rank00003            rank 3 finished writing everything above (holds the world size)
 
-A checkpoint is complete when every rank's `done` marker exists; only then does rank 0 move
-`latest.json` to it (after a barrier), so a crash at any moment of a save leaves `latest.json`
-on the previous complete checkpoint. Directories other than the newest `keep` complete ones are
-removed after the pointer moves. Checkpoints live on a file system that every node sees.
+A checkpoint is complete when every rank's `done` marker exists; a rank writes its marker only
+after every file it wrote is on disk (each is fsynced), and only then does rank 0 move
+`latest.json` to it (after a barrier), so a crash at any moment of a save, power loss included,
+leaves `latest.json` on the previous complete checkpoint. Directories other than the newest
+`keep` complete ones are removed after the pointer moves. Checkpoints live on a file system that
+every node sees.
+
+`checkpoint.resume: auto` continues from the pointer's checkpoint. Complete checkpoints without a
+pointer (it was deleted, or only the step directories were copied) are not silently ignored: the
+run stops and names the newest, to be resumed explicitly or overruled with `never`.
 
 Checkpoint files may come from elsewhere, so nothing here unpickles them: trainer state is JSON,
 and `moeut_dist.parallel.engine.load_checkpoint` reads weights from safetensors and DeepSpeed's
@@ -23,6 +30,7 @@ another world size, is a `CheckpointError` naming the file, raised before the mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -38,11 +46,15 @@ import yaml
 from moeut_dist.atomic_files import write_atomically, write_json_atomically
 from moeut_dist.config import ConfigError
 from moeut_dist.parallel import engine as parallel_engine
+from moeut_dist.parallel.layout import ParallelConfig
 from moeut_dist.train.config import TrainConfig
 
-_FORMAT = 1
+_FORMAT = 2
 ENGINE_TAG = "engine"
+TOKENIZER_FILE = "tokenizer.model"
 _LATEST = "latest.json"
+# Parallel settings that change how a step is computed, not what the checkpoint holds.
+_RECOMPUTE_ONLY = ("checkpoint_activations",)
 
 
 class CheckpointError(ValueError):
@@ -55,8 +67,7 @@ class TrainerState:
 
     step: int  # optimizer steps done (skipped ones included)
     loader: dict[str, Any]  # `TokenLoader.state_dict()`
-    skipped_steps: int = 0  # steps skipped for a non-finite loss, over the whole run
-    consecutive_nonfinite: int = 0
+    consecutive_nonfinite: int = 0  # steps skipped in a row for a non-finite loss or gradient
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,11 @@ def latest_checkpoint(root: Path) -> Path | None:
     return directory
 
 
+def _parallel_layout(parallel: ParallelConfig) -> dict[str, Any]:
+    """What of the parallel settings a checkpoint's files depend on."""
+    return {k: v for k, v in parallel.to_dict().items() if k not in _RECOMPUTE_ONLY}
+
+
 class CheckpointManager:
     """Saves and finds checkpoints of one run; every method is called on every rank."""
 
@@ -156,23 +172,36 @@ class CheckpointManager:
         self.config = config
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        # Read once: every checkpoint holds the tokenizer the run was checked against at start.
+        self.tokenizer = Path(config.data.tokenizer).read_bytes() if self.rank == 0 else b""
         # This run's newest complete checkpoint: the one it resumed from or last saved.
         self.timeline_latest: Path | None = None
 
     def resume_point(self) -> ResumePoint | None:
         """The checkpoint `checkpoint.resume` asks for (None: start from scratch), checked
         to be complete and resumable by this rank before anything is built."""
-        # Read even when not resuming from it: a damaged pointer fails now, not at the first save.
-        latest = latest_checkpoint(self.root)
         choice = self.config.checkpoint.resume
         if choice == "never":
             return None
-        directory = latest if choice == "auto" else Path(choice)
+        directory = self._auto_resume_directory() if choice == "auto" else Path(choice)
         if directory is None:
             return None
         if not is_complete(directory):
             raise ConfigError(f"checkpoint.resume: {directory} is not a complete checkpoint")
         return self._read_rank_state(directory)
+
+    def _auto_resume_directory(self) -> Path | None:
+        latest = latest_checkpoint(self.root)
+        if latest is not None:
+            return latest
+        orphans = sorted(d for d in self.root.glob("step_*") if is_complete(d))
+        if orphans:
+            raise CheckpointError(
+                f"{self.root} has complete checkpoints but no {_LATEST}; continue from the newest "
+                f"with checkpoint.resume={orphans[-1]}, or start over with "
+                "checkpoint.resume=never (saves then replace those of the same steps)"
+            )
+        return None
 
     def save(self, engine, state: TrainerState) -> Path:
         directory = self.root / _tag(state.step)
@@ -199,11 +228,15 @@ class CheckpointManager:
         write_json_atomically(self.root / _LATEST, {"tag": directory.name, "step": step})
 
     def _point_away_from(self, directory: Path) -> None:
-        """If `latest.json` names `directory`, point it at this run's own newest checkpoint (the
-        one it resumed from or last saved), or remove it when this run has none yet."""
+        """If `latest.json` names `directory` (or is damaged, and so might), point it at this
+        run's own newest checkpoint (the one it resumed from or last saved), or remove it when
+        this run has none yet."""
         pointer = self.root / _LATEST
-        if not pointer.is_file() or _pointer_tag(pointer) != directory.name:
+        if not pointer.is_file():
             return
+        with contextlib.suppress(CheckpointError):
+            if _pointer_tag(pointer) != directory.name:
+                return
         own = self.timeline_latest
         if own is not None and own.parent == self.root and is_complete(own):
             self._point_to(own)
@@ -215,13 +248,15 @@ class CheckpointManager:
             "format": _FORMAT,
             "rank": self.rank,
             "world_size": self.world_size,
-            "parallel": self.config.parallel.to_dict(),
+            "parallel": _parallel_layout(self.config.parallel),
             **asdict(state),
             "rng": capture_rng(),
         }
         write_json_atomically(_rank_file(directory, "state", self.rank), values)
         if self.rank == 0:
-            (directory / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict()))
+            config_text = yaml.safe_dump(self.config.to_dict())
+            write_atomically(directory / "config.yaml", lambda p: p.write_text(config_text))
+            write_atomically(directory / TOKENIZER_FILE, lambda p: p.write_bytes(self.tokenizer))
         _write_marker(_rank_file(directory, "done", self.rank), self.world_size)
 
     def _prune(self, latest: Path) -> None:
@@ -251,7 +286,6 @@ class CheckpointManager:
             state = TrainerState(
                 step=values["step"],
                 loader=values["loader"],
-                skipped_steps=values["skipped_steps"],
                 consecutive_nonfinite=values["consecutive_nonfinite"],
             )
             resume = ResumePoint(directory, state, values["rng"])
@@ -260,7 +294,7 @@ class CheckpointManager:
                 f"{path}: rank {self.rank}'s trainer state is missing or damaged "
                 f"({type(error).__name__}: {error})"
             ) from error
-        if layout != (_FORMAT, self.world_size, self.config.parallel.to_dict()):
+        if layout != (_FORMAT, self.world_size, _parallel_layout(self.config.parallel)):
             raise CheckpointError(
                 f"{directory} was written by {values['world_size']} ranks with parallel layout "
                 f"{values['parallel']} (format {values['format']}); resuming needs the same "

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moeut_dist.cli_errors import reports_bad_input
+
 
 def _run(args: argparse.Namespace) -> int:
     from moeut_dist.config import ConfigError
@@ -69,13 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     exporter.set_defaults(handler=_export)
 
 
+@reports_bad_input("export")
 def _export(args: argparse.Namespace) -> int:
     from moeut_dist.train.consolidate import export_checkpoint
 
-    try:
-        out = export_checkpoint(args.checkpoint, args.out_dir, args.official)
-    except (OSError, ValueError) as error:  # missing files, bad config, mismatched tensors
-        print(f"moeut export: {error}", file=sys.stderr)
-        return 2
+    out = export_checkpoint(args.checkpoint, args.out_dir, args.official)
     print(f"wrote {out}: model.safetensors, config.json, tokenizer.model")
     return 0

@@ -3,15 +3,17 @@
 Defaults are the paper's recipe (AdamW 2.5e-4, weight decay 0.01, clipping 0.25, cosine schedule
 with 4000 warm-up steps down to 0.1×, 100k steps, batch 64). Everything that can be checked
 without starting processes is checked by `load_config` and `check_run`: unknown keys are
-rejected by name, values by type, the layout against the model and the world size, the shards
-against the tokenizer and sequence length, and an `init_from` model directory against the
-model. A run fails there, not an hour in.
+rejected by name, values by type and range, the layout against the model and the world size, the
+shards against the tokenizer and sequence length; an `init_from` model directory is checked
+against the model (`check_init_from`) as soon as the run knows it does not resume a checkpoint,
+before the model is built. A run fails there, not an hour in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +25,9 @@ import yaml
 
 from moeut_dist import profiles
 from moeut_dist.config import ConfigError, MoEUTConfig
-from moeut_dist.data import Manifest, ManifestMismatchError, Tokenizer, read_manifest
+from moeut_dist.data import ManifestMismatchError, Tokenizer, read_manifest
 from moeut_dist.export import CONFIG_FILE, WEIGHTS_FILE, read_config
+from moeut_dist.parallel.engine import OptimizerSettings
 from moeut_dist.parallel.layout import ParallelConfig
 
 
@@ -153,12 +156,27 @@ class DataSection(_Section):
 
 
 @dataclass(frozen=True)
-class OptimSection(_Section):
-    lr: float = 2.5e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    grad_clip: float = 0.25
+class OptimSection(_Section, OptimizerSettings):
+    def __post_init__(self) -> None:
+        beta1, beta2 = self.betas
+        requirements = [
+            ("lr", math.isfinite(self.lr) and self.lr >= 0, "a finite number ≥ 0"),
+            ("betas", 0 <= beta1 < 1 and 0 <= beta2 < 1, "two numbers in [0, 1)"),
+            ("eps", math.isfinite(self.eps) and self.eps > 0, "a finite number > 0"),
+            (
+                "weight_decay",
+                math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                "a finite number ≥ 0",
+            ),
+            (
+                "grad_clip",
+                math.isfinite(self.grad_clip) and self.grad_clip >= 0,
+                "a finite number ≥ 0 (0: no clipping)",
+            ),
+        ]
+        for name, met, requirement in requirements:
+            if not met:
+                raise ConfigError(f"optim.{name} must be {requirement}, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -301,7 +319,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """A copy of `values` with every `key=value` override applied (sections created as needed)."""
-    values = json.loads(json.dumps(values))
+    # A deep copy; YAML's dates and times become their text (`out_dir: 2024-05-01` is a name).
+    values = json.loads(json.dumps(values, default=str))
     for text in overrides:
         path, value = parse_override(text)
         section = values
@@ -334,7 +353,6 @@ class RunPlan:
     """What a validated config means on this world: the model and the batch arithmetic."""
 
     model: MoEUTConfig
-    manifest: Manifest
     data_parallel: int
     grad_accumulation: int
 
@@ -356,7 +374,7 @@ def check_init_from(directory: str, model: MoEUTConfig) -> None:
     try:
         saved = read_config(path)
     except ValueError as error:
-        raise ConfigError(f"init_from: {path / CONFIG_FILE}: {error}") from error
+        raise ConfigError(f"init_from: {error}") from error
     compared = [
         f.name for f in dataclasses.fields(MoEUTConfig) if f.name not in _TRAINING_ONLY_FIELDS
     ]
@@ -396,8 +414,6 @@ def check_run(config: TrainConfig, world_size: int) -> RunPlan:
         raise ConfigError(f"data.shard_dir: shard(s) listed in the manifest are missing: {missing}")
 
     model = config.model.build(tokenizer.vocab_size)
-    if config.init_from is not None:
-        check_init_from(config.init_from, model)
     config.parallel.validate(model, world_size)
     data_parallel = config.parallel.data(world_size)
     per_step = data.micro_batch_size * data_parallel
@@ -426,4 +442,4 @@ def check_run(config: TrainConfig, world_size: int) -> RunPlan:
                 f"({data.micro_batch_size}) for each of the {data_parallel} data-parallel ranks; "
                 "set eval.every=0 or build the shards with a larger val_fraction"
             )
-    return RunPlan(model, manifest, data_parallel, data.global_batch_size // per_step)
+    return RunPlan(model, data_parallel, data.global_batch_size // per_step)

@@ -2,8 +2,8 @@
 
 Runs in a single plain process, with memory bounded by the largest tensor
 (`moeut_dist.export.export_shards`): the optimizer partitions are not read at all, the weight
-shards are streamed. The model config comes from the checkpoint's run config and the tokenizer
-it names, which is copied beside the weights.
+shards are streamed. The model config comes from the checkpoint's run config; the tokenizer is the
+copy the checkpoint holds (the run's own, whatever has happened to its data paths since).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from moeut_dist.config import ConfigError
 from moeut_dist.data import Tokenizer
 from moeut_dist.export import export_shards, load_pretrained
-from moeut_dist.train.checkpoint import ENGINE_TAG, is_complete, latest_checkpoint
+from moeut_dist.train.checkpoint import ENGINE_TAG, TOKENIZER_FILE, is_complete, latest_checkpoint
 from moeut_dist.train.config import load_config
 
 OFFICIAL_FILE = "official_model.pt"
@@ -43,13 +43,16 @@ def export_checkpoint(
     `official`, also the authors' state-dict format as `official_model.pt`."""
     directory = find_checkpoint(checkpoint)
     run = load_config(directory / "config.yaml")
-    tokenizer_path = Path(run.data.tokenizer)
+    tokenizer_path = directory / TOKENIZER_FILE
     if not tokenizer_path.is_file():
-        raise ConfigError(f"{directory}: its run's tokenizer {tokenizer_path} does not exist")
+        raise ConfigError(f"{directory} has no {TOKENIZER_FILE}: not a complete checkpoint")
     config = run.model.build(Tokenizer(tokenizer_path).vocab_size)
-    out = export_shards(directory / ENGINE_TAG, config, out_dir, tokenizer_path)
-    if official:
-        from moeut_dist.convert import to_official_state_dict
+    add_files = _write_official if official else None
+    return export_shards(directory / ENGINE_TAG, config, out_dir, tokenizer_path, add_files)
 
-        torch.save(to_official_state_dict(load_pretrained(out)), out / OFFICIAL_FILE)
-    return out
+
+def _write_official(model_dir: Path) -> None:
+    """The authors' state-dict format of the model directory's weights, beside them."""
+    from moeut_dist.convert import to_official_state_dict
+
+    torch.save(to_official_state_dict(load_pretrained(model_dir)), model_dir / OFFICIAL_FILE)

@@ -6,7 +6,8 @@ included, so what single-process tests check is what multi-node runs execute. A 
 the learning rate of a step is a pure function of its index, so a resumed run continues the
 schedule exactly. A step whose loss is not finite is skipped (DeepSpeed finds the non-finite
 gradient norm and drops the update, in bf16 too) and counted; too many in a row stop the run.
-A run starts from the `init_from` model directory's weights unless it resumes a checkpoint.
+A run starts from the `init_from` model directory's weights (exactly, fp32 master copy included)
+unless it resumes a checkpoint.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from tqdm import tqdm
 from moeut_dist.config import ConfigError
 from moeut_dist.data import TokenLoader
 from moeut_dist.export import WEIGHTS_FILE
-from moeut_dist.parallel.build import build_model, load_full_weights, parallel_lm_loss
-from moeut_dist.parallel.engine import OptimizerSettings, create_engine
+from moeut_dist.model import perplexity
+from moeut_dist.parallel.build import build_model, parallel_lm_loss
+from moeut_dist.parallel.engine import create_engine, load_initial_weights
 from moeut_dist.parallel.layout import init_distributed, initialize
 from moeut_dist.train.checkpoint import CheckpointError, CheckpointManager, TrainerState
-from moeut_dist.train.config import RunPlan, TrainConfig, check_run
+from moeut_dist.train.config import RunPlan, TrainConfig, check_init_from, check_run
 from moeut_dist.train.metrics import MetricsWriter, RoutingMonitor, training_flops_per_token
 from moeut_dist.train.schedule import lr_multiplier
 
@@ -88,17 +90,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def optimizer_settings(config: TrainConfig) -> OptimizerSettings:
-    optim = config.optim
-    return OptimizerSettings(
-        lr=optim.lr,
-        betas=optim.betas,
-        eps=optim.eps,
-        weight_decay=optim.weight_decay,
-        grad_clip=optim.grad_clip,
-    )
-
-
 def make_loader(config: TrainConfig, split: str, epochs: int | None) -> TokenLoader:
     data = config.data
     return TokenLoader(
@@ -146,22 +137,21 @@ def train_step(engine, batches: Iterator[torch.Tensor], plan: RunPlan) -> tuple[
 
 
 @torch.no_grad()
-def validation_loss(engine, config: TrainConfig, monitor: RoutingMonitor) -> float | None:
+def validation_loss(engine, config: TrainConfig, monitor: RoutingMonitor | None) -> float | None:
     """Mean LM loss over the first `eval.batches` micro-batches of each rank's share of the
     validation split (the same ones every pass); None if some rank has no full batch."""
-    loader = make_loader(config, "val", epochs=1)
-    count = torch.tensor(
-        [min(config.eval.batches, loader.samples_per_epoch // config.data.micro_batch_size)],
-        device=engine.device,
-    )
-    dist.all_reduce(count, op=dist.ReduceOp.MIN)  # collectives need the same count on all ranks
+    batches = list(itertools.islice(make_loader(config, "val", epochs=1), config.eval.batches))
+    # Every rank must run the same number of forwards (they hold collectives); a rank may have
+    # fewer batches than its manifest share when corrupt shards are skipped.
+    count = torch.tensor([len(batches)], device=engine.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MIN)
     if count.item() == 0:
         return None
     engine.module.eval()
-    with monitor.paused():
+    with monitor.paused() if monitor else contextlib.nullcontext():
         losses = [
             parallel_lm_loss(engine.module, batch.to(engine.device)).lm.item()
-            for batch in itertools.islice(loader, count.item())
+            for batch in batches[: count.item()]
         ]
     engine.module.train()
     return sum(losses) / len(losses)
@@ -178,6 +168,9 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
     initialize(config.parallel, plan.model)
     checkpoints = CheckpointManager(config)
     resume = checkpoints.resume_point()
+    init_from = config.init_from if resume is None else None
+    if init_from is not None:
+        check_init_from(init_from, plan.model)
     loader = make_loader(config, "train", epochs=None)
     state = TrainerState(step=0, loader=loader.state_dict())
     if resume is not None:
@@ -186,20 +179,18 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
             loader.load_state_dict(state.loader)
         except ValueError as error:  # data settings changed since the checkpoint
             raise CheckpointError(f"{resume.directory}: {error}") from error
-    init_from = config.init_from if resume is None else None
     model = build_model(plan.model, config.parallel, seed=config.seed)
-    if init_from is not None:
-        # Before the engine exists: ZeRO copies the weights into its fp32 master partitions.
-        load_full_weights(model, os.path.join(init_from, WEIGHTS_FILE))
-    monitor = RoutingMonitor(model)
+    monitor = RoutingMonitor(model) if config.logging.expert_usage else None
     engine = create_engine(
         model,
         config.parallel,
-        optimizer_settings(config),
+        config.optim,
         config.data.micro_batch_size,
         gradient_accumulation_steps=plan.grad_accumulation,
         bf16=config.bf16,
     )
+    if init_from is not None:
+        load_initial_weights(engine, os.path.join(init_from, WEIGHTS_FILE))
     seed_everything(config.seed)
     if resume is not None:
         checkpoints.load(engine, resume)
@@ -234,26 +225,22 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         lm, reg = train_step(engine, batches, plan)
         state.step += 1
         state.loader = loader.state_dict()
-        finite = math.isfinite(lm + reg)
-        if engine.was_step_applied():
-            state.consecutive_nonfinite = 0
-        else:
-            state.skipped_steps += 1
-            state.consecutive_nonfinite += 1
-            if state.consecutive_nonfinite >= config.max_consecutive_nonfinite:
-                raise NonFiniteLossError(
-                    f"step {state.step}: {state.consecutive_nonfinite} steps in a row had a "
-                    f"non-finite loss or gradient (lm {lm}, reg {reg}); stopping. Lower the "
-                    "learning rate or resume from an earlier checkpoint."
-                )
+        applied = engine.was_step_applied()
+        state.consecutive_nonfinite = 0 if applied else state.consecutive_nonfinite + 1
+        if state.consecutive_nonfinite >= config.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"step {state.step}: {state.consecutive_nonfinite} steps in a row had a "
+                f"non-finite loss or gradient (lm {lm}, reg {reg}); stopping. Lower the "
+                "learning rate or resume from an earlier checkpoint."
+            )
 
         interval.steps += 1
         interval.tokens += config.data.global_batch_size * config.data.seq_len
-        if finite:
+        interval.skipped += 0 if applied else 1
+        if math.isfinite(lm + reg):
             interval.finite_steps += 1
             interval.lm += lm
             interval.reg += reg
-        interval.skipped += 0 if engine.was_step_applied() else 1
         progress.update(1)
         progress.set_postfix(loss=f"{lm:.4f}", lr=f"{lr:.2e}")
 
@@ -261,7 +248,7 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         run_ends = state.step == config.schedule.steps
         if state.step % config.logging.every == 0 or session_ends:
             record = _train_record(engine, config, interval, lr, flops_per_step)
-            if config.logging.expert_usage:
+            if monitor is not None:
                 record.update(monitor.collect())
             metrics.write("train", state.step, record)
             interval.start()
@@ -271,7 +258,7 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         if config.eval.every and (state.step % config.eval.every == 0 or run_ends):
             val = validation_loss(engine, config, monitor)
             if val is not None:
-                metrics.write("val", state.step, {"loss": val, "perplexity": math.exp(val)})
+                metrics.write("val", state.step, {"loss": val, "perplexity": perplexity(val)})
         if state.step % config.checkpoint.every == 0 or session_ends:
             checkpoints.save(engine, state)
         interval.started += time.perf_counter() - paused
@@ -288,7 +275,7 @@ def _train_record(engine, config: TrainConfig, interval: Interval, lr: float, fl
     grad_norm = engine.get_global_grad_norm()
     return {
         "loss": lm,
-        "perplexity": math.exp(lm) if math.isfinite(lm) and lm < 700 else math.inf,
+        "perplexity": perplexity(lm),
         "reg_loss": reg,
         "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else None,

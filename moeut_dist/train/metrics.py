@@ -9,8 +9,10 @@ checkpointing is not model work and is not counted (the usual MFU convention).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from moeut_dist.atomic_files import write_atomically
 from moeut_dist.config import MoEUTConfig
 from moeut_dist.model import MoEUTLM
 from moeut_dist.plots import read_metrics
@@ -59,8 +62,9 @@ class _CountingDispatcher:
     def __call__(self, x, gates, experts, keys, values):
         if self.recording:
             self.counts = self.counts.to(experts.device)  # a no-op after the first call
-            selected = torch.bincount(experts.flatten(), minlength=self.counts.numel())
-            self.counts += selected.to(self.counts)
+            flat = experts.flatten()
+            # index_add_, unlike bincount, needs no host sync to size its output.
+            self.counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
         return self.inner(x, gates, experts, keys, values)
 
 
@@ -129,7 +133,8 @@ class MetricsWriter:
     """JSONL records (one per line, flushed) and TensorBoard scalars, written by rank 0.
 
     On resume from step s, records after s (written by the interrupted session, about to be
-    produced again) are dropped, so the log holds each step once.
+    produced again) are dropped, so the log holds each step once. A run that starts from
+    scratch where an earlier one logged keeps that log as `metrics.1.jsonl` (`.2`, …).
     """
 
     def __init__(self, out_dir: Path, tensorboard: bool, resumed_step: int | None) -> None:
@@ -139,16 +144,12 @@ class MetricsWriter:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / METRICS_FILE
-        kept = []
-        if resumed_step is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by the crash
-                    continue
-                if record["step"] <= resumed_step:
-                    kept.append(line + "\n")
-        self.path.write_text("".join(kept))
+        if self.path.is_file():
+            if resumed_step is None:
+                os.replace(self.path, _free_name(self.path))
+            else:
+                kept = _records_up_to(self.path, resumed_step)
+                write_atomically(self.path, lambda p: p.write_text(kept))
         self.file = open(self.path, "a")  # noqa: SIM115 -- open for the writer's lifetime
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -179,6 +180,25 @@ class MetricsWriter:
         self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _records_up_to(path: Path, step: int) -> str:
+    """The lines of a metrics file whose step is at most `step`."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the crash
+            continue
+        if record["step"] <= step:
+            kept.append(line + "\n")
+    return "".join(kept)
+
+
+def _free_name(path: Path) -> Path:
+    """`metrics.1.jsonl`, `metrics.2.jsonl`, …: the first that does not exist."""
+    candidates = (path.with_name(f"{path.stem}.{n}{path.suffix}") for n in itertools.count(1))
+    return next(c for c in candidates if not c.exists())
 
 
 def read_run_metrics(out_dir: str | Path, kind: str = "train") -> list[dict[str, Any]]:

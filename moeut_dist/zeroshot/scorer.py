@@ -14,7 +14,6 @@ Conventions (those of common practice, e.g. the LM evaluation harness):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,6 +21,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from moeut_dist.model import perplexity
 from moeut_dist.zeroshot.tasks import Item, Task
 
 # tokens [B, T] -> next-token logits [B, T, V]
@@ -114,7 +114,7 @@ def evaluate_task(
         ]
         metrics = {
             "acc": _mean(score.greedy for score in target_scores),
-            "ppl": math.exp(
+            "ppl": perplexity(
                 -sum(score.logprob for score in target_scores)
                 / sum(score.tokens for score in target_scores)
             ),

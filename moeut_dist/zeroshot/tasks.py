@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from types import UnionType
@@ -48,6 +48,7 @@ class Item:
     context: str  # may be empty
     candidates: tuple[str, ...]
     gold: int  # index into candidates
+    source: str = ""  # "file:line" of the record, for error messages
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def read_task_file(task_name: str, path: str | Path) -> list[Item]:
             if not line.strip():
                 continue
             try:
-                items.append(_parse_line(task, line))
+                items.append(replace(_parse_line(task, line), source=f"{path}:{line_number}"))
             except _BadRecord as error:
                 raise TaskFormatError(f"{path}:{line_number}: {task_name}: {error}") from None
     if not items:
