@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from typing import get_args
 
 from data_prep.readers import TextUnit
+from moeut_dist.cli_errors import reports_bad_input
 
 _SIZE = re.compile(r"(\d+)\s*([KMG]i?B?)?", re.IGNORECASE)
 
@@ -42,27 +42,23 @@ def _bad_record_budget(args: argparse.Namespace) -> int | None:
     return None if args.max_bad_records < 0 else args.max_bad_records
 
 
+@reports_bad_input("prep tokenizer")
 def _run_tokenizer(args: argparse.Namespace) -> int:
-    from data_prep.readers import BadInputError
     from data_prep.tokenizer import train_tokenizer
 
-    try:
-        tokenizer = train_tokenizer(
-            args.inputs,
-            args.out,
-            vocab_size=args.vocab_size,
-            model_type=args.model_type,
-            split_digits=args.split_digits,
-            byte_fallback=args.byte_fallback,
-            max_sentences=args.max_sentences,
-            text_field=args.text_field,
-            text_unit=args.text_unit,
-            max_bad_records=_bad_record_budget(args),
-            seed=args.seed,
-        )
-    except BadInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    tokenizer = train_tokenizer(
+        args.inputs,
+        args.out,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        split_digits=args.split_digits,
+        byte_fallback=args.byte_fallback,
+        max_sentences=args.max_sentences,
+        text_field=args.text_field,
+        text_unit=args.text_unit,
+        max_bad_records=_bad_record_budget(args),
+        seed=args.seed,
+    )
     print(
         f"{tokenizer.path}: {tokenizer.vocab_size} pieces, end of document id "
         f"{tokenizer.eod_id}, sha256 {tokenizer.sha256}"
@@ -70,27 +66,23 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+@reports_bad_input("prep shards")
 def _run_shards(args: argparse.Namespace) -> int:
-    from data_prep.readers import BadInputError
     from data_prep.shards import build_shards
 
-    try:
-        manifest = build_shards(
-            args.inputs,
-            args.out,
-            args.tokenizer,
-            args.seq_len,
-            shard_bytes=args.shard_size,
-            val_fraction=args.val_fraction,
-            workers=args.workers,
-            text_field=args.text_field,
-            text_unit=args.text_unit,
-            max_bad_records=_bad_record_budget(args),
-            progress=not args.no_progress,
-        )
-    except BadInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    manifest = build_shards(
+        args.inputs,
+        args.out,
+        args.tokenizer,
+        args.seq_len,
+        shard_bytes=args.shard_size,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        text_field=args.text_field,
+        text_unit=args.text_unit,
+        max_bad_records=_bad_record_budget(args),
+        progress=not args.no_progress,
+    )
     for name, split in manifest.splits.items():
         print(f"{name}: {len(split.shards)} shards, {split.samples} samples, {split.tokens} tokens")
     return 0

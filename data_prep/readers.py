@@ -6,9 +6,11 @@ file named twice is read once. A `.jsonl` file is JSON Lines; so is a `.json` fi
 starts with `[`: then it is one JSON array of records, read into memory whole.
 A malformed record (bad JSON, bad UTF-8, a missing or non-string text field) is skipped but
 counted and reported with its `file:line` (`file:record N` in a JSON array); the run stops only
-when their number exceeds the error budget. Problems that would spoil the whole run (a missing
-input, an unknown format, a Parquet file without the text column) are raised before any
-document is read; an unreadable compressed file or an invalid JSON array, when it is read.
+when their number exceeds the error budget. An empty or whitespace-only document is skipped and
+counted too: it would only add an end-of-document token. Problems that would spoil the whole run
+(a missing input, an unknown format, a Parquet file without the text column) are raised before
+any document is read; an unreadable or truncated compressed file or an invalid JSON array, when
+it is read.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class ReadReport:
 
     max_bad_records: int | None = 1000  # None: no limit
     documents: int = 0
+    empty_documents: int = 0  # skipped: only whitespace
     bad_records: Counter[str] = field(default_factory=Counter)  # reason -> count
     examples: list[str] = field(default_factory=list)  # "path:line: reason"
 
@@ -77,21 +80,33 @@ class ReadReport:
             )
 
     def summary(self) -> str:
+        read = f"{self.documents} documents read"
+        if self.empty_documents:
+            read += f", {self.empty_documents} empty documents skipped"
         if not self.bad_records:
-            return f"{self.documents} documents read, no malformed records"
+            return f"{read}, no malformed records"
         reasons = ", ".join(f"{count} {reason}" for reason, count in self.bad_records.most_common())
         examples = "".join(f"\n  {example}" for example in self.examples)
         return (
-            f"{self.documents} documents read, {self.bad_total} malformed records skipped "
-            f"({reasons}); first ones:{examples}"
+            f"{read}, {self.bad_total} malformed records skipped ({reasons}); first ones:{examples}"
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "documents": self.documents,
+            "empty_documents": self.empty_documents,
             "bad_records": dict(self.bad_records),
             "examples": list(self.examples),
         }
+
+
+def require_documents(report: ReadReport, text_field: str) -> None:
+    """Refuse a read that found no documents, saying what was read and what to check."""
+    if report.documents == 0:
+        raise BadInputError(
+            "no documents in the inputs (check that they hold text, and JSON and Parquet "
+            f"records in the field {text_field!r}); {report.summary()}"
+        )
 
 
 def _format_of(path: Path) -> str | None:
@@ -101,7 +116,7 @@ def _format_of(path: Path) -> str | None:
     return _FORMATS.get(suffixes[-1]) if suffixes else None
 
 
-def _expand_one(item: str | Path) -> list[Path]:
+def _expand_one(item: str | Path, leave_out: frozenset[Path]) -> list[Path]:
     path = Path(item)
     if path.is_file():
         if _format_of(path) is None:
@@ -114,17 +129,28 @@ def _expand_one(item: str | Path) -> list[Path]:
         candidates = sorted(p for p in path.rglob("*") if p.is_file())
     else:
         candidates = sorted(Path(p) for p in glob.glob(str(item), recursive=True))
-    files = [p for p in candidates if p.is_file() and _format_of(p) is not None]
+    files = [
+        p
+        for p in candidates
+        if p.is_file() and _format_of(p) is not None and p.resolve() not in leave_out
+    ]
     if not files:
         raise BadInputError(f"{item}: no such file, or no readable input files in it")
     return files
 
 
-def resolve_inputs(inputs: Sequence[str | Path], text_field: str = "text") -> list[Source]:
-    """Expand files, folders and globs into sources, checking each can be read as asked."""
+def resolve_inputs(
+    inputs: Sequence[str | Path], text_field: str = "text", *, leave_out: Iterable[Path] = ()
+) -> list[Source]:
+    """Expand files, folders and globs into sources, checking each can be read as asked.
+
+    Folders and globs never yield the files in `leave_out`: the caller's own outputs, which
+    may lie among its inputs (a shard directory inside the corpus folder).
+    """
     if not inputs:
         raise BadInputError("no inputs given")
-    paths = _first_of_each_file(path for item in inputs for path in _expand_one(item))
+    left_out = frozenset(path.resolve() for path in leave_out)
+    paths = _first_of_each_file(path for item in inputs for path in _expand_one(item, left_out))
     sources = [Source(path, _format_of(path)) for path in paths]
     for source in sources:
         if source.format == "parquet":
@@ -156,11 +182,56 @@ def _open_binary(path: Path) -> IO[bytes]:
     if path.suffix == ".gz":
         return gzip.open(path, "rb")
     if path.suffix == ".zst":
+        # The raw reader has no lines and no small reads; buffering adds them.
+        return io.BufferedReader(_ZstdFrames(path))
+    return open(path, "rb")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a `.zst` file of one or more frames.
+
+    python-zstandard's own reader ends quietly where a truncated file ends; this one raises
+    EOFError if the file ends inside a frame, as gzip does.
+    """
+
+    def __init__(self, path: Path) -> None:
         import zstandard
 
-        # zstandard's reader cannot iterate lines; buffering adds that.
-        return io.BufferedReader(zstandard.open(path, "rb"))
-    return open(path, "rb")
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._input_size = zstandard.DECOMPRESSION_RECOMMENDED_INPUT_SIZE
+        self._compressed = open(path, "rb")  # noqa: SIM115 (closed by close())
+        self._frame: Any = None  # the current frame's decompressobj; None before the first
+        self._pending = memoryview(b"")  # decompressed, not yet read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        while not self._pending:
+            compressed = self._compressed.read(self._input_size)
+            if not compressed:
+                if self._frame is not None and not self._frame.eof:
+                    raise EOFError("compressed file ended before the end of a zstd frame")
+                return 0
+            self._pending = memoryview(self._decompress(compressed))
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    def _decompress(self, compressed: bytes) -> bytes:
+        # A decompressobj reads one frame; the bytes after its end start the next frame.
+        parts = []
+        while compressed:
+            if self._frame is None or self._frame.eof:
+                self._frame = self._decompressor.decompressobj()
+            parts.append(self._frame.decompress(compressed))
+            compressed = self._frame.unused_data if self._frame.eof else b""
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._compressed.close()
+        super().close()
 
 
 def _read_errors(path: Path) -> tuple[type[Exception], ...]:
@@ -305,7 +376,8 @@ def iter_documents(
 
     `text_unit` says what a document is in a plain text file: the whole file, each paragraph
     (a run of non-blank lines; a play's speeches, a book's paragraphs) or each non-blank line.
-    JSON, JSONL and Parquet hold one document per record, in `text_field`.
+    JSON, JSONL and Parquet hold one document per record, in `text_field`. Documents that are
+    empty or only whitespace are counted in `report`, not yielded.
     """
     for source in sources:
         if source.format == "jsonl":
@@ -317,5 +389,8 @@ def iter_documents(
         else:
             documents = _text_documents(source.path, text_unit, report)
         for document in documents:
+            if not document.text.strip():
+                report.empty_documents += 1
+                continue
             report.documents += 1
             yield document

@@ -15,6 +15,10 @@ completed shard, `progress.json` records, per split, the shards done and the str
 just after them as (chunk index, tokens of that chunk already consumed). A rerun of the same
 command re-reads the inputs up to that point without tokenising them and continues, producing
 the same bytes as an uninterrupted build. `manifest.json` is written last and marks completion.
+A build is recognised by its settings, input files by resolved path, so a rerun may come from
+another working directory. A build without documents or without a training sample is refused
+before its manifest is written, and its files are removed, so that a corrected rerun can start
+afresh in the same directory.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from data_prep.readers import (
     ReadReport,
     TextUnit,
     iter_documents,
+    require_documents,
     resolve_inputs,
 )
 from moeut_dist.atomic_files import write_json_atomically
@@ -60,6 +65,9 @@ from moeut_dist.data.tokenizer import Tokenizer, file_sha256
 TRAIN, VALIDATION = "train", "val"
 DOCUMENTS_PER_CHUNK = 256
 PROGRESS_NAME = "progress.json"
+# The files a build writes besides its shards: never inputs, even when the shard directory lies
+# inside an input folder.
+_RECORD_NAMES = (MANIFEST_NAME, PROGRESS_NAME)
 _TAR_BLOCK = 512
 # Results a worker pool may hold ahead of the writer, per worker: enough to keep every worker
 # busy, few enough that memory stays bounded whatever the corpus size.
@@ -304,6 +312,7 @@ def _damaged_build(out_dir: Path, problem: str) -> BadInputError:
 
 
 def _require_same_settings(out_dir: Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:
+    found = _with_sources_resolved(found)
     differing = sorted(k for k in wanted.keys() | found.keys() if found.get(k) != wanted.get(k))
     if differing:
         details = "; ".join(
@@ -313,6 +322,54 @@ def _require_same_settings(out_dir: Path, found: dict[str, Any], wanted: dict[st
             f"{out_dir} holds a build with different settings ({details}); "
             "rerun with the same settings or build into another directory"
         )
+
+
+def _with_sources_resolved(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with their input paths resolved from the working directory. Earlier builds
+    recorded the paths as given, relative ones included; from the directory they were given in,
+    they still name the same files."""
+    try:
+        sources = [[str(Path(path).resolve()), size] for path, size in settings["sources"]]
+    except (KeyError, TypeError, ValueError):  # no list of [path, size]: differs as it is
+        return settings
+    return {**settings, "sources": sources}
+
+
+def _check_arguments(out_dir: Path, seq_len: int, workers: int, val_fraction: float) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadInputError(f"{out_dir} is not a directory; give a directory for the shards")
+    if seq_len < 1:
+        raise BadInputError(f"seq_len must be positive, got {seq_len}")
+    if workers < 1:
+        raise BadInputError(f"workers must be at least 1, got {workers}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise BadInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+
+def _load_tokenizer(path: Path) -> Tokenizer:
+    if not path.is_file():
+        raise BadInputError(f"tokenizer {path} not found")
+    try:
+        return Tokenizer(path)
+    except ValueError as error:  # not a SentencePiece model, or one without `</s>`
+        raise BadInputError(str(error)) from error
+
+
+def _require_training_samples(train: SplitInfo, sample_len: int, report: ReadReport) -> None:
+    if train.samples == 0:
+        raise BadInputError(
+            f"no training samples: the train split's {train.dropped_tail_tokens} tokens are "
+            f"fewer than one sample of seq_len + 1 = {sample_len} tokens (use a smaller seq_len "
+            f"or more text); {report.summary()}"
+        )
+
+
+def _remove_build(out_dir: Path, splits: Iterable[SplitInfo]) -> None:
+    """Delete the shards and the progress record of an unfinished build."""
+    for split in splits:
+        for shard in split.shards:
+            (out_dir / shard.name).unlink()
+    (out_dir / PROGRESS_NAME).unlink()
 
 
 def build_shards(
@@ -335,24 +392,17 @@ def build_shards(
     rest to `train`. `shard_bytes` is the target size of a shard. Reruns of an interrupted build
     continue it; a rerun of a finished one returns its manifest. Returns the manifest.
     """
-    if seq_len < 1:
-        raise BadInputError(f"seq_len must be positive, got {seq_len}")
-    if workers < 1:
-        raise BadInputError(f"workers must be at least 1, got {workers}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise BadInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if not Path(tokenizer_path).is_file():
-        raise BadInputError(f"tokenizer {tokenizer_path} not found")
-    try:
-        tokenizer = Tokenizer(tokenizer_path)
-    except ValueError as error:  # not a SentencePiece model, or one without `</s>`
-        raise BadInputError(str(error)) from error
-    sources = resolve_inputs(inputs, text_field)
     out_dir = Path(out_dir)
+    _check_arguments(out_dir, seq_len, workers, val_fraction)
+    tokenizer = _load_tokenizer(Path(tokenizer_path))
+    sources = resolve_inputs(
+        inputs, text_field, leave_out=[out_dir / name for name in _RECORD_NAMES]
+    )
     dtype = token_dtype(tokenizer.vocab_size)
     sample_len = seq_len + 1
     settings = {
-        "sources": [[str(source.path), source.path.stat().st_size] for source in sources],
+        # Resolved, so that a rerun from another working directory is the same build.
+        "sources": [[str(source.path.resolve()), source.path.stat().st_size] for source in sources],
         "tokenizer_sha256": tokenizer.sha256,
         "seq_len": seq_len,
         "samples_per_shard": samples_per_shard(shard_bytes, sample_len * dtype.itemsize),
@@ -370,8 +420,8 @@ def build_shards(
         _require_same_settings(out_dir, manifest.build, settings)
         return manifest
 
-    splits = (TRAIN, VALIDATION) if val_fraction > 0 else (TRAIN,)
-    checkpoints = _load_progress(out_dir, settings, splits)
+    split_names = (TRAIN, VALIDATION) if val_fraction > 0 else (TRAIN,)
+    checkpoints = _load_progress(out_dir, settings, split_names)
     progress_path = out_dir / PROGRESS_NAME
 
     def save_progress() -> None:
@@ -401,13 +451,21 @@ def build_shards(
             if completed:
                 save_progress()
 
+    splits = {split: writer.finish() for split, writer in writers.items()}
+    try:
+        require_documents(report, text_field)
+        _require_training_samples(splits[TRAIN], sample_len, report)
+    except BadInputError:
+        # A build left behind would refuse the corrected rerun as one with other settings.
+        _remove_build(out_dir, splits.values())
+        raise
     manifest = Manifest(
         seq_len=seq_len,
         dtype=dtype.str,
         tokenizer_sha256=tokenizer.sha256,
         vocab_size=tokenizer.vocab_size,
         eod_id=tokenizer.eod_id,
-        splits={split: writer.finish() for split, writer in writers.items()},
+        splits=splits,
         sources=tuple(str(source.path) for source in sources),
         build=settings,
         input_report=report.to_dict(),

@@ -11,9 +11,20 @@ from typing import Literal
 
 import sentencepiece as spm
 
-from data_prep.readers import BadInputError, ReadReport, TextUnit, iter_documents, resolve_inputs
+from data_prep.readers import (
+    BadInputError,
+    ReadReport,
+    TextUnit,
+    iter_documents,
+    require_documents,
+    resolve_inputs,
+)
 from moeut_dist.atomic_files import write_atomically
 from moeut_dist.data.tokenizer import Tokenizer
+
+# SentencePiece's special pieces (<unk>, <s>, </s>), the word boundary (▁) and one character:
+# below this no corpus can be trained on, and SentencePiece says so without saying why.
+_MIN_VOCAB_SIZE = 5
 
 
 def _sentences(documents: Iterator[str], failures: list[Exception]) -> Iterator[str]:
@@ -39,6 +50,16 @@ def _sentencepiece_reason(error: RuntimeError) -> str:
     return reason.strip() or str(error).strip()
 
 
+def _check_arguments(out_path: Path, vocab_size: int) -> None:
+    if out_path.is_dir():
+        raise BadInputError(f"{out_path} is a directory; give the model file to write")
+    if vocab_size < _MIN_VOCAB_SIZE:
+        raise BadInputError(
+            f"vocab_size must be at least {_MIN_VOCAB_SIZE} (SentencePiece's <unk>, <s> and </s>,"
+            f" the word boundary and a character), got {vocab_size}"
+        )
+
+
 def train_tokenizer(
     inputs: Sequence[str | Path],
     out_path: str | Path,
@@ -62,6 +83,7 @@ def train_tokenizer(
     is the model's `</s>`. The file is written atomically; returns it loaded.
     """
     out_path = Path(out_path)
+    _check_arguments(out_path, vocab_size)
     sources = resolve_inputs(inputs, text_field)
     report = ReadReport(max_bad_records=max_bad_records)
     documents = iter_documents(sources, report, text_field=text_field, text_unit=text_unit)
@@ -85,6 +107,7 @@ def train_tokenizer(
     except RuntimeError as error:
         if reading_failures:
             raise reading_failures[0] from None
+        require_documents(report, text_field)
         raise BadInputError(
             f"SentencePiece cannot train on {report.documents} documents: "
             f"{_sentencepiece_reason(error)}"

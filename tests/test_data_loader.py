@@ -213,31 +213,45 @@ def test_truncated_shard_is_skipped_when_asked(shard_dir, tokenizer, tmp_path):
     assert seen == _all_samples(shard_dir) - _all_samples(shard_dir, only=shard.name)
 
 
-def _put_id_out_of_range(shard_dir: Path, tmp_path: Path) -> Path:
-    """A copy of the shards in which the first id of one shard equals the vocabulary size."""
+def _change_first_id(shard_dir: Path, tmp_path: Path, new_id) -> Path:
+    """A copy of the shards in which the first id of one shard is `new_id(id, vocab_size)`."""
     copy = shutil.copytree(shard_dir, tmp_path / "copy")
     manifest = read_manifest(copy)
     shard = copy / manifest.split("train").shards[3].name
     content = bytearray(shard.read_bytes())
-    first_sample = 512  # after the first member's tar header
-    out_of_range = np.array([manifest.vocab_size], np.dtype(manifest.dtype)).tobytes()
-    content[first_sample : first_sample + len(out_of_range)] = out_of_range
+    dtype = np.dtype(manifest.dtype)
+    first_id = slice(512, 512 + dtype.itemsize)  # after the first member's tar header
+    old_id = int(np.frombuffer(content[first_id], dtype)[0])
+    content[first_id] = np.array([new_id(old_id, manifest.vocab_size)], dtype).tobytes()
     shard.write_bytes(content)
     return shard
 
 
-def test_shard_with_an_id_outside_the_vocabulary_is_an_error_naming_it(
-    shard_dir, tokenizer, tmp_path
-):
-    shard = _put_id_out_of_range(shard_dir, tmp_path)
-    vocab_size = read_manifest(shard.parent).vocab_size
-    with pytest.raises(ShardError, match=rf"{shard}: token id {vocab_size} is not below"):
+def _check_refused_then_skipped(shard: Path, shard_dir: Path, tokenizer, problem: str) -> None:
+    """The damaged `shard` (a copy of one in `shard_dir`) stops an epoch with an error naming
+    it and `problem`; with `skip_corrupt`, the epoch is everything else."""
+    with pytest.raises(ShardError, match=rf"{shard}: {problem}"):
         list(_loader(shard.parent, tokenizer, batch_size=8, epochs=1))
     epoch = _loader(shard.parent, tokenizer, batch_size=8, epochs=1, skip_corrupt=True)
     with pytest.warns(RuntimeWarning, match=str(shard)):
         seen = _rows(epoch)
     assert epoch.skipped_shards == 1
     assert seen == _all_samples(shard_dir) - _all_samples(shard_dir, only=shard.name)
+
+
+def test_shard_with_an_id_outside_the_vocabulary_is_an_error_naming_it(
+    shard_dir, tokenizer, tmp_path
+):
+    shard = _change_first_id(shard_dir, tmp_path, lambda _, vocab_size: vocab_size)
+    vocab_size = read_manifest(shard.parent).vocab_size
+    _check_refused_then_skipped(shard, shard_dir, tokenizer, f"token id {vocab_size} is not below")
+
+
+def test_shard_that_does_not_match_its_sha256_is_an_error_naming_it(shard_dir, tokenizer, tmp_path):
+    # Another id of the vocabulary: nothing but the hash can tell.
+    shard = _change_first_id(shard_dir, tmp_path, lambda old, vocab_size: (old + 1) % vocab_size)
+    problem = "sha256 [0-9a-f]{64} is not the manifest's [0-9a-f]{64} \\(corrupt\\)"
+    _check_refused_then_skipped(shard, shard_dir, tokenizer, problem)
 
 
 def _damage_manifest(shard_dir: Path, tmp_path: Path, damage) -> Path:

@@ -6,6 +6,7 @@ import gzip
 import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -331,6 +332,127 @@ def test_corrupt_compressed_inputs_are_named_not_a_traceback(tmp_path):
             list(documents)
 
 
+def _zstd_lines(count: int) -> bytes:
+    """JSON Lines of `count` random, so hardly compressible, documents."""
+    rng = random.Random(0)
+    return "".join(
+        json.dumps({"text": rng.randbytes(100).hex()}) + "\n" for _ in range(count)
+    ).encode()
+
+
+def test_truncated_zst_inputs_are_named_not_read_as_complete(tmp_path):
+    lines = _zstd_lines(1000)
+    one_frame = zstandard.ZstdCompressor().compress(lines)  # the frame header holds its size
+    (tmp_path / "frame.jsonl.zst").write_bytes(one_frame[: len(one_frame) // 2])
+    with zstandard.open(tmp_path / "stream.jsonl.zst", "wb") as f:  # a streamed frame
+        f.write(lines)
+    streamed = (tmp_path / "stream.jsonl.zst").read_bytes()
+    (tmp_path / "stream.jsonl.zst").write_bytes(streamed[: len(streamed) // 2])
+    for name in ("frame.jsonl.zst", "stream.jsonl.zst"):
+        documents = iter_documents(resolve_inputs([tmp_path / name]), ReadReport())
+        with pytest.raises(BadInputError, match=rf"{name}: unreadable after line \d+ .*zstd frame"):
+            list(documents)
+
+
+def test_zst_input_of_several_frames_is_read_whole(tmp_path):
+    # The first frame is larger than one read of the compressed file, so the second starts
+    # inside a later read.
+    first, second = _zstd_lines(1500), b'{"text": "after the first frame"}\n'
+    compress = zstandard.ZstdCompressor().compress
+    (tmp_path / "frames.jsonl.zst").write_bytes(compress(first) + compress(second))
+    documents = iter_documents(resolve_inputs([tmp_path / "frames.jsonl.zst"]), ReadReport())
+    texts = [document.text for document in documents]
+    assert len(texts) == 1501 and texts[-1] == "after the first frame"
+
+
+def test_empty_documents_are_skipped_and_counted(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text(" \n\n")
+    write_jsonl(tmp_path / "records.jsonl", ["", "text", " \t"])
+    report = ReadReport()
+    documents = iter_documents(resolve_inputs([tmp_path]), report, text_unit="file")
+    assert [document.text for document in documents] == ["text"]
+    assert report.to_dict()["empty_documents"] == 4
+    assert report.summary().startswith("1 documents read, 4 empty documents skipped")
+
+
+@pytest.mark.parametrize(
+    ("write_inputs", "options", "reason"),
+    [
+        (
+            lambda folder: write_jsonl(folder / "a.jsonl", ["some text", "more text"]),
+            {"text_field": "body"},
+            r"field 'body'\); 0 documents read, 2 malformed records skipped \(2 missing field",
+        ),
+        (
+            lambda folder: (folder / "a.txt").write_text(" \n"),
+            {},
+            r"0 documents read, 1 empty documents skipped, no malformed records",
+        ),
+    ],
+    ids=["wrong text field", "only empty files"],
+)
+def test_shards_without_documents_are_refused_and_leave_no_build(
+    tmp_path, tokenizer, write_inputs, options, reason
+):
+    write_inputs(tmp_path)
+    out = tmp_path / "shards"
+    with pytest.raises(BadInputError, match=rf"^no documents in the inputs .*{reason}"):
+        build_shards([tmp_path], out, tokenizer.path, SEQ_LEN, progress=False, **options)
+    assert list(out.iterdir()) == []  # nothing that would refuse a corrected rerun
+
+
+def test_shards_without_a_training_sample_are_refused_and_leave_no_build(
+    tmp_path, documents, tokenizer
+):
+    corpus = write_jsonl(tmp_path / "small.jsonl", documents[:3])
+    out = tmp_path / "shards"
+    with pytest.raises(
+        BadInputError,
+        match=r"^no training samples: the train split's \d+ tokens are fewer than one sample "
+        r"of seq_len \+ 1 = 100001 tokens .*; 3 documents read",
+    ):
+        build_shards([corpus], out, tokenizer.path, 100_000, progress=False)
+    assert list(out.iterdir()) == []
+    build_shards([corpus], out, tokenizer.path, 8, progress=False)  # a corrected rerun
+    assert read_manifest(out).split("train").samples > 0
+
+
+def test_shard_directory_inside_the_input_folder_is_not_an_input(tmp_path, documents, tokenizer):
+    write_jsonl(tmp_path / "corpus.jsonl", documents[:20])
+    out = tmp_path / "shards"
+    first = build_shards([tmp_path], out, tokenizer.path, SEQ_LEN, progress=False)
+    # As if killed between writing the manifest and deleting the progress record.
+    (out / "progress.json").write_text("{}")
+    assert build_shards([tmp_path], out, tokenizer.path, SEQ_LEN, progress=False) == first
+    assert [Path(path).name for path, _ in first.build["sources"]] == ["corpus.jsonl"]
+
+
+def test_rerun_from_another_working_directory_is_the_same_build(
+    tmp_path, documents, tokenizer, monkeypatch
+):
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "corpus.jsonl", documents[:20])
+    monkeypatch.chdir(tmp_path / "data")
+    first = build_shards(["corpus.jsonl"], "../shards", tokenizer.path, SEQ_LEN, progress=False)
+    monkeypatch.chdir(tmp_path)
+    again = build_shards(["data/corpus.jsonl"], "shards", tokenizer.path, SEQ_LEN, progress=False)
+    assert again == first
+
+
+def test_build_recorded_with_relative_input_paths_is_kept_from_its_directory(
+    tmp_path, documents, tokenizer, monkeypatch
+):
+    write_jsonl(tmp_path / "corpus.jsonl", documents[:20])
+    monkeypatch.chdir(tmp_path)
+    first = build_shards(["corpus.jsonl"], "shards", tokenizer.path, SEQ_LEN, progress=False)
+    recorded = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    recorded["build"]["sources"][0][0] = "corpus.jsonl"  # as earlier versions recorded it
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps(recorded))
+    again = build_shards(["corpus.jsonl"], "shards", tokenizer.path, SEQ_LEN, progress=False)
+    assert again.splits == first.splits
+
+
 def test_missing_tokenizer_is_named(tmp_path, corpus):
     with pytest.raises(BadInputError, match=r"tokenizer .*missing\.model not found"):
         build_shards(corpus, tmp_path / "shards", tmp_path / "missing.model", SEQ_LEN)
@@ -348,6 +470,23 @@ def test_file_that_is_not_a_tokenizer_is_named(tmp_path, corpus, content):
 def test_too_large_vocabulary_is_bad_input_with_sentencepieces_reason(tmp_path, corpus):
     with pytest.raises(BadInputError, match=r"Vocabulary size too high \(100000\)\. .* <= \d+"):
         train_tokenizer(corpus, tmp_path / "tok.model", vocab_size=100_000)
+
+
+def test_tokenizer_without_documents_is_refused_with_the_read_summary(tmp_path):
+    corpus = write_jsonl(tmp_path / "a.jsonl", ["some text", "more text"], text_field="body")
+    with pytest.raises(
+        BadInputError,
+        match=r"^no documents in the inputs .*; 0 documents read, 2 malformed records skipped",
+    ):
+        train_tokenizer([corpus], tmp_path / "tok.model", vocab_size=50)
+
+
+@pytest.mark.parametrize("vocab_size", [-1, 0, 4])
+def test_too_small_vocabulary_is_refused_before_reading(tmp_path, vocab_size):
+    with pytest.raises(BadInputError, match=rf"^vocab_size must be at least 5 .*got {vocab_size}$"):
+        train_tokenizer(
+            [tmp_path / "not read.jsonl"], tmp_path / "tok.model", vocab_size=vocab_size
+        )
 
 
 def test_malformed_records_beyond_the_budget_stop_tokenizer_training(tmp_path):
@@ -392,7 +531,32 @@ def test_cli_builds_shards(tmp_path, corpus, tokenizer, capsys):
         ["prep", "tokenizer", *map(str, corpus), "--out", "x", "--vocab-size", "100000"]
     )
     assert args.handler(args) == 2
-    assert "error: SentencePiece cannot train on 600 documents: Vocabulary size too high" in (
+    assert "moeut prep tokenizer: SentencePiece cannot train on 600 documents: Vocabulary size" in (
         capsys.readouterr().err
     )
     assert cli.parse_size("1GiB") == 1 << 30 and cli.parse_size("512") == 512
+
+
+def test_cli_refuses_unusable_output_paths_in_one_line(tmp_path, corpus, tokenizer, capsys):
+    parser = cli.argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    commands = {
+        "is a directory; give the model file to write": [
+            "tokenizer", *map(str, corpus), "--out", str(tmp_path), "--vocab-size", "400",
+        ],
+        "is not a directory; give a directory for the shards": [
+            "shards", *map(str, corpus), "--tokenizer", str(tokenizer.path),
+            "--out", str(a_file), "--seq-len", "16", "--no-progress",
+        ],
+        "vocab_size must be at least 5": [
+            "tokenizer", *map(str, corpus), "--out", str(tmp_path / "t.model"), "--vocab-size", "0",
+        ],
+    }  # fmt: skip
+    for problem, command in commands.items():
+        args = parser.parse_args(["prep", *command])
+        assert args.handler(args) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"moeut prep {command[0]}: ") and problem in error
+        assert error.count("\n") == 1

@@ -17,13 +17,14 @@ ended stream yields nothing) and renumbers the workers so that that one comes fi
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -41,20 +42,48 @@ class ShardError(RuntimeError):
     """A shard that cannot be read as the manifest describes it; the message names its path."""
 
 
+class _HashingReader:
+    """A binary file that hashes (sha256) the bytes read from it on their way."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self._sha256 = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        self._sha256.update(data)
+        return data
+
+    def sha256_of_whole_file(self) -> str:
+        """The hex sha256 of the whole file, reading what is left of it (a tar's end padding)."""
+        while self.read(1 << 20):
+            pass
+        return self._sha256.hexdigest()
+
+
 def read_shard(
-    path: Path, samples: int, sample_len: int, dtype: np.dtype, *, vocab_size: int
+    path: Path,
+    samples: int,
+    sample_len: int,
+    dtype: np.dtype,
+    *,
+    vocab_size: int,
+    sha256: str | None = None,
 ) -> np.ndarray:
     """A shard's samples in stored order, `[samples, sample_len]`, checked against the manifest.
 
     Every id must be below `vocab_size`: a flipped bit or another tokenizer's shard fails here,
-    naming the shard, instead of as an index error inside the embedding.
+    naming the shard, instead of as an index error inside the embedding. `sha256`, the
+    manifest's hash of the file, catches any other change; it is computed from the bytes read
+    for the samples, so checking it costs no second read.
     """
     rows = np.empty((samples, sample_len), dtype)
     sample_bytes = sample_len * dtype.itemsize
     count = 0
     try:
-        with open(path, "rb") as stream:
-            for member in webdataset.tariterators.tar_file_iterator(stream):
+        with open(path, "rb") as file:
+            reader = _HashingReader(file)
+            for member in webdataset.tariterators.tar_file_iterator(reader):
                 if count == samples:
                     raise ShardError(f"{path}: holds more than the manifest's {samples} samples")
                 data = member["data"]
@@ -64,6 +93,7 @@ def read_shard(
                     )
                 rows[count] = np.frombuffer(data, dtype)
                 count += 1
+            found_sha256 = reader.sha256_of_whole_file()
     except (OSError, tarfile.TarError) as error:
         raise ShardError(f"{path}: unreadable shard ({error})") from error
     if count != samples:
@@ -72,6 +102,8 @@ def read_shard(
         raise ShardError(
             f"{path}: token id {largest} is not below the manifest's vocab_size {vocab_size}"
         )
+    if sha256 is not None and found_sha256 != sha256:
+        raise ShardError(f"{path}: sha256 {found_sha256} is not the manifest's {sha256} (corrupt)")
     return rows
 
 
@@ -85,11 +117,16 @@ class _Piece:
     stop: int
 
 
+def _slots_span(total: int, slots: range, n_slots: int) -> range:
+    """The places that consecutive `slots` cover in an epoch's sequence of `total` samples, cut
+    into `n_slots` contiguous slots whose lengths differ by at most one."""
+    return range(total * slots.start // n_slots, total * slots.stop // n_slots)
+
+
 def _epoch_pieces(
-    shard_samples: Sequence[int], seed: int, epoch: int, slot: int, n_slots: int
+    shard_samples: Sequence[int], seed: int, epoch: int, slot_span: range
 ) -> list[_Piece]:
-    total = sum(shard_samples)
-    low, high = total * slot // n_slots, total * (slot + 1) // n_slots
+    low, high = slot_span.start, slot_span.stop
     pieces, offset = [], 0
     for shard in np.random.default_rng((seed, epoch)).permutation(len(shard_samples)):
         count = shard_samples[shard]
@@ -125,11 +162,11 @@ class _SlotStream:
         self._vocab_size = vocab_size
         self._seed = seed
         self._slot = slot
-        self._n_slots = n_slots
         self._skip_corrupt = skip_corrupt
         self.skipped_shards = skipped_shards
         total = sum(shard.samples for shard in shards)
-        self.samples_per_epoch = total * (slot + 1) // n_slots - total * slot // n_slots
+        self._span = _slots_span(total, range(slot, slot + 1), n_slots)  # within each epoch
+        self.samples_per_epoch = len(self._span)
 
     def rows(self, start: int, epochs: int | None) -> Iterator[tuple[np.ndarray, int]]:
         """From stream position `start` on: (consecutive samples, the position after them)."""
@@ -138,7 +175,7 @@ class _SlotStream:
             whole_epoch, yielded = offset == 0, False
             position = epoch * self.samples_per_epoch
             shard_samples = [shard.samples for shard in self._shards]
-            for piece in _epoch_pieces(shard_samples, self._seed, epoch, self._slot, self._n_slots):
+            for piece in _epoch_pieces(shard_samples, self._seed, epoch, self._span):
                 position += piece.stop - piece.start
                 if offset >= piece.stop - piece.start:  # consumed before a restore: not read
                     offset -= piece.stop - piece.start
@@ -161,6 +198,7 @@ class _SlotStream:
                 self._sample_len,
                 self._dtype,
                 vocab_size=self._vocab_size,
+                sha256=shard.sha256,
             )
         except ShardError as error:
             if not self._skip_corrupt:
@@ -246,8 +284,9 @@ class TokenLoader:
         epochs: None to continue forever, each epoch in a fresh order; else the number of
             epochs, after which iteration ends (the last batch may then be short). Use
             `epochs=1` for a validation pass; ranks may then get one batch more or fewer.
-        skip_corrupt: skip an unreadable shard with a warning and count it in
-            `skipped_shards`, instead of raising `ShardError`.
+        skip_corrupt: skip a corrupt shard (unreadable, or not what the manifest describes,
+            its sha256 included) with a warning and count it in `skipped_shards`, instead of
+            raising `ShardError`.
 
     Iterating continues from the current position, so `state_dict()` / `load_state_dict()`
     resume an endless stream exactly: the restored loader yields the batches the original one
@@ -310,9 +349,8 @@ class TokenLoader:
         """Samples this rank gets in one epoch (ranks differ by at most `num_workers`)."""
         total = sum(shard.samples for shard in self._shards)
         first_slot = self._layout["dp_rank"] * self._workers
-        return total * (first_slot + self._workers) // self._n_slots - (
-            total * first_slot // self._n_slots
-        )
+        my_slots = range(first_slot, first_slot + self._workers)
+        return len(_slots_span(total, my_slots, self._n_slots))
 
     @property
     def skipped_shards(self) -> int:

@@ -5,7 +5,8 @@ A shard is a webdataset tar file. Each sample is one tar member `<key>.tokens` w
 a sample into numbers with one `np.frombuffer` call. `manifest.json` lists the shards of each
 split in build order with their sample counts, which is what lets a loader skip whole shards
 when it resumes, and records the tokenizer's sha256 and `seq_len` so that shards are never read
-with a tokenizer or context length they were not built for.
+with a tokenizer or context length they were not built for. Each shard's sha256 is recorded too;
+the loader checks it as it reads the shard.
 """
 
 from __future__ import annotations
