@@ -12,10 +12,12 @@ import pickle
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.utils import safe_get_full_fp32_param
 from safetensors.torch import load_file
@@ -44,6 +46,7 @@ from moeut_dist.train.config import ScheduleSection, check_init_from, check_run,
 from moeut_dist.train.consolidate import export_checkpoint
 from moeut_dist.train.metrics import forward_flops_per_token, read_run_metrics
 from moeut_dist.train.schedule import lr_multiplier
+from tests.distributed_utils import run_distributed
 from tests.train_helpers import (
     REPO,
     assert_same_run,
@@ -293,6 +296,39 @@ def test_deepspeed_config_accumulates_and_checks_bf16_overflow():
 
 
 # --- runs in this process ----------------------------------------------------------------------
+
+
+def _validate_with_a_rank_short_of_batches(config_path: Path) -> tuple[float, int]:
+    """On 2 data-parallel ranks, rank 1's validation loader ends after one batch (as when a
+    corrupt shard is skipped); returns rank 0's loss and how many forwards it ran."""
+    config = load_config(config_path)
+    plan = check_run(config, world_size=2)
+    initialize(config.parallel, plan.model)
+    engine = types.SimpleNamespace(
+        module=build_model(plan.model, config.parallel, seed=0), device=torch.device("cpu")
+    )
+    make_loader, forward = loop.make_loader, loop.parallel_lm_loss
+    forwards = itertools.count()
+
+    def short_on_rank_1(*args, **kwargs):
+        loader = make_loader(*args, **kwargs)
+        return itertools.islice(loader, 1) if dist.get_rank() == 1 else loader
+
+    def counted(*args):
+        next(forwards)
+        return forward(*args)
+
+    loop.make_loader, loop.parallel_lm_loss = short_on_rank_1, counted
+    loss = loop.validation_loss(engine, config, None)
+    return loss, next(forwards)
+
+
+def test_validation_runs_as_many_batches_on_every_rank(corpus, tmp_path):
+    """Each forward holds collectives: a rank running more of them than another would hang."""
+    config = run_config(corpus, tmp_path / "run", data={"global_batch_size": 4})
+    path = write_config(config, tmp_path / "run.yaml")
+    loss, forwards = run_distributed(_validate_with_a_rank_short_of_batches, 2, path)
+    assert forwards == 1 and math.isfinite(loss)
 
 
 def test_accumulated_micro_batches_train_like_one_batch(corpus, tmp_path):

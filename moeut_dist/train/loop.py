@@ -140,7 +140,10 @@ def train_step(engine, batches: Iterator[torch.Tensor], plan: RunPlan) -> tuple[
 def validation_loss(engine, config: TrainConfig, monitor: RoutingMonitor | None) -> float | None:
     """Mean LM loss over the first `eval.batches` micro-batches of each rank's share of the
     validation split (the same ones every pass); None if some rank has no full batch."""
-    batches = list(itertools.islice(make_loader(config, "val", epochs=1), config.eval.batches))
+    full = (
+        b for b in make_loader(config, "val", epochs=1) if len(b) == config.data.micro_batch_size
+    )
+    batches = list(itertools.islice(full, config.eval.batches))
     # Every rank must run the same number of forwards (they hold collectives); a rank may have
     # fewer batches than its manifest share when corrupt shards are skipped.
     count = torch.tensor([len(batches)], device=engine.device)
