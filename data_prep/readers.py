@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from moeut_dist.data.manifest import MANIFEST_NAME, PROGRESS_NAME
+
 TextUnit = Literal["file", "paragraph", "line"]
 
 _COMPRESSIONS = (".gz", ".zst")
@@ -116,7 +118,16 @@ def _format_of(path: Path) -> str | None:
     return _FORMATS.get(suffixes[-1]) if suffixes else None
 
 
-def _expand_one(item: str | Path, leave_out: frozenset[Path]) -> list[Path]:
+def _is_shard_build_record(path: Path) -> bool:
+    """A shard build's own manifest or progress file (beside its shards, or mid-build): JSON, but
+    not text to read, when a folder scan meets a shard directory inside the corpus."""
+    directory = path.parent
+    return path.name in (MANIFEST_NAME, PROGRESS_NAME) and (
+        (directory / PROGRESS_NAME).is_file() or any(directory.glob("*.tar"))
+    )
+
+
+def _expand_one(item: str | Path) -> list[Path]:
     path = Path(item)
     if path.is_file():
         if _format_of(path) is None:
@@ -132,25 +143,22 @@ def _expand_one(item: str | Path, leave_out: frozenset[Path]) -> list[Path]:
     files = [
         p
         for p in candidates
-        if p.is_file() and _format_of(p) is not None and p.resolve() not in leave_out
+        if p.is_file() and _format_of(p) is not None and not _is_shard_build_record(p)
     ]
     if not files:
         raise BadInputError(f"{item}: no such file, or no readable input files in it")
     return files
 
 
-def resolve_inputs(
-    inputs: Sequence[str | Path], text_field: str = "text", *, leave_out: Iterable[Path] = ()
-) -> list[Source]:
+def resolve_inputs(inputs: Sequence[str | Path], text_field: str = "text") -> list[Source]:
     """Expand files, folders and globs into sources, checking each can be read as asked.
 
-    Folders and globs never yield the files in `leave_out`: the caller's own outputs, which
-    may lie among its inputs (a shard directory inside the corpus folder).
+    Folders and globs never yield a shard build's manifest or progress file: a shard directory,
+    this build's or another's, may lie inside the corpus folder.
     """
     if not inputs:
         raise BadInputError("no inputs given")
-    left_out = frozenset(path.resolve() for path in leave_out)
-    paths = _first_of_each_file(path for item in inputs for path in _expand_one(item, left_out))
+    paths = _first_of_each_file(path for item in inputs for path in _expand_one(item))
     sources = [Source(path, _format_of(path)) for path in paths]
     for source in sources:
         if source.format == "parquet":

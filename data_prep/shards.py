@@ -52,6 +52,7 @@ from data_prep.readers import (
 from moeut_dist.atomic_files import write_json_atomically
 from moeut_dist.data.manifest import (
     MANIFEST_NAME,
+    PROGRESS_NAME,
     SAMPLE_FIELD,
     Manifest,
     ShardInfo,
@@ -64,10 +65,6 @@ from moeut_dist.data.tokenizer import Tokenizer, file_sha256
 
 TRAIN, VALIDATION = "train", "val"
 DOCUMENTS_PER_CHUNK = 256
-PROGRESS_NAME = "progress.json"
-# The files a build writes besides its shards: never inputs, even when the shard directory lies
-# inside an input folder.
-_RECORD_NAMES = (MANIFEST_NAME, PROGRESS_NAME)
 _TAR_BLOCK = 512
 # Results a worker pool may hold ahead of the writer, per worker: enough to keep every worker
 # busy, few enough that memory stays bounded whatever the corpus size.
@@ -312,7 +309,6 @@ def _damaged_build(out_dir: Path, problem: str) -> BadInputError:
 
 
 def _require_same_settings(out_dir: Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:
-    found = _with_sources_resolved(found)
     differing = sorted(k for k in wanted.keys() | found.keys() if found.get(k) != wanted.get(k))
     if differing:
         details = "; ".join(
@@ -322,17 +318,6 @@ def _require_same_settings(out_dir: Path, found: dict[str, Any], wanted: dict[st
             f"{out_dir} holds a build with different settings ({details}); "
             "rerun with the same settings or build into another directory"
         )
-
-
-def _with_sources_resolved(settings: dict[str, Any]) -> dict[str, Any]:
-    """`settings` with their input paths resolved from the working directory. Earlier builds
-    recorded the paths as given, relative ones included; from the directory they were given in,
-    they still name the same files."""
-    try:
-        sources = [[str(Path(path).resolve()), size] for path, size in settings["sources"]]
-    except (KeyError, TypeError, ValueError):  # no list of [path, size]: differs as it is
-        return settings
-    return {**settings, "sources": sources}
 
 
 def _check_arguments(out_dir: Path, seq_len: int, workers: int, val_fraction: float) -> None:
@@ -395,9 +380,7 @@ def build_shards(
     out_dir = Path(out_dir)
     _check_arguments(out_dir, seq_len, workers, val_fraction)
     tokenizer = _load_tokenizer(Path(tokenizer_path))
-    sources = resolve_inputs(
-        inputs, text_field, leave_out=[out_dir / name for name in _RECORD_NAMES]
-    )
+    sources = resolve_inputs(inputs, text_field)
     dtype = token_dtype(tokenizer.vocab_size)
     sample_len = seq_len + 1
     settings = {
@@ -410,6 +393,8 @@ def build_shards(
         "text_field": text_field,
         "text_unit": text_unit,
         "documents_per_chunk": DOCUMENTS_PER_CHUNK,
+        # Which documents fill a chunk; builds that counted empty ones resume elsewhere.
+        "empty_documents": "skipped",
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / MANIFEST_NAME).exists():

@@ -4,6 +4,7 @@ itself flushed, so that a power loss cannot undo a write that was reported done.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -25,12 +26,19 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
 
 
 def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file's content, or a directory's entries, to disk."""
+    """Flush a file's content, or a directory's entries, to disk. Some network and FUSE file
+    systems cannot flush a directory; there the file's own flush is all there is."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
+    except OSError as error:
+        if not (os.path.isdir(path) and error.errno in _DIRECTORY_FSYNC_UNSUPPORTED):
+            raise
     finally:
         os.close(descriptor)
+
+
+_DIRECTORY_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EBADF)
 
 
 def write_json_atomically(path: str | os.PathLike, values: Any) -> None:

@@ -31,6 +31,8 @@ from moeut_dist.parallel.shards import find_shard_files, iter_full_tensors, shar
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
+OFFICIAL_FILE = "official_model.pt"  # the authors' state-dict format (`moeut export --official`)
+MODEL_DIR_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, OFFICIAL_FILE})
 
 TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -117,15 +119,23 @@ def _finish_interrupted_replacement(out: Path, retired: Path) -> None:
             retired.rename(out)
 
 
-def _is_model_dir(path: Path) -> bool:
-    return all((path / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE))
-
-
 def _check_replaceable(out: Path) -> None:
-    if out.exists() and not _is_model_dir(out) and (not out.is_dir() or any(out.iterdir())):
+    """`out` may be replaced: it holds nothing but model files (the user's own files, say an
+    evaluation report, would be deleted with it), and its parent lets a sibling be renamed in."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ModelDirectoryError(f"{out} exists and is not a directory; refusing to replace it")
+    others = sorted(p.name for p in out.iterdir() if p.name not in MODEL_DIR_FILES)
+    if others:
         raise ModelDirectoryError(
-            f"{out} exists and is not a model directory (no {CONFIG_FILE} and {WEIGHTS_FILE}); "
+            f"{out} holds files that are not a model directory's ({', '.join(others[:5])}); "
             "refusing to replace it"
+        )
+    if out.is_mount() or not os.access(out.parent, os.W_OK):
+        raise ModelDirectoryError(
+            f"{out} is replaced by a directory built beside it, which needs write access to "
+            f"{out.parent} and {out} not to be a mount point; write to a directory inside it"
         )
 
 

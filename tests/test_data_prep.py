@@ -426,6 +426,10 @@ def test_shard_directory_inside_the_input_folder_is_not_an_input(tmp_path, docum
     (out / "progress.json").write_text("{}")
     assert build_shards([tmp_path], out, tokenizer.path, SEQ_LEN, progress=False) == first
     assert [Path(path).name for path, _ in first.build["sources"]] == ["corpus.jsonl"]
+    # Nor is another build's directory there, for this build or for a tokenizer.
+    second = build_shards([tmp_path], tmp_path / "second", tokenizer.path, SEQ_LEN, progress=False)
+    assert second.build["sources"] == first.build["sources"]
+    assert [s.path.name for s in resolve_inputs([tmp_path])] == ["corpus.jsonl"]
 
 
 def test_rerun_from_another_working_directory_is_the_same_build(
@@ -440,17 +444,17 @@ def test_rerun_from_another_working_directory_is_the_same_build(
     assert again == first
 
 
-def test_build_recorded_with_relative_input_paths_is_kept_from_its_directory(
-    tmp_path, documents, tokenizer, monkeypatch
-):
+def test_build_of_an_earlier_version_is_refused_not_resumed(tmp_path, documents, tokenizer):
+    """Earlier versions recorded inputs as given and counted empty documents into chunks: an
+    interrupted build of theirs would resume at other documents."""
     write_jsonl(tmp_path / "corpus.jsonl", documents[:20])
-    monkeypatch.chdir(tmp_path)
-    first = build_shards(["corpus.jsonl"], "shards", tokenizer.path, SEQ_LEN, progress=False)
+    args = ([tmp_path / "corpus.jsonl"], tmp_path / "shards", tokenizer.path, SEQ_LEN)
+    build_shards(*args, progress=False)
     recorded = json.loads((tmp_path / "shards" / "manifest.json").read_text())
-    recorded["build"]["sources"][0][0] = "corpus.jsonl"  # as earlier versions recorded it
+    del recorded["build"]["empty_documents"]
     (tmp_path / "shards" / "manifest.json").write_text(json.dumps(recorded))
-    again = build_shards(["corpus.jsonl"], "shards", tokenizer.path, SEQ_LEN, progress=False)
-    assert again.splits == first.splits
+    with pytest.raises(BadInputError, match=r"different settings.*empty_documents"):
+        build_shards(*args, progress=False)
 
 
 def test_missing_tokenizer_is_named(tmp_path, corpus):

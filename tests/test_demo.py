@@ -11,8 +11,7 @@ from data_prep.synthetic import synthetic_documents
 from moeut_dist.cli import main as moeut
 from moeut_dist.convert import from_official_state_dict
 from moeut_dist.demo import DemoSettings, run_demo
-from moeut_dist.export import load_pretrained
-from moeut_dist.train.consolidate import OFFICIAL_FILE
+from moeut_dist.export import OFFICIAL_FILE, load_pretrained
 
 pytestmark = pytest.mark.slow
 

@@ -239,5 +239,10 @@ def test_convert_replaces_a_model_directory_and_refuses_any_other(model, tmp_pat
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
     assert _convert(checkpoint, "tiny", folder) == 2
-    assert "is not a model directory" in capsys.readouterr().err
+    assert "holds files that are not a model directory's (notes.txt)" in capsys.readouterr().err
     assert [path.name for path in folder.iterdir()] == ["notes.txt"]
+
+    (out / "eval.json").write_text("the user's report")  # a model directory with more in it
+    assert _convert(checkpoint, "tiny", out) == 2
+    assert "(eval.json)" in capsys.readouterr().err
+    assert (out / "eval.json").read_text() == "the user's report"

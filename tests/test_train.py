@@ -208,6 +208,12 @@ def test_init_from_needs_a_model_directory_of_the_same_model(
     monkeypatch.setattr(loop, "build_model", lambda *_, **__: pytest.fail("model was built"))
     with pytest.raises(ConfigError, match=r"has no config\.json; not a model directory"):
         loop.train(load_config(path, [f"init_from={tmp_path}"]))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(other_model_dir, truncated)
+    weights = (truncated / WEIGHTS_FILE).read_bytes()
+    (truncated / WEIGHTS_FILE).write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ConfigError, match=r"model\.safetensors is damaged \(.*incomplete"):
+        check_init_from(truncated, _run_model(path))
 
 
 @pytest.mark.parametrize(
@@ -511,6 +517,16 @@ def test_damaged_or_foreign_checkpoint_is_refused_before_the_model_is_built(
     assert message in str(error.value)
 
 
+def test_checkpoint_of_another_format_is_refused_naming_it(two_step_run, tmp_path, monkeypatch):
+    shutil.copytree(two_step_run["out_dir"], tmp_path / "run")
+    state_file = tmp_path / "run/checkpoints/step_00000002/trainer_rank00000.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "format": 1}))
+    monkeypatch.setattr(loop, "build_model", lambda *_, **__: pytest.fail("model was built"))
+    config = {**two_step_run, "out_dir": str(tmp_path / "run")}
+    with pytest.raises(CheckpointError, match="checkpoint format 1, from another version"):
+        _train(config, tmp_path / "resume.yaml")
+
+
 def test_resume_with_other_data_settings_is_refused_before_the_model_is_built(
     two_step_run, tmp_path, monkeypatch
 ):
@@ -550,11 +566,15 @@ def test_a_damaged_pointer_yields_to_an_explicit_choice_and_a_fresh_start_keeps_
     }
     _train(named, tmp_path / "named.yaml")  # resumes at the last step: nothing left to do
     old_log = (tmp_path / "run" / "metrics.jsonl").read_text()
+    (tmp_path / "run" / "tensorboard").mkdir()
+    (tmp_path / "run" / "tensorboard" / "events.earlier").write_text("an earlier run's")
 
     never = {**config, "checkpoint": {**config["checkpoint"], "resume": "never"}}
     _train(never, tmp_path / "never.yaml")
     assert latest_checkpoint(checkpoints).name == "step_00000002"
     assert (tmp_path / "run" / "metrics.1.jsonl").read_text() == old_log
+    assert (tmp_path / "run" / "tensorboard.1" / "events.earlier").is_file()
+    assert not (tmp_path / "run" / "tensorboard").exists()  # this run logs none
     assert [r["step"] for r in read_run_metrics(tmp_path / "run")] == [1, 2]
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from moeut_dist.atomic_files import write_json_atomically
 
 MANIFEST_NAME = "manifest.json"
+PROGRESS_NAME = "progress.json"  # an unfinished build's position (`data_prep.shards`)
 FORMAT = "moeut-token-shards/1"
 SAMPLE_FIELD = "tokens"
 # The JSON type of each kind of dataclass field, for checking a manifest as loaded.

@@ -86,9 +86,9 @@ class SwitchHead(nn.Module):
         self.sel_o = nn.Parameter(torch.empty(self.n_heads * self.n_experts, d))
         self.rope = RotaryEmbedding(config.rotary_dim, config.rope_base)
 
-    def reset_parameters(self, std_scale: float, n_heads_total: int | None = None) -> None:
+    def reset_parameters(self, std_scale: float) -> None:
         d = self.q.in_features
-        inner_total = (n_heads_total or self.n_heads) * self.head_dim
+        inner_total = self.n_heads_total * self.head_dim  # o's fan-in in the whole model
         for selector in (getattr(self, "sel_v", None), self.sel_o):
             if selector is not None:
                 nn.init.normal_(selector, 0, std_scale / math.sqrt(d))

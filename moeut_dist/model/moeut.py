@@ -108,7 +108,7 @@ class MoEUTLM(nn.Module):
         std_scale = math.sqrt(2.0 / self.config.n_layers)
         nn.init.normal_(self.embedding.weight, 0, 1 / math.sqrt(self.config.d_model))
         for layer in self.transformer.layers:
-            layer.attention.reset_parameters(std_scale, self.config.n_heads)
+            layer.attention.reset_parameters(std_scale)
             layer.ffn.reset_parameters(std_scale)
 
     def regularization_loss(

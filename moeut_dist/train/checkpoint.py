@@ -294,6 +294,11 @@ class CheckpointManager:
                 f"{path}: rank {self.rank}'s trainer state is missing or damaged "
                 f"({type(error).__name__}: {error})"
             ) from error
+        if values["format"] != _FORMAT:
+            raise CheckpointError(
+                f"{directory} is in checkpoint format {values['format']}, from another version "
+                f"of moeut-dist; this one resumes format {_FORMAT} only"
+            )
         if layout != (_FORMAT, self.world_size, _parallel_layout(self.config.parallel)):
             raise CheckpointError(
                 f"{directory} was written by {values['world_size']} ranks with parallel layout "

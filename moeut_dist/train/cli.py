@@ -15,7 +15,10 @@ from moeut_dist.cli_errors import reports_bad_input
 
 
 def _run(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError
+
     from moeut_dist.config import ConfigError
+    from moeut_dist.data import ShardError
     from moeut_dist.train.checkpoint import CheckpointError
     from moeut_dist.train.config import load_config
     from moeut_dist.train.loop import NonFiniteLossError, train
@@ -31,6 +34,9 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except CheckpointError as error:
         print(f"moeut train: cannot resume: {error}", file=sys.stderr)
+        return 2
+    except (ShardError, SafetensorError) as error:  # a damaged shard or init_from weights file
+        print(f"moeut train: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
         print(f"moeut train: {error}", file=sys.stderr)

@@ -22,6 +22,7 @@ from typing import Any, Literal, Self
 
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
 
 from moeut_dist import profiles
 from moeut_dist.config import ConfigError, MoEUTConfig
@@ -375,6 +376,11 @@ def check_init_from(directory: str, model: MoEUTConfig) -> None:
         saved = read_config(path)
     except ValueError as error:
         raise ConfigError(f"init_from: {error}") from error
+    try:
+        with safe_open(path / WEIGHTS_FILE, framework="pt"):
+            pass  # opening checks the header against the file's size
+    except SafetensorError as error:
+        raise ConfigError(f"init_from: {path / WEIGHTS_FILE} is damaged ({error})") from error
     compared = [
         f.name for f in dataclasses.fields(MoEUTConfig) if f.name not in _TRAINING_ONLY_FIELDS
     ]

@@ -15,11 +15,9 @@ import torch
 
 from moeut_dist.config import ConfigError
 from moeut_dist.data import Tokenizer
-from moeut_dist.export import export_shards, load_pretrained
+from moeut_dist.export import OFFICIAL_FILE, export_shards, load_pretrained
 from moeut_dist.train.checkpoint import ENGINE_TAG, TOKENIZER_FILE, is_complete, latest_checkpoint
 from moeut_dist.train.config import load_config
-
-OFFICIAL_FILE = "official_model.pt"
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -45,7 +43,10 @@ def export_checkpoint(
     run = load_config(directory / "config.yaml")
     tokenizer_path = directory / TOKENIZER_FILE
     if not tokenizer_path.is_file():
-        raise ConfigError(f"{directory} has no {TOKENIZER_FILE}: not a complete checkpoint")
+        raise ConfigError(
+            f"{directory} has no {TOKENIZER_FILE} (written by another version of moeut-dist?); "
+            "a checkpoint holds its run's tokenizer"
+        )
     config = run.model.build(Tokenizer(tokenizer_path).vocab_size)
     add_files = _write_official if official else None
     return export_shards(directory / ENGINE_TAG, config, out_dir, tokenizer_path, add_files)

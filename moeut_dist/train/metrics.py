@@ -134,7 +134,8 @@ class MetricsWriter:
 
     On resume from step s, records after s (written by the interrupted session, about to be
     produced again) are dropped, so the log holds each step once. A run that starts from
-    scratch where an earlier one logged keeps that log as `metrics.1.jsonl` (`.2`, …).
+    scratch where an earlier one logged keeps those logs as `metrics.1.jsonl` and
+    `tensorboard.1/` (`.2`, …).
     """
 
     def __init__(self, out_dir: Path, tensorboard: bool, resumed_step: int | None) -> None:
@@ -144,18 +145,20 @@ class MetricsWriter:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / METRICS_FILE
-        if self.path.is_file():
-            if resumed_step is None:
-                os.replace(self.path, _free_name(self.path))
-            else:
-                kept = _records_up_to(self.path, resumed_step)
-                write_atomically(self.path, lambda p: p.write_text(kept))
+        tensorboard_dir = out_dir / "tensorboard"
+        if resumed_step is None:
+            for earlier in (self.path, tensorboard_dir):
+                if earlier.exists():
+                    os.replace(earlier, _free_name(earlier))
+        elif self.path.is_file():
+            kept = _records_up_to(self.path, resumed_step)
+            write_atomically(self.path, lambda p: p.write_text(kept))
         self.file = open(self.path, "a")  # noqa: SIM115 -- open for the writer's lifetime
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             purge = None if resumed_step is None else resumed_step + 1
-            self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
+            self.tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=purge)
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -196,7 +199,7 @@ def _records_up_to(path: Path, step: int) -> str:
 
 
 def _free_name(path: Path) -> Path:
-    """`metrics.1.jsonl`, `metrics.2.jsonl`, …: the first that does not exist."""
+    """`metrics.1.jsonl`, `metrics.2.jsonl`, … (`tensorboard.1`, …): the first that is free."""
     candidates = (path.with_name(f"{path.stem}.{n}{path.suffix}") for n in itertools.count(1))
     return next(c for c in candidates if not c.exists())
 
