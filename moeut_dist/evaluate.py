@@ -124,9 +124,7 @@ def evaluate_shards(
     """One pass over a split of a shard directory built with `tokenizer`; refuses shards
     built with another tokenizer (`ManifestMismatchError`) and a missing or empty split."""
     manifest = read_manifest(shard_dir)
-    if split not in manifest.splits:
-        raise ValueError(f"{shard_dir} has no split {split!r}; it has {sorted(manifest.splits)}")
-    if manifest.splits[split].samples == 0:
+    if manifest.split(split).samples == 0:
         raise ValueError(f"split {split!r} of {shard_dir} holds no samples to evaluate")
     loader = TokenLoader(
         shard_dir,

@@ -71,6 +71,7 @@ def _all_samples(shard_dir: Path, split: str = "train", only: str | None = None)
                 manifest.sample_len,
                 np.dtype(manifest.dtype),
                 vocab_size=manifest.vocab_size,
+                sha256=shard.sha256,
             )
             rows.update(row.astype(np.int64).tobytes() for row in stored)
     return rows

@@ -67,6 +67,7 @@ def _stored_tokens(shard_dir: Path, split: str) -> np.ndarray:
                 manifest.sample_len,
                 dtype,
                 vocab_size=manifest.vocab_size,
+                sha256=s.sha256,
             )
             for s in shards
         ]

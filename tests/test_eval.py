@@ -114,6 +114,7 @@ def val_samples(shard_dir) -> torch.Tensor:
             manifest.sample_len,
             np.dtype(manifest.dtype),
             vocab_size=manifest.vocab_size,
+            sha256=shard.sha256,
         )
         for shard in manifest.split("val").shards
     ]

@@ -68,7 +68,7 @@ def read_shard(
     dtype: np.dtype,
     *,
     vocab_size: int,
-    sha256: str | None = None,
+    sha256: str,
 ) -> np.ndarray:
     """A shard's samples in stored order, `[samples, sample_len]`, checked against the manifest.
 
@@ -102,7 +102,7 @@ def read_shard(
         raise ShardError(
             f"{path}: token id {largest} is not below the manifest's vocab_size {vocab_size}"
         )
-    if sha256 is not None and found_sha256 != sha256:
+    if found_sha256 != sha256:
         raise ShardError(f"{path}: sha256 {found_sha256} is not the manifest's {sha256} (corrupt)")
     return rows
 

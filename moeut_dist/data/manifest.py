@@ -83,7 +83,8 @@ class Manifest:
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
-            raise KeyError(f"no split {name!r} in the manifest; it has {sorted(self.splits)}")
+            # A ValueError: the name comes from the user (`--split`), not from our code.
+            raise ValueError(f"the manifest has no split {name!r}; it has {sorted(self.splits)}")
         return self.splits[name]
 
     def check_compatible(self, *, seq_len: int, tokenizer_sha256: str) -> None:
