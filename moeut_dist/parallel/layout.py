@@ -18,11 +18,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from moeut_dist.config import ConfigError, MoEUTConfig, _DictConfig
+from moeut_dist.config import ConfigError, MoEUTConfig
+from moeut_dist.dataclass_dict import DictConvertible
 
 
 @dataclass(frozen=True)
-class ParallelConfig(_DictConfig):
+class ParallelConfig(DictConvertible):
     tensor: int = 1  # TP: attention heads and vocabulary are split over this many ranks
     expert: int = 1  # EP: σ-MoE experts are partitioned over this many ranks
     zero_stage: int = 1  # DeepSpeed ZeRO stage (1: optimizer states, 2: + gradients)

@@ -14,11 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -27,82 +26,10 @@ from safetensors import SafetensorError, safe_open
 from moeut_dist import profiles
 from moeut_dist.config import ConfigError, MoEUTConfig
 from moeut_dist.data import ManifestMismatchError, Tokenizer, read_manifest
+from moeut_dist.dataclass_dict import DictConvertible, coerce
 from moeut_dist.export import CONFIG_FILE, WEIGHTS_FILE, read_config
 from moeut_dist.parallel.engine import OptimizerSettings
 from moeut_dist.parallel.layout import ParallelConfig
-
-
-def _coerce(expected: Any, value: Any, where: str) -> Any:
-    """`value` as the annotated type `expected`, or a ConfigError naming `where`.
-
-    YAML reads `2.5e-4` as a string (YAML 1.1 floats need a dot), so numeric strings are
-    accepted for float fields; nothing else is converted.
-    """
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(expected)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [option for option in options if option is not type(None)]
-        return _coerce(inner, value, where)
-    if origin is Literal:
-        if value not in typing.get_args(expected):
-            raise ConfigError(f"{where} must be one of {list(typing.get_args(expected))}")
-        return value
-    if origin is tuple:
-        items = typing.get_args(expected)
-        if not isinstance(value, list | tuple) or len(value) != len(items):
-            raise ConfigError(f"{where} must be a list of {len(items)} values, got {value!r}")
-        pairs = enumerate(zip(items, value, strict=True))
-        return tuple(_coerce(t, v, f"{where}[{i}]") for i, (t, v) in pairs)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return value
-    if expected is float and not isinstance(value, bool):
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    if expected in (int, bool, str) and type(value) is expected:
-        return value
-    raise ConfigError(f"{where} must be {getattr(expected, '__name__', expected)}, got {value!r}")
-
-
-def _from_dict(cls: type, values: Any, where: str) -> Any:
-    """An instance of the dataclass `cls` from a mapping, nested sections included."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where or 'the config'} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {[f'{where}{k}' for k in unknown]}; "
-            f"{where or 'top-level '}keys are {sorted(known)}"
-        )
-    converted = {}
-    for name, value in values.items():
-        expected = hints[name]
-        if expected is ModelSection:
-            converted[name] = ModelSection.from_dict(value, f"{where}{name}.")
-        elif dataclasses.is_dataclass(expected):
-            converted[name] = _from_dict(expected, value, f"{where}{name}.")
-        else:
-            converted[name] = _coerce(expected, value, f"{where}{name}")
-    return cls(**converted)
-
-
-class _Section:
-    @classmethod
-    def from_dict(cls, values: Any, where: str = "") -> Self:
-        return _from_dict(cls, values, where)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -117,7 +44,7 @@ class ModelSection:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, values: Any, where: str = "model.") -> ModelSection:
+    def from_dict(cls, values: Any, where: str = "model") -> ModelSection:
         if not isinstance(values, dict):
             raise ConfigError(f"model must be a mapping, got {values!r}")
         overrides = {k: v for k, v in values.items() if k != "profile"}
@@ -125,11 +52,11 @@ class ModelSection:
         unknown = sorted(set(overrides) - set(hints))
         if unknown:
             raise ConfigError(
-                f"unknown key(s) {[where + k for k in unknown]}; model keys are 'profile' and "
-                f"the MoEUTConfig fields {sorted(hints)}"
+                f"unknown key(s) {[f'{where}.{k}' for k in unknown]}; model keys are 'profile' "
+                f"and the MoEUTConfig fields {sorted(hints)}"
             )
-        overrides = {k: _coerce(hints[k], v, where + k) for k, v in overrides.items()}
-        profile = _coerce(str, values.get("profile", cls.profile), where + "profile")
+        overrides = {k: coerce(hints[k], v, f"{where}.{k}") for k, v in overrides.items()}
+        profile = coerce(str, values.get("profile", cls.profile), f"{where}.profile")
         return cls(profile, overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,7 +73,7 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
-class DataSection(_Section):
+class DataSection(DictConvertible):
     shard_dir: str = ""  # written by `moeut prep shards`
     tokenizer: str = ""  # the SentencePiece model the shards were built with
     seq_len: int = 1024
@@ -157,7 +84,7 @@ class DataSection(_Section):
 
 
 @dataclass(frozen=True)
-class OptimSection(_Section, OptimizerSettings):
+class OptimSection(DictConvertible, OptimizerSettings):
     def __post_init__(self) -> None:
         beta1, beta2 = self.betas
         requirements = [
@@ -181,27 +108,27 @@ class OptimSection(_Section, OptimizerSettings):
 
 
 @dataclass(frozen=True)
-class ScheduleSection(_Section):
+class ScheduleSection(DictConvertible):
     steps: int = 100_000  # optimizer steps of the whole run (the cosine's length)
     warmup_steps: int = 4000
     min_lr_ratio: float = 0.1  # the cosine ends at min_lr_ratio × lr
 
 
 @dataclass(frozen=True)
-class CheckpointSection(_Section):
+class CheckpointSection(DictConvertible):
     every: int = 1000  # steps; the last step is always saved
     keep: int = 3  # complete checkpoints kept, newest first
     resume: str = "auto"  # "auto": the latest complete one if any; "never"; or a step directory
 
 
 @dataclass(frozen=True)
-class EvalSection(_Section):
+class EvalSection(DictConvertible):
     every: int = 1000  # steps between validation passes; 0 disables them
     batches: int = 50  # micro-batches per rank per pass (fewer if the split is smaller)
 
 
 @dataclass(frozen=True)
-class LoggingSection(_Section):
+class LoggingSection(DictConvertible):
     every: int = 10  # steps per metrics record
     tensorboard: bool = True
     progress_bar: bool = True  # on rank 0
@@ -211,7 +138,7 @@ class LoggingSection(_Section):
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(DictConvertible):
     out_dir: str = "runs/default"  # checkpoints/, metrics.jsonl, tensorboard/, config.yaml
     seed: int = 0  # model initialisation, data order, and every RNG
     model: ModelSection = field(default_factory=ModelSection)
@@ -270,12 +197,6 @@ class TrainConfig(_Section):
         if self.precision == "auto":
             return torch.cuda.is_available()
         return self.precision == "bf16"
-
-    def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["model"] = self.model.to_dict()
-        values["optim"]["betas"] = list(self.optim.betas)
-        return values
 
     @property
     def out_path(self) -> Path:
