@@ -12,6 +12,7 @@ before the model is built. A run fails there, not an hour in.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import typing
@@ -128,13 +129,37 @@ class EvalSection(DictConvertible):
 
 
 @dataclass(frozen=True)
+class WandbSection(DictConvertible):
+    project: str = "moeut"
+    entity: str | None = None  # team or user; None: the account's default
+    name: str | None = None  # the run's display name; None: out_dir's name
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
+@dataclass(frozen=True)
 class LoggingSection(DictConvertible):
     every: int = 10  # steps per metrics record
     tensorboard: bool = True
-    progress_bar: bool = True  # on rank 0
+    progress_bar: bool = True  # on rank 0: a bar on a terminal, plain lines elsewhere
+    progress_every_steps: int = 100  # without a terminal: a progress line this often …
+    progress_every_seconds: float = 60.0  # … or after this many seconds, whichever comes first
     expert_usage: bool = True  # per-layer selection entropy and share of tokens per expert
-    # Dense bf16 peak of one accelerator (H100/H200 SXM: 989e12) for MFU; None: MFU not logged.
+    # Dense peak FLOP/s of one accelerator for MFU; None: looked up from the GPU's name and the
+    # precision (`moeut_dist.train.peak_flops`), MFU left out on CPUs and unknown devices.
     peak_flops_per_device: float | None = None
+    wandb: WandbSection | None = None  # Weights & Biases (extra `[wandb]`); None: not used
+
+
+@dataclass(frozen=True)
+class ProfilingSection(DictConvertible):
+    """torch.profiler Chrome traces of `steps` steps from `start_step` on the listed ranks, in
+    `<out_dir>/profiles/`; `memory`: also a CUDA memory snapshot (pickle, for
+    pytorch.org/memory_viz)."""
+
+    start_step: int = 10  # the first profiled step (1-based, as logged)
+    steps: int = 0  # 0: no profiling
+    ranks: tuple[int, ...] = (0,)
+    memory: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,6 +174,7 @@ class TrainConfig(DictConvertible):
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    profiling: ProfilingSection = field(default_factory=ProfilingSection)
     # Weights and activations: "bf16" (fp32 master weights and optimizer state in ZeRO's
     # partitions), "fp32", or "auto" (bf16 on CUDA, fp32 elsewhere).
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -173,6 +199,8 @@ class TrainConfig(DictConvertible):
             "checkpoint.keep": self.checkpoint.keep,
             "eval.batches": self.eval.batches,
             "logging.every": self.logging.every,
+            "logging.progress_every_steps": self.logging.progress_every_steps,
+            "profiling.start_step": self.profiling.start_step,
             "max_consecutive_nonfinite": self.max_consecutive_nonfinite,
         }
         for name, value in positive.items():
@@ -186,8 +214,12 @@ class TrainConfig(DictConvertible):
             raise ConfigError("schedule.warmup_steps must be in 0..schedule.steps")
         if not 0.0 <= self.schedule.min_lr_ratio <= 1.0:
             raise ConfigError("schedule.min_lr_ratio must be in [0, 1]")
-        if self.eval.every < 0 or self.data.num_workers < 0:
-            raise ConfigError("eval.every and data.num_workers must not be negative")
+        if self.eval.every < 0 or self.data.num_workers < 0 or self.profiling.steps < 0:
+            raise ConfigError(
+                "eval.every, data.num_workers and profiling.steps must not be negative"
+            )
+        if not self.logging.progress_every_seconds > 0:
+            raise ConfigError("logging.progress_every_seconds must be positive")
         if not self.data.shard_dir or not self.data.tokenizer:
             raise ConfigError("data.shard_dir and data.tokenizer are required")
 
@@ -317,6 +349,8 @@ def check_init_from(directory: str, model: MoEUTConfig) -> None:
 def check_run(config: TrainConfig, world_size: int) -> RunPlan:
     """Check everything a run needs before it starts, naming what is wrong."""
     data = config.data
+    if config.logging.wandb is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logging.wandb needs wandb: pip install 'moeut-dist[wandb]'")
     if not Path(data.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer: {data.tokenizer} does not exist")
     try:

@@ -24,9 +24,8 @@ from megatron.core import parallel_state
 from moeut_dist.atomic_files import write_atomically
 from moeut_dist.config import MoEUTConfig
 from moeut_dist.model import MoEUTLM
-from moeut_dist.plots import read_metrics
-
-METRICS_FILE = "metrics.jsonl"
+from moeut_dist.plots import METRICS_FILE, read_metrics
+from moeut_dist.train.config import WandbSection
 
 
 def forward_flops_per_token(config: MoEUTConfig, seq_len: int) -> float:
@@ -138,9 +137,17 @@ class MetricsWriter:
     `tensorboard.1/` (`.2`, …).
     """
 
-    def __init__(self, out_dir: Path, tensorboard: bool, resumed_step: int | None) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        tensorboard: bool,
+        resumed_step: int | None,
+        wandb: WandbSection | None = None,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
         self.enabled = dist.get_rank() == 0
         self.tensorboard = None
+        self.wandb = None
         if not self.enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -159,12 +166,19 @@ class MetricsWriter:
 
             purge = None if resumed_step is None else resumed_step + 1
             self.tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=purge)
+        if wandb is not None:
+            from moeut_dist.train.wandb_sink import WandbSink
+
+            resumed = resumed_step is not None
+            self.wandb = WandbSink(wandb, out_dir, run_config or {}, resumed)
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
         self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(kind, step, values)
         if self.tensorboard is None:
             return
         for name, value in values.items():
@@ -183,6 +197,8 @@ class MetricsWriter:
         self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def _records_up_to(path: Path, step: int) -> str:
