@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="moeut", description=__doc__.splitlines()[0])
     version = importlib.metadata.version("moeut-dist")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="`moeut COMMAND --help` for its own"
+    )
     for module_name in _COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
     return parser

@@ -25,7 +25,9 @@ _TENSOR = re.compile(
 )
 
 
-def _gib(n_bytes: float) -> str:
+def _size(n_bytes: float) -> str:
+    if n_bytes < 2**30:
+        return f"{n_bytes / 2**20:.2f} MiB"
     return f"{n_bytes / 2**30:.2f} GiB"
 
 
@@ -73,8 +75,8 @@ def describe_run(config: TrainConfig, plan: RunPlan, world_size: int) -> str:
         f"{model_config.group_size}, {model_config.n_experts} experts "
         f"(k={model_config.experts_per_token}), vocabulary {model_config.vocab_size}",
         f"compute: {forward / 1e6:.1f} MFLOPs per token forward, {3 * forward / 1e6:.1f} to train",
-        f"memory per rank (activations not included): weights {_gib(weights)}, gradients "
-        f"{_gib(gradients)}, optimizer state {_gib(optimizer)}; total "
-        f"{_gib(weights + gradients + optimizer)}",
+        f"memory per rank (activations not included): weights {_size(weights)}, gradients "
+        f"{_size(gradients)}, optimizer state {_size(optimizer)}; total "
+        f"{_size(weights + gradients + optimizer)}",
     ]
     return "\n".join(lines)

@@ -4,10 +4,12 @@ MFU is only worth reading against the right peak, so a device that is not in the
 none (MFU is left out of the metrics) rather than a guess. Values are the vendors' dense
 (no structured sparsity) tensor-core peaks for bf16, and the non-tensor fp32 peaks for fp32
 runs (TF32 matmuls are off in PyTorch by default). Names are matched as substrings of
-`torch.cuda.get_device_name()`, most specific first.
+`torch.cuda.get_device_name()` as whole words ("L4" is not "L40S"), most specific first.
 """
 
 from __future__ import annotations
+
+import re
 
 # (name fragment, bf16 peak, fp32 peak)
 _PEAKS: tuple[tuple[str, float, float], ...] = (
@@ -38,8 +40,7 @@ _PEAKS: tuple[tuple[str, float, float], ...] = (
 def peak_flops(device_name: str, bf16: bool) -> float | None:
     """The dense peak FLOP/s of the device named `device_name` in bf16 (else fp32), or None
     when the table does not know it."""
-    name = device_name.upper()
     for fragment, bf16_peak, fp32_peak in _PEAKS:
-        if fragment.upper() in name:
+        if re.search(rf"\b{re.escape(fragment)}\b", device_name, re.IGNORECASE):
             return bf16_peak if bf16 else fp32_peak
     return None

@@ -8,6 +8,7 @@ are logged again on resume; W&B keeps the first value of a step it has seen.
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ class WandbSink:
         if resumed and id_path.is_file():
             run_id = id_path.read_text().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(6)  # W&B ids: up to 64 of [a-z0-9_-]
             write_atomically(id_path, lambda path: path.write_text(run_id + "\n"))
         self.run = wandb.init(
             project=settings.project,
@@ -39,6 +40,7 @@ class WandbSink:
             resume="allow",
             dir=str(out_dir),
             config=run_config,
+            settings=wandb.Settings(quiet=True),  # W&B's own banner and summary: not our log
         )
 
     def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
