@@ -32,7 +32,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ from moeut_dist.data.manifest import (
     write_manifest,
 )
 from moeut_dist.data.tokenizer import Tokenizer, file_sha256
+from moeut_dist.dataclass_dict import from_dict, to_dict
 from moeut_dist.logs import Progress
 
 logger = logging.getLogger(__name__)
@@ -178,14 +179,11 @@ class _Checkpoint:
     position: _Position = _Position(0, 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return to_dict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> _Checkpoint:
-        return cls(
-            shards=tuple(ShardInfo(**shard) for shard in values["shards"]),
-            position=_Position(**values["position"]),
-        )
+    def from_dict(cls, values: Any) -> _Checkpoint:
+        return from_dict(cls, values, complete=True)  # written whole by `save_progress`
 
 
 class _SplitWriter:

@@ -25,12 +25,12 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
-# (logger name, start of the message) of dependency messages dropped on every rank.
+# (logger name, part of the message) of dependency messages dropped on every rank.
 _NOISE = (
     ("py.warnings", "Transformer Engine and Apex are not installed"),
     ("DeepSpeed", "Setting accelerator to CPU"),
 )
-_OUR_LOGGERS = ("moeut_dist", "data_prep", "py.warnings")
+_OUR_LOGGERS = ("moeut_dist", "data_prep")
 LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -40,34 +40,51 @@ def rank() -> int:
 
 
 class _DropNoise(logging.Filter):
-    def __init__(self, prefixes: tuple[str, ...]) -> None:
+    def __init__(self, fragments: tuple[str, ...]) -> None:
         super().__init__()
-        self.prefixes = prefixes
+        self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         # A captured warning's message is "file:line: Category: text".
-        return not any(prefix in message for prefix in self.prefixes)
+        return not any(fragment in message for fragment in self.fragments)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record comes (test harnesses swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def configure(level: str = "info") -> None:
-    """Our loggers and Python warnings to stderr at `level`; dependency noise dropped."""
+    """Our loggers and Python warnings to stderr at `level`; dependency noise dropped.
+
+    The handler sits on the root logger, so dependencies' warnings that propagate get the same
+    format (the root stays at WARNING); calling this again changes the level and format.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     where = f"[rank {rank()}] " if world_size > 1 else ""
-    handler = logging.StreamHandler(sys.stderr)
+    root = logging.getLogger()
+    for existing in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(existing)
+    handler = _StderrHandler()
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s %(levelname)s {where}%(message)s", "%Y-%m-%d %H:%M:%S")
     )
+    root.addHandler(handler)
     logging.captureWarnings(True)
     # Rank 0 speaks for the run; other ranks add only their warnings and errors (and everything
     # at debug level).
     if rank() != 0 and level != "debug":
         level = max(level, "warning", key=LEVELS.index)
     for name in _OUR_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(level.upper())
-        logger.propagate = False
+        logging.getLogger(name).setLevel(level.upper())
     # Filters sit on the loggers themselves, which DeepSpeed's logger factory reuses when it is
     # imported later.
     for name in {name for name, _ in _NOISE}:

@@ -20,7 +20,7 @@ from matplotlib.image import imread
 
 from data_prep.shards import build_shards
 from data_prep.synthetic import synthetic_documents, write_jsonl
-from moeut_dist import cli
+from moeut_dist import cli, logs
 from moeut_dist.dataclass_dict import ConfigError, from_dict, to_dict
 from moeut_dist.logs import Progress
 from moeut_dist.train.config import load_config
@@ -91,6 +91,23 @@ def test_without_a_terminal_progress_is_plain_periodic_lines(two_sessions):
         assert "Transformer Engine and Apex are not installed" not in output
         assert "MFU is not logged on CPU" in output
     assert all("mfu" not in record for record in read_run_metrics(two_sessions.out_dir))
+
+
+def test_logs_name_the_rank_and_other_ranks_keep_to_warnings(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    logs.configure("info")
+    logging.getLogger("moeut_dist.anything").info("rank 0 speaks for the run")
+    logging.getLogger("data_prep.anything").warning("a problem of this rank")
+    logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU")
+    out, err = capsys.readouterr()
+    assert re.fullmatch(r"\S+ \S+ WARNING \[rank 1\] a problem of this rank\n", err)
+    assert "Setting accelerator" not in out + err
+    monkeypatch.undo()
+    logs.configure("debug")
+    logging.getLogger("moeut_dist.anything").debug("now shown")
+    assert re.fullmatch(r"\S+ \S+ DEBUG now shown\n", capsys.readouterr().err)
+    logs.configure()
 
 
 def test_progress_lines_come_every_n_steps_and_at_the_end(caplog):

@@ -26,6 +26,10 @@ below can be given either way (`optim: {lr: 1e-3}` or `optim.lr=1e-3`)."""
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.world_size is not None and not args.dry_run:
+        print("moeut train: --world-size plans a --dry-run; a run's comes from its launcher",
+              file=sys.stderr)  # fmt: skip
+        return 2
     from safetensors import SafetensorError
 
     from moeut_dist.config import ConfigError

@@ -220,11 +220,9 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
     end_step = config.schedule.steps
     if config.stop_after_steps is not None:
         end_step = min(end_step, state.step + config.stop_after_steps)
-    flops_per_step = training_flops_per_token(plan.model, config.data.seq_len) * (
-        config.data.global_batch_size * config.data.seq_len
-    )
-    peak = device_peak_flops(config)
     tokens_per_step = config.data.global_batch_size * config.data.seq_len
+    flops_per_step = training_flops_per_token(plan.model, config.data.seq_len) * tokens_per_step
+    peak = device_peak_flops(config)
     progress = Progress(
         total=config.schedule.steps,
         initial=state.step,
