@@ -231,12 +231,16 @@ def test_readme_commands_use_the_cli_argument_names():
 
 def test_print_config_loads_back_to_an_equal_config(corpus, tmp_path, capsys):
     path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
-    overrides = ["optim.lr=1e-3", "model.d_model=32", "logging.wandb.mode=offline"]
+    overrides = ["optim.lr=1e-3", "model.d_model=32", "logging.wandb.name=exp #2"]
     assert cli.main(["train", "--config", str(path), "--print-config", *overrides]) == 0
     printed = tmp_path / "printed.yaml"
     printed.write_text(capsys.readouterr().out)
     assert load_config(printed) == load_config(path, overrides)
-    assert yaml.safe_load(printed.read_text())["optim"]["lr"] == 1e-3
+    printed_values = yaml.safe_load(printed.read_text())
+    assert printed_values["optim"]["lr"] == 1e-3
+    assert printed_values["logging"]["wandb"] == {
+        "project": "moeut", "entity": None, "name": "exp #2", "mode": "online"
+    }  # fmt: skip
 
 
 def test_dry_run_checks_and_describes_the_run_without_training(corpus, tmp_path, capsys):

@@ -239,6 +239,9 @@ def _annotation(path: list[str]) -> Any:
     """The annotated type of the config field a dotted path names; None if there is none."""
     section: Any = TrainConfig
     for part in path:
+        # An optional section (`logging.wandb`) names its keys like any other.
+        optional = [a for a in typing.get_args(section) if dataclasses.is_dataclass(a)]
+        section = optional[0] if optional else section
         if section is ModelSection:
             hints = {"profile": str, **typing.get_type_hints(MoEUTConfig)}
         elif dataclasses.is_dataclass(section):
