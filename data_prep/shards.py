@@ -62,7 +62,7 @@ from moeut_dist.data.manifest import (
 )
 from moeut_dist.data.tokenizer import Tokenizer, file_sha256
 from moeut_dist.dataclass_dict import from_dict, to_dict
-from moeut_dist.logs import Progress
+from moeut_dist.progress import Progress
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from data_prep.shards import build_shards
 from data_prep.synthetic import synthetic_documents, write_jsonl
 from moeut_dist import cli, logs
 from moeut_dist.dataclass_dict import ConfigError, from_dict, to_dict
-from moeut_dist.logs import Progress
+from moeut_dist.progress import Progress
 from moeut_dist.train.config import load_config
 from moeut_dist.train.metrics import read_run_metrics
 from moeut_dist.train.peak_flops import peak_flops

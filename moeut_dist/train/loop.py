@@ -31,11 +31,12 @@ from megatron.core import parallel_state
 from moeut_dist.config import ConfigError
 from moeut_dist.data import TokenLoader
 from moeut_dist.export import WEIGHTS_FILE
-from moeut_dist.logs import Progress, stdout_on_rank0_only
+from moeut_dist.logs import stdout_on_rank0_only
 from moeut_dist.model import perplexity
 from moeut_dist.parallel.build import build_model, parallel_lm_loss
 from moeut_dist.parallel.engine import create_engine, load_initial_weights
 from moeut_dist.parallel.layout import init_distributed, initialize
+from moeut_dist.progress import Progress
 from moeut_dist.train.checkpoint import CheckpointError, CheckpointManager, TrainerState
 from moeut_dist.train.config import RunPlan, TrainConfig, check_init_from, check_run
 from moeut_dist.train.metrics import MetricsWriter, RoutingMonitor, training_flops_per_token
@@ -233,9 +234,9 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
     )
     profiler = StepProfiler(config.profiling, config.out_path, dist.get_rank())
     logger.info(
-        "training steps %d to %d of %d in %s (%d processes, %d-way data parallel, %d "
+        "training steps %d to %d of %d in %s on %s (%d processes, %d-way data parallel, %d "
         "micro-batches per step)",
-        state.step + 1, end_step, config.schedule.steps, config.out_dir,
+        state.step + 1, end_step, config.schedule.steps, config.out_dir, engine.device.type,
         dist.get_world_size(), plan.data_parallel, plan.grad_accumulation,
     )  # fmt: skip
     batches = iter(loader)
