@@ -214,6 +214,9 @@ def test_init_from_needs_a_model_directory_of_the_same_model(
     shutil.copytree(other_model_dir, truncated)
     weights = (truncated / WEIGHTS_FILE).read_bytes()
     (truncated / WEIGHTS_FILE).write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ConfigError, match=r"model\.safetensors is corrupt: its sha256 is"):
+        check_init_from(truncated, _run_model(path))
+    (truncated / CHECKSUMS_FILE).unlink()  # as written before directories recorded checksums
     with pytest.raises(ConfigError, match=r"model\.safetensors is damaged \(.*incomplete"):
         check_init_from(truncated, _run_model(path))
 
@@ -529,6 +532,7 @@ def test_checkpoint_of_another_format_is_refused_naming_it(two_step_run, tmp_pat
     shutil.copytree(two_step_run["out_dir"], tmp_path / "run")
     state_file = tmp_path / "run/checkpoints/step_00000002/trainer_rank00000.json"
     state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "format": 1}))
+    record_checksums(state_file.parent)
     monkeypatch.setattr(loop, "build_model", lambda *_, **__: pytest.fail("model was built"))
     config = {**two_step_run, "out_dir": str(tmp_path / "run")}
     with pytest.raises(CheckpointError, match="checkpoint format 1, from another version"):

@@ -156,10 +156,15 @@ def _read_marker(path: Path) -> int | None:
 
 
 def is_complete(directory: Path) -> bool:
-    """Every rank that wrote into `directory` finished (each marker names the world size) and
-    rank 0 recorded the checksums."""
+    """Every rank that wrote into `directory` finished and rank 0 recorded the checksums."""
+    return _all_ranks_done(directory) and (directory / CHECKSUMS_FILE).is_file()
+
+
+def _all_ranks_done(directory: Path) -> bool:
+    """Every rank that wrote into `directory` marked its files done (each marker names the
+    world size)."""
     world_size = _read_marker(_rank_file(directory, "done", 0))
-    if world_size is None or world_size < 1 or not (directory / CHECKSUMS_FILE).is_file():
+    if world_size is None or world_size < 1:
         return False
     return all(
         _read_marker(_rank_file(directory, "done", rank)) == world_size
@@ -286,18 +291,23 @@ class CheckpointManager:
         if directory is None:
             return None
         if not is_complete(directory):
+            if _all_ranks_done(directory):
+                raise CheckpointError(
+                    f"{directory} has no {CHECKSUMS_FILE}: it was written by an earlier version "
+                    "of moeut-dist, or its save stopped just before it completed"
+                )
             raise ConfigError(f"checkpoint.resume: {directory} is not a complete checkpoint")
         directory = _on_rank0(lambda: _intact(directory, fall_back=choice == LATEST_INTACT))
         self._check_tokenizer(directory)
         return self._read_rank_state(directory)
 
     def _remove_unfinished(self) -> None:
-        """Remove checkpoint directories a crashed save left incomplete (they may hold most of
-        the disk; none is ever resumed from)."""
+        """Remove checkpoint directories a crashed save left unfinished by some rank (they may
+        hold most of the disk; none is ever resumed from)."""
         if not self.root.is_dir():
             return
         for directory in self.root.glob("step_*"):
-            if not is_complete(directory) and not _is_leased(directory):
+            if not _all_ranks_done(directory) and not _is_leased(directory):
                 shutil.rmtree(directory)
 
     def _check_tokenizer(self, directory: Path) -> None:
@@ -358,8 +368,7 @@ class CheckpointManager:
     def _complete(self, directory: Path) -> None:
         """Rank 0, once every rank marked its files done: record the checksums, then move the
         pointer and prune."""
-        markers = [_rank_file(directory, "done", rank) for rank in range(self.world_size)]
-        if any(_read_marker(marker) != self.world_size for marker in markers):
+        if not _all_ranks_done(directory):
             raise RuntimeError(f"{directory}: a rank's completion marker is missing")
         record_checksums(directory, skip=_is_lease)
         self._point_to(directory)
