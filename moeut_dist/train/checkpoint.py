@@ -180,13 +180,20 @@ def _is_lease(name: str) -> bool:
 def checkpoint_lease(directory: Path) -> Iterator[None]:
     """Keep `directory` from being pruned while the block runs (a `FileNotFoundError` if it is
     already gone). The lease names its holder, so one left by a killed process on this host is
-    ignored; one from another host expires after a day."""
+    ignored; one from another host expires after a day. Where the directory is read-only to
+    this process, no run can prune it either, and no lease is taken."""
     lease = directory / f"{_LEASE_PREFIX}{socket.gethostname()}.{os.getpid()}"
-    lease.touch(exist_ok=False)
+    try:
+        lease.touch()
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        lease = None
     try:
         yield
     finally:
-        lease.unlink(missing_ok=True)
+        if lease is not None:
+            lease.unlink(missing_ok=True)
 
 
 def _is_leased(directory: Path) -> bool:

@@ -287,10 +287,10 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
 def data_fault_counts(loader: TokenLoader, device: torch.device) -> dict[str, int]:
     """The run's data faults so far (`TokenLoader.counters`) over all data-parallel ranks, as
     `data/<counter>` (a collective; tensor-parallel ranks read the same data, counted once)."""
-    names = sorted(loader.counters())
-    counts = torch.tensor([loader.counters()[n] for n in names], dtype=torch.int64, device=device)
+    local = loader.counters()
+    counts = torch.tensor(list(local.values()), dtype=torch.int64, device=device)
     dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
-    return {f"data/{name}": int(count) for name, count in zip(names, counts.tolist(), strict=True)}
+    return {f"data/{name}": count for name, count in zip(local, counts.tolist(), strict=True)}
 
 
 def _train_record(engine, config: TrainConfig, interval: Interval, lr: float, flops_per_step):
