@@ -72,6 +72,8 @@ _FORMAT = 2
 ENGINE_TAG = "engine"
 TOKENIZER_FILE = "tokenizer.model"
 _LATEST = "latest.json"
+# `checkpoint.resume` value: as "auto", but a corrupt checkpoint yields to the newest intact one.
+LATEST_INTACT = "latest-intact"
 _LEASE_PREFIX = ".lease."
 # A lease whose holder cannot be checked (another host) is honoured this long after it was taken.
 _FOREIGN_LEASE_SECONDS = 24 * 3600
@@ -216,12 +218,6 @@ def _process_exists(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
-
-
-def verify_checkpoint(directory: Path, include=lambda _: True) -> None:
-    """Check the files of a complete checkpoint (those `include` accepts, by relative path)
-    against the checksums recorded when it completed."""
-    verify_checksums(directory, include)
 
 
 def _directory_bytes(directory: Path) -> int:
@@ -496,9 +492,6 @@ class CheckpointManager:
         self.timeline_latest = resume.directory
 
 
-LATEST_INTACT = "latest-intact"
-
-
 def _on_rank0(action: Callable[[], T]) -> T:
     """`action()` run by rank 0 alone (it reads the shared file system for everyone); its
     result, or the checkpoint error it raised, on every rank."""
@@ -520,7 +513,7 @@ def _intact(directory: Path, fall_back: bool) -> Path:
     earlier complete checkpoint beside it whose files do. A `CheckpointError` names the corrupt
     file and the checkpoint to fall back to."""
     try:
-        verify_checkpoint(directory)
+        verify_checksums(directory)
         return directory
     except ChecksumError as error:
         corrupt = error
@@ -538,7 +531,7 @@ def _intact(directory: Path, fall_back: bool) -> Path:
         raise CheckpointError(f"{corrupt}; {hint}") from corrupt
     for candidate in earlier:
         try:
-            verify_checkpoint(candidate)
+            verify_checksums(candidate)
         except ChecksumError as error:
             warnings.warn(f"passing over a corrupt checkpoint: {error}", RuntimeWarning, 2)
             continue

@@ -57,8 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help="YAML run config (launch/configs/ has examples)")
     parser.add_argument(
         "--resume",
-        help="'auto' (default): continue from the latest complete checkpoint if there is one; "
-        "'never'; or a checkpoint directory",
+        help="'auto' (default): continue from the latest complete checkpoint if there is one, "
+        "stopping if a file of it is corrupt; 'latest-intact': the same, falling back to the "
+        "newest intact checkpoint; 'never'; or a checkpoint directory",
     )
     parser.add_argument(
         "overrides",

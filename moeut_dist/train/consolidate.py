@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from moeut_dist.checksums import verify_checksums
 from moeut_dist.config import ConfigError
 from moeut_dist.data import Tokenizer
 from moeut_dist.export import OFFICIAL_FILE, export_shards, load_pretrained
@@ -28,7 +29,6 @@ from moeut_dist.train.checkpoint import (
     checkpoint_lease,
     is_complete,
     latest_checkpoint,
-    verify_checkpoint,
 )
 from moeut_dist.train.config import load_config
 
@@ -74,7 +74,7 @@ def export_checkpoint(
 
 
 def _export_leased(directory: Path, out_dir: str | os.PathLike, official: bool) -> Path:
-    verify_checkpoint(
+    verify_checksums(
         directory,
         include=lambda name: (
             name in (_RUN_CONFIG, TOKENIZER_FILE) or name.startswith(f"{ENGINE_TAG}/model_")
