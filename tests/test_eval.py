@@ -367,6 +367,7 @@ def one_process_checkpoint(model_dir, tokenizer_path, directory):
     (directory / "config.yaml").write_text(yaml.safe_dump(run))
     shutil.copyfile(tokenizer_path, directory / "tokenizer.model")
     (directory / "done_rank00000").write_text("1")
+    record_checksums(directory)
     return directory
 
 
