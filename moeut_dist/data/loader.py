@@ -306,13 +306,14 @@ class TokenLoader:
             epochs, after which iteration ends (the last batch may then be short). Use
             `epochs=1` for a validation pass; ranks may then get one batch more or fewer.
         skip_corrupt: skip a corrupt shard (unreadable, or not what the manifest describes,
-            its sha256 included) with a warning and count it in `skipped_shards`, instead of
-            raising `ShardError`.
+            its sha256 included) with a warning and count it in `counters()`, instead of
+            raising `ShardError` (a worker process's is raised here with its own message).
 
     Iterating continues from the current position, so `state_dict()` / `load_state_dict()`
     resume an endless stream exactly: the restored loader yields the batches the original one
     would have yielded next. A restore must use the same layout (ranks, workers, batch size,
-    seed, split). Errors about the shards are raised here, before anything is read.
+    seed, split, and the split's shards as the manifest lists them). Errors about the shards
+    are raised here, before anything is read.
     """
 
     def __init__(
