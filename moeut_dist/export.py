@@ -6,6 +6,10 @@ files with memory bounded by the largest tensor: the safetensors header is compu
 shards' headers, then each full tensor is assembled and streamed to disk in turn. Loading checks
 every tensor's name, shape and dtype against the config and names the first mismatch.
 
+A directory records the sha256 of each of its files (`checksums.json`); `load_pretrained`
+checks the weights as it reads them (one read) and the other files before, so a flipped bit is
+named instead of loaded. Directories written before the record existed load unchecked.
+
 Every writer goes through `write_model_dir`, which builds the directory beside its destination
 and moves it into place whole.
 """
@@ -21,9 +25,16 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from moeut_dist.atomic_files import fsync_path
+from moeut_dist.checksums import (
+    CHECKSUMS_FILE,
+    read_verified,
+    record_checksums,
+    recorded_checksums,
+    verify_checksums,
+)
 from moeut_dist.config import ConfigError, MoEUTConfig
 from moeut_dist.model import MoEUTLM
 from moeut_dist.parallel.shards import find_shard_files, iter_full_tensors, shard_rule
@@ -32,7 +43,9 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 OFFICIAL_FILE = "official_model.pt"  # the authors' state-dict format (`moeut export --official`)
-MODEL_DIR_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, OFFICIAL_FILE})
+MODEL_DIR_FILES = frozenset(
+    {CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, OFFICIAL_FILE, CHECKSUMS_FILE}
+)
 
 TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -149,6 +162,7 @@ def _write_model_files(
         shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
     if add_files is not None:
         add_files(directory)
+    record_checksums(directory)
 
 
 def save_pretrained(
@@ -185,9 +199,14 @@ def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if not (model_dir / required).is_file():
             raise FileNotFoundError(f"{model_dir} has no {required}: not a moeut model directory")
+    recorded = recorded_checksums(model_dir) if (model_dir / CHECKSUMS_FILE).exists() else {}
+    if recorded:
+        verify_checksums(model_dir, include=lambda name: name != WEIGHTS_FILE)
     config = read_config(model_dir)
+    path = model_dir / WEIGHTS_FILE
     try:
-        weights = load_file(str(model_dir / WEIGHTS_FILE), device=str(device))
+        data = read_verified(path, recorded[WEIGHTS_FILE]) if recorded else path.read_bytes()
+        weights = {name: t.to(device) for name, t in load(data).items()}
     except SafetensorError as error:
         raise ModelDirectoryError(f"{model_dir / WEIGHTS_FILE} is damaged: {error}") from error
     # A model is saved in one dtype: every tensor must share the first one's.

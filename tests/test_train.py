@@ -8,7 +8,6 @@ import itertools
 import json
 import math
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from safetensors.torch import load_file
 
 from moeut_dist import profiles
+from moeut_dist.checksums import CHECKSUMS_FILE, record_checksums
 from moeut_dist.config import ConfigError, MoEUTConfig
 from moeut_dist.data import read_manifest
 from moeut_dist.export import WEIGHTS_FILE, load_pretrained, save_pretrained
@@ -30,6 +30,7 @@ from moeut_dist.model import MoEUTLM
 from moeut_dist.parallel.build import ParallelLoss, build_model, parallel_lm_loss
 from moeut_dist.parallel.engine import (
     OptimizerSettings,
+    UnsafeCheckpointFileError,
     create_engine,
     deepspeed_config,
     load_initial_weights,
@@ -179,6 +180,7 @@ def test_pruning_keeps_this_runs_newest_and_leaves_an_abandoned_runs_alone(tmp_p
         directory = root / f"step_{step:08d}"
         directory.mkdir(parents=True)
         (directory / "done_rank00000").write_text("1")
+        record_checksums(directory)
     manager = object.__new__(CheckpointManager)  # _prune needs only the root and `keep`
     manager.root, manager.keep = root, 2
     (root / "step_00000001").mkdir()  # a save that crashed
@@ -212,6 +214,9 @@ def test_init_from_needs_a_model_directory_of_the_same_model(
     shutil.copytree(other_model_dir, truncated)
     weights = (truncated / WEIGHTS_FILE).read_bytes()
     (truncated / WEIGHTS_FILE).write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ConfigError, match=r"model\.safetensors is corrupt: its sha256 is"):
+        check_init_from(truncated, _run_model(path))
+    (truncated / CHECKSUMS_FILE).unlink()  # as written before directories recorded checksums
     with pytest.raises(ConfigError, match=r"model\.safetensors is damaged \(.*incomplete"):
         check_init_from(truncated, _run_model(path))
 
@@ -313,20 +318,22 @@ def _validate_with_a_rank_short_of_batches(config_path: Path) -> tuple[float, in
     engine = types.SimpleNamespace(
         module=build_model(plan.model, config.parallel, seed=0), device=torch.device("cpu")
     )
-    make_loader, forward = loop.make_loader, loop.parallel_lm_loss
+    forward = loop.parallel_lm_loss
     forwards = itertools.count()
-
-    def short_on_rank_1(*args, **kwargs):
-        loader = make_loader(*args, **kwargs)
-        return itertools.islice(loader, 1) if dist.get_rank() == 1 else loader
 
     def counted(*args):
         next(forwards)
         return forward(*args)
 
-    loop.make_loader, loop.parallel_lm_loss = short_on_rank_1, counted
-    loss = loop.validation_loss(engine, config, None)
+    loop.parallel_lm_loss = counted
+    loss = loop.validation_loss(engine, config, _EndingEarlyOnRank1(config), None)
     return loss, next(forwards)
+
+
+class _EndingEarlyOnRank1(loop.ValidationBatches):
+    def __iter__(self):
+        batches = super().__iter__()
+        return itertools.islice(batches, 1) if dist.get_rank() == 1 else batches
 
 
 def test_validation_runs_as_many_batches_on_every_rank(corpus, tmp_path):
@@ -483,10 +490,13 @@ def two_step_run(corpus, tmp_path_factory):
 
 
 def _damage(path, content: str | None) -> None:
+    """Damage a checkpoint file as if it had been written so (its checksum recorded too)."""
     if content is None:
         path.unlink()
     else:
         path.write_text(content)
+    if path.parent.name.startswith("step_"):
+        record_checksums(path.parent)
 
 
 @pytest.mark.parametrize(
@@ -509,6 +519,7 @@ def test_damaged_or_foreign_checkpoint_is_refused_before_the_model_is_built(
     _damage(checkpoints / damaged, content)
     if content == "2":  # a complete checkpoint of two ranks
         (checkpoints / "step_00000002" / "done_rank00001").write_text("2")
+        record_checksums(checkpoints / "step_00000002")
     monkeypatch.setattr(loop, "build_model", lambda *_, **__: pytest.fail("model was built"))
     config = {**two_step_run, "out_dir": str(tmp_path / "run")}
     config["schedule"] = {**config["schedule"], "steps": 4}
@@ -521,6 +532,7 @@ def test_checkpoint_of_another_format_is_refused_naming_it(two_step_run, tmp_pat
     shutil.copytree(two_step_run["out_dir"], tmp_path / "run")
     state_file = tmp_path / "run/checkpoints/step_00000002/trainer_rank00000.json"
     state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "format": 1}))
+    record_checksums(state_file.parent)
     monkeypatch.setattr(loop, "build_model", lambda *_, **__: pytest.fail("model was built"))
     config = {**two_step_run, "out_dir": str(tmp_path / "run")}
     with pytest.raises(CheckpointError, match="checkpoint format 1, from another version"):
@@ -598,10 +610,10 @@ def test_every_checkpoint_file_is_on_disk_before_its_completion_marker(
     _train(config, tmp_path / "run.yaml")
     directory = latest_checkpoint(tmp_path / "run" / "checkpoints")
     marker = flushed.index(directory / "done_rank00000")
-    # DeepSpeed also copies its zero_to_fp32 scripts beside the checkpoint: its own sources,
-    # not part of what a resume reads.
-    files = {p for p in directory.rglob("*") if p.is_file() and not p.match("zero_to_*.py")}
-    files -= {directory / "done_rank00000"}
+    # The checksums are recorded once every rank's marker is there.
+    files = {p for p in directory.rglob("*") if p.is_file()}
+    files -= {directory / "done_rank00000", directory / CHECKSUMS_FILE}
+    assert flushed.index(directory / CHECKSUMS_FILE) > marker
     assert files and files <= set(flushed[:marker])
     assert {directory, directory / "engine"} <= set(flushed[:marker])
 
@@ -651,7 +663,8 @@ def test_nonfinite_loss_skips_the_step_and_stops_after_too_many(
     _train(config, tmp_path / "skip.yaml")
     records = read_run_metrics(tmp_path / "run")
     assert [r["skipped_steps"] for r in records] == [0, 1, 0, 0, 0, 0]
-    assert math.isnan(records[1]["loss"]) and all(math.isfinite(r["loss"]) for r in records[2:])
+    assert records[1]["loss"] is None and records[1]["nonfinite"]["loss"] == "nan"
+    assert all(math.isfinite(r["loss"]) for r in records[2:])
     weights = {
         step: torch.load(
             tmp_path / f"run/checkpoints/step_{step:08d}/engine/mp_rank_00_model_states.pt",
@@ -690,8 +703,9 @@ def test_untrusted_checkpoint_files_are_not_unpickled(uninterrupted, corpus, tmp
     for name in os.listdir(engine_dir):
         if name.endswith(".pt"):
             torch.save({"payload": _Payload(str(marker))}, engine_dir / name)
+    record_checksums(engine_dir.parent)  # planted by someone who also rewrote the checksums
     config["schedule"] = {**config["schedule"], "steps": 4}
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(UnsafeCheckpointFileError, match=r"holds code .* and was not loaded"):
         _train(config, tmp_path / "resume.yaml")
     assert not marker.exists()
     assert json.loads((tmp_path / "run/checkpoints/latest.json").read_text())["step"] == 2

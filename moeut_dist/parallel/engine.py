@@ -20,7 +20,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import types
 from dataclasses import dataclass
 
@@ -242,10 +244,21 @@ def _is_shard_writer() -> bool:
     return coordinates.index(_model_coordinates()) == dist.get_rank()
 
 
+# Scripts DeepSpeed copies into every checkpoint. They unpickle the optimizer files with
+# `weights_only=False`, so running one on a checkpoint from elsewhere runs whatever code it
+# holds; `moeut export` does their job without unpickling anything.
+_UNSAFE_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
 def save_checkpoint(engine: deepspeed.DeepSpeedEngine, save_dir: str, tag: str) -> None:
-    """DeepSpeed checkpoint `save_dir/tag` plus this layout's weight shards in the same folder."""
+    """DeepSpeed checkpoint `save_dir/tag` plus this layout's weight shards in the same folder
+    (and without DeepSpeed's recovery scripts)."""
     engine.save_checkpoint(save_dir, tag=tag, save_latest=False)  # our pointer is our own
     directory = os.path.join(save_dir, tag)
+    for folder in (save_dir, directory):
+        for script in _UNSAFE_RECOVERY_SCRIPTS:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, script))
     model: MoEUTLM = engine.module
     if _is_shard_writer():
         tp_rank, ep_rank = _model_coordinates()
@@ -263,6 +276,10 @@ def save_checkpoint(engine: deepspeed.DeepSpeedEngine, save_dir: str, tag: str) 
 _DEEPSPEED_SAFE_GLOBALS = [fragment_address, LossScaler, ZeroStageEnum]
 
 
+class UnsafeCheckpointFileError(ValueError):
+    """An optimizer file that was not loaded: it holds code, or it is damaged."""
+
+
 class SafeCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's torch checkpoint engine, made durable and safe: every file it saves is on
     disk before `save` returns (a checkpoint's completion marker must never outlive its files),
@@ -276,12 +293,21 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
 
     def load(self, path: str, map_location=None):
         with torch.serialization.safe_globals(_DEEPSPEED_SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as error:
+                # torch's message advises `weights_only=False`: running the file's code.
+                raise UnsafeCheckpointFileError(
+                    f"{path} holds code (a pickled object other than tensors and plain data) "
+                    "and was not loaded; a checkpoint written by moeut-dist holds none"
+                ) from error
+            except RuntimeError as error:  # torch's zip reader: a truncated or damaged file
+                raise UnsafeCheckpointFileError(f"{path} is damaged: {error}") from error
 
 
 def load_checkpoint(engine: deepspeed.DeepSpeedEngine, load_dir: str, tag: str) -> None:
     """Restore a checkpoint written by `save_checkpoint` under the same layout, without
-    unpickling anything (`pickle.UnpicklingError` for a file that would run code)."""
+    unpickling anything (`UnsafeCheckpointFileError` for a file that would run code)."""
     path = shard_file(os.path.join(load_dir, tag), *_model_coordinates())
 
     def load_shard(src, dst: torch.nn.Module) -> None:

@@ -25,6 +25,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 
 from moeut_dist import profiles
+from moeut_dist.checksums import CHECKSUMS_FILE, verify_checksums
 from moeut_dist.config import ConfigError, MoEUTConfig
 from moeut_dist.data import ManifestMismatchError, Tokenizer, read_manifest
 from moeut_dist.export import CONFIG_FILE, WEIGHTS_FILE, read_config
@@ -191,7 +192,10 @@ class ScheduleSection(_Section):
 class CheckpointSection(_Section):
     every: int = 1000  # steps; the last step is always saved
     keep: int = 3  # complete checkpoints kept, newest first
-    resume: str = "auto"  # "auto": the latest complete one if any; "never"; or a step directory
+    # "auto": the latest complete one if any, stopping if a file of it is corrupt;
+    # "latest-intact": the same, falling back to the newest intact one; "never"; or a step
+    # directory.
+    resume: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,8 @@ class TrainConfig(_Section):
             raise ConfigError("eval.every and data.num_workers must not be negative")
         if not self.data.shard_dir or not self.data.tokenizer:
             raise ConfigError("data.shard_dir and data.tokenizer are required")
+        if self.out_path.exists() and not self.out_path.is_dir():
+            raise ConfigError(f"out_dir: {self.out_dir} exists and is not a directory")
 
     @property
     def bf16(self) -> bool:
@@ -373,6 +379,8 @@ def check_init_from(directory: str, model: MoEUTConfig) -> None:
         if not (path / required).is_file():
             raise ConfigError(f"init_from: {path} has no {required}; not a model directory")
     try:
+        if (path / CHECKSUMS_FILE).exists():  # the weights too: each rank reads slices of them
+            verify_checksums(path)
         saved = read_config(path)
     except ValueError as error:
         raise ConfigError(f"init_from: {error}") from error

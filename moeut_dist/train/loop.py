@@ -136,13 +136,26 @@ def train_step(engine, batches: Iterator[torch.Tensor], plan: RunPlan) -> tuple[
     return lm, reg
 
 
+class ValidationBatches:
+    """The validation split's loader, made once at the start of the run (so a manifest changed
+    under a running job cannot stop it), rewound to the split's start for every pass."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.loader = make_loader(config, "val", epochs=1)
+        self._start = self.loader.state_dict()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self.loader.load_state_dict(self._start)
+        return iter(self.loader)
+
+
 @torch.no_grad()
-def validation_loss(engine, config: TrainConfig, monitor: RoutingMonitor | None) -> float | None:
+def validation_loss(
+    engine, config: TrainConfig, validation: ValidationBatches, monitor: RoutingMonitor | None
+) -> float | None:
     """Mean LM loss over the first `eval.batches` micro-batches of each rank's share of the
     validation split (the same ones every pass); None if some rank has no full batch."""
-    full = (
-        b for b in make_loader(config, "val", epochs=1) if len(b) == config.data.micro_batch_size
-    )
+    full = (b for b in validation if len(b) == config.data.micro_batch_size)
     batches = list(itertools.islice(full, config.eval.batches))
     # Every rank must run the same number of forwards (they hold collectives); a rank may have
     # fewer batches than its manifest share when corrupt shards are skipped.
@@ -175,6 +188,7 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
     if init_from is not None:
         check_init_from(init_from, plan.model)
     loader = make_loader(config, "train", epochs=None)
+    validation = ValidationBatches(config) if config.eval.every else None
     state = TrainerState(step=0, loader=loader.state_dict())
     if resume is not None:
         state = resume.state
@@ -251,6 +265,7 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         run_ends = state.step == config.schedule.steps
         if state.step % config.logging.every == 0 or session_ends:
             record = _train_record(engine, config, interval, lr, flops_per_step)
+            record.update(data_fault_counts(loader, engine.device))
             if monitor is not None:
                 record.update(monitor.collect())
             metrics.write("train", state.step, record)
@@ -259,7 +274,7 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         # record's tokens/s, FLOPs/s and MFU.
         paused = time.perf_counter()
         if config.eval.every and (state.step % config.eval.every == 0 or run_ends):
-            val = validation_loss(engine, config, monitor)
+            val = validation_loss(engine, config, validation, monitor)
             if val is not None:
                 metrics.write("val", state.step, {"loss": val, "perplexity": perplexity(val)})
         if state.step % config.checkpoint.every == 0 or session_ends:
@@ -267,6 +282,15 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         interval.started += time.perf_counter() - paused
     progress.close()
     metrics.close()
+
+
+def data_fault_counts(loader: TokenLoader, device: torch.device) -> dict[str, int]:
+    """The run's data faults so far (`TokenLoader.counters`) over all data-parallel ranks, as
+    `data/<counter>` (a collective; tensor-parallel ranks read the same data, counted once)."""
+    local = loader.counters()
+    counts = torch.tensor(list(local.values()), dtype=torch.int64, device=device)
+    dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    return {f"data/{name}": count for name, count in zip(local, counts.tolist(), strict=True)}
 
 
 def _train_record(engine, config: TrainConfig, interval: Interval, lr: float, flops_per_step):
