@@ -134,7 +134,7 @@ def _check_export_matches_training_model(config, save_dir: str, layout: Parallel
     engine = _engine(config, layout)
     for step in range(STEPS):
         _train_step(engine, config, step)
-    save_checkpoint(engine, save_dir, "export")
+    save_checkpoint(engine, save_dir, "trained")
     tokens = batch(config, STEPS)
     engine.module.eval()
     with torch.no_grad():
@@ -142,7 +142,7 @@ def _check_export_matches_training_model(config, save_dir: str, layout: Parallel
     trained = gather_state_dict(engine.module)  # a collective: every rank takes part
     out_dir = os.path.join(save_dir, "export")
     if torch.distributed.get_rank() == 0:
-        export_shards(os.path.join(save_dir, "export"), config, out_dir)
+        export_shards(os.path.join(save_dir, "trained"), config, out_dir)
         exported = load_pretrained(out_dir)
         assert_close_dicts(exported.state_dict(), trained, 0, 0, what="exported")
         with torch.no_grad():
