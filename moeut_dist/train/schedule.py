@@ -41,9 +41,10 @@ def _wsd(step: int, schedule: ScheduleSection) -> float:
 
 def _decayed(floor: float, progress: float, shape: str) -> float:
     """From 1 at progress 0 to `floor` at progress 1."""
-    remaining = {
-        "linear": 1.0 - progress,
-        "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
-        "sqrt": 1.0 - math.sqrt(progress),
-    }[shape]
+    if shape == "cosine":
+        remaining = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif shape == "sqrt":
+        remaining = 1.0 - math.sqrt(progress)
+    else:
+        remaining = 1.0 - progress
     return floor + (1.0 - floor) * remaining
