@@ -117,14 +117,15 @@ class RoutingStatistics:
     n_layers: int
     group_size: int
     n_experts: int
+    n_heads: int
     att_n_experts: int  # per head; 1: SwitchHead has no selection to count
     tokens: int = 0
     ffn_counts: torch.Tensor = field(init=False)  # [L, E] selections
     intersection_sum: torch.Tensor = field(init=False)  # [L, L] Σ_tokens |S_i ∩ S_j|
     jaccard_sum: torch.Tensor = field(init=False)  # [L, L] Σ_tokens |S_i ∩ S_j| / |S_i ∪ S_j|
     distinct_histogram: torch.Tensor = field(init=False)  # [G·E + 1] tokens per distinct count
-    att_v_counts: torch.Tensor | None = None  # [L, H, Ea]
-    att_o_counts: torch.Tensor | None = None
+    att_v_counts: torch.Tensor | None = field(init=False)  # [L, H, Ea]; None if Ea = 1
+    att_o_counts: torch.Tensor | None = field(init=False)
 
     def __post_init__(self) -> None:
         L, E = self.n_layers, self.n_experts
@@ -132,6 +133,11 @@ class RoutingStatistics:
         self.intersection_sum = torch.zeros(L, L, dtype=torch.float64)
         self.jaccard_sum = torch.zeros(L, L, dtype=torch.float64)
         self.distinct_histogram = torch.zeros(self.group_size * E + 1, dtype=torch.float64)
+        self.att_v_counts = self.att_o_counts = None
+        if self.att_n_experts > 1:
+            shape = (L, self.n_heads, self.att_n_experts)
+            self.att_v_counts = torch.zeros(shape, dtype=torch.float64)
+            self.att_o_counts = torch.zeros(shape, dtype=torch.float64)
 
     def add(self, routing: Routing) -> None:
         experts = routing.ffn.cpu()
@@ -150,21 +156,14 @@ class RoutingStatistics:
         self.distinct_histogram += torch.bincount(
             distinct, minlength=len(self.distinct_histogram)
         ).double()
-        if routing.att_v is not None:
-            self.att_v_counts = self._head_counts(routing.att_v, self.att_v_counts)
-            self.att_o_counts = self._head_counts(routing.att_o, self.att_o_counts)
-
-    def _head_counts(self, chosen: torch.Tensor, total: torch.Tensor | None) -> torch.Tensor:
-        """`total` plus the selections of `chosen` [N, L, H, ka], counted per layer and head."""
-        per_head = chosen.cpu().permute(1, 2, 0, 3).flatten(2)  # [L, H, N·ka]
-        counts = torch.zeros(*per_head.shape[:2], self.att_n_experts, dtype=torch.float64)
-        counts.scatter_add_(2, per_head, torch.ones(per_head.shape, dtype=torch.float64))
-        return counts if total is None else total + counts
+        if self.att_v_counts is not None:
+            _count_per_head(routing.att_v, self.att_v_counts)
+            _count_per_head(routing.att_o, self.att_o_counts)
 
     @classmethod
     def for_model(cls, model: MoEUTLM) -> RoutingStatistics:
-        config = model.config
-        return cls(config.n_layers, config.group_size, config.n_experts, config.att_n_experts)
+        c = model.config
+        return cls(c.n_layers, c.group_size, c.n_experts, c.n_heads, c.att_n_experts)
 
     def report(self) -> dict[str, Any]:
         """The JSON report (see the module docstring for the definitions)."""
@@ -211,6 +210,12 @@ class RoutingStatistics:
                 for name, counts in (("value", self.att_v_counts), ("output", self.att_o_counts))
             }
         return report
+
+
+def _count_per_head(chosen: torch.Tensor, counts: torch.Tensor) -> None:
+    """Add the selections of `chosen` [N, L, H, ka] to `counts` [L, H, Ea]."""
+    per_head = chosen.cpu().permute(1, 2, 0, 3).flatten(2)  # [L, H, N·ka]
+    counts.scatter_add_(2, per_head, torch.ones(per_head.shape, dtype=counts.dtype))
 
 
 def analyze_batches(

@@ -15,6 +15,7 @@ from data_prep.shards import build_shards
 from data_prep.synthetic import synthetic_documents, write_jsonl
 from data_prep.tokenizer import train_tokenizer
 from moeut_dist import MoEUTConfig, MoEUTLM
+from moeut_dist.analysis import analyze_batches
 from moeut_dist.cli import main as moeut
 from moeut_dist.export import load_pretrained, save_pretrained
 from tests.test_eval import val_samples
@@ -178,3 +179,14 @@ def test_bad_input_is_one_line(model_dir, shards, tmp_path, capsys):
     assert "not a directory" in refused(capsys, str(model_dir), "--shards", str(shards),
                                         "--out", str(a_file))  # fmt: skip
     assert "manifest" in refused(capsys, str(model_dir), "--shards", str(tmp_path))
+
+
+def test_single_expert_attention_has_no_selection_to_report(shards, tokenizer):
+    torch.manual_seed(0)
+    config = MoEUTConfig.from_profile(
+        "tiny", vocab_size=tokenizer[1].vocab_size, att_n_experts=1, kernel="torch"
+    )
+    statistics = analyze_batches(MoEUTLM(config).eval(), [val_samples(shards)[:2]])
+    report = statistics.report()
+    assert report["attention"] is None and report["tokens"] == 2 * SEQ_LEN
+    assert len(report["ffn"]["usage"]) == config.n_layers
