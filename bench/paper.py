@@ -272,6 +272,7 @@ def write_doc(rows: list[dict[str, Any]], sweeps: dict, experiment_file: Path, p
         sweeps="\n".join(sweep_lines),
         plot=relative_plot,
         comparison="\n".join(compare(rows)),
+        how_to_run=HOW_TO_RUN,
     )
     doc_path.parent.mkdir(parents=True, exist_ok=True)
     doc_path.write_text(text)
@@ -293,17 +294,28 @@ def compare(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+HOW_TO_RUN = (
+    "Run `python bench/paper.py` (two small sizes, about 40 minutes on 2 idle CPU cores) or "
+    "`python bench/paper.py --size 44m` (`126m`, `gpu`: both) on GPUs to rewrite it."
+)
+
 GENERATED_DOC = """\
 # MoEUT against a parameter-matched dense Transformer, reproduced small
 
-Written by `bench/paper.py` from `{experiment}` (Python {python}; the code corpus is this
-interpreter's standard library). Both sides train through `moeut train` on the same tokens in the
-same order, each at every learning rate of the same sweep; the run with the lowest final
-validation loss of each side is shown, exported with `moeut export` and evaluated with
-`moeut eval` on the whole validation split (perplexity, bits per byte of the
-SentencePiece-normalised text) and the built-in zero-shot samples (accuracy; a few dozen items
-per task, so differences below about 0.1 are noise). MACs per token are counted as the paper
-counts them (`moeut_dist.arch`); training FLOPs are 6 × MACs per token × tokens.
+The paper's claim: at equal parameter count MoEUT matches or slightly beats a dense Transformer
+in perplexity and zero-shot accuracy, with less compute. This page is written by
+`bench/paper.py` from `{experiment}` (Python {python}; the code corpus is this interpreter's
+standard library). {how_to_run}
+
+Both sides train through `moeut train` on the same tokens in the same order, each at every
+learning rate of the same sweep; the run with the lowest final validation loss of each side is
+shown, exported with `moeut export` and evaluated with `moeut eval` on the whole validation
+split (perplexity, bits per byte of the SentencePiece-normalised text: the tokenizer folds
+runs of whitespace, so code loses its indentation) and the built-in zero-shot samples
+(accuracy over 3–5 items per task: chance-level noise at this scale, shown because the paper
+reports it). MACs per token are counted as the paper counts them (`moeut_dist.arch`);
+training FLOPs are 6 × MACs per token × tokens. Wall time is this machine's, with the PyTorch
+expert path on CPU, so it says nothing about MoEUT's speed with the Triton kernels on GPUs.
 
 {table}
 
@@ -316,6 +328,10 @@ Final validation loss of every run of the sweeps:
 ## What it shows
 
 {comparison}
+
+The paper compares models of 44M parameters and more, trained on billions of tokens; at this
+size and length a comparison mostly measures how fast each side learns early on, and one seed
+per point leaves differences of a few percent within noise.
 """
 
 
