@@ -52,8 +52,8 @@ ARCHITECTURES = ("moeut", "dense")  # each size of an experiment names one model
 class Corpus:
     name: str
     source: str  # "shakespeare", "python-stdlib", or a folder of .txt files
-    max_bytes: int  # of the standard library's sources (the others are taken whole)
     text_unit: str  # what a document is in a text file: file, paragraph or line
+    max_bytes: int = 0  # of the standard library's sources (the others are taken whole)
 
 
 @dataclass(frozen=True)
