@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeut_dist import MoEUTConfig, MoEUTLM
+from moeut_dist.arch.moeut import to_official_state_dict
 from moeut_dist.cli import main as moeut
-from moeut_dist.convert import from_official_state_dict, to_official_state_dict
+from moeut_dist.convert import from_official_state_dict
 from moeut_dist.export import (
     CheckpointMismatchError,
     load_pretrained,

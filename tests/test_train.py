@@ -107,7 +107,8 @@ def test_config_reads_yaml_and_dotted_overrides(corpus, tmp_path):
         (["schedule.steps=2.5"], 1, "schedule.steps must be int"),
         (["seed=-1"], 1, "seed must be in 0..2**32 - 1, got -1"),
         (["precision=fp16"], 1, "precision must be one of ['auto', 'bf16', 'fp32']"),
-        (["model.profile=moeut-727m"], 1, "named 'moeut-582m'"),
+        (["model.profile=dense-44m"], 1, "'dense-44m' is a dense profile"),
+        (["model.arch=dense", "model.kernel=torch"], 1, "['model.kernel'] for model.arch dense"),
         (["parallel.expert=3"], 2, "world size 2 is not a multiple"),
         (["parallel.tensor=4"], 4, "does not divide n_heads"),
         (["data.global_batch_size=6"], 4, "not a multiple of micro_batch_size 2"),
@@ -697,16 +698,26 @@ def test_untrusted_checkpoint_files_are_not_unpickled(uninterrupted, corpus, tmp
     assert json.loads((tmp_path / "run/checkpoints/latest.json").read_text())["step"] == 2
 
 
-@pytest.mark.parametrize(
-    "name", ["moeut-44m", "moeut-126m", "moeut-244m", "moeut-318m", "moeut-582m", "moeut-1b"]
-)
-def test_launch_configs_hold_the_papers_recipe_and_fit_a_node(name):
+LAUNCH_CONFIGS = [
+    f"{arch}-{size}"
+    for arch in ("moeut", "dense")
+    for size in ("44m", "126m", "244m", "318m", "727m", "1b")
+] + ["moeut-582m"]
+
+
+@pytest.mark.parametrize("name", LAUNCH_CONFIGS)
+def test_launch_configs_hold_the_authors_recipe_and_fit_a_node(name):
     config = load_config(REPO / "launch" / "configs" / f"{name}.yaml")
+    assert (config.model.arch, config.model.profile) == (name.split("-")[0], name)
     config.parallel.validate(config.model.build(8000), world_size=8)
+    # The 44M models (MoEUT and dense) were trained with clipping 0.1 and no warm-up.
+    clip, warmup = (0.1, 0) if name.endswith("-44m") else (0.25, 4000)
     recipe = (config.optim.lr, config.optim.weight_decay, config.optim.grad_clip)
-    assert recipe == (2.5e-4, 0.01, 0.25)
+    assert recipe == (2.5e-4, 0.01, clip)
     schedule = config.schedule
-    assert (schedule.steps, schedule.warmup_steps, schedule.min_lr_ratio) == (100_000, 4000, 0.1)
+    assert (schedule.kind, schedule.steps, schedule.warmup_steps, schedule.min_lr_ratio) == (
+        "cosine", 100_000, warmup, 0.1,
+    )  # fmt: skip
     assert (config.data.global_batch_size, config.data.seq_len) == (64, 1024)
     per_step = config.data.micro_batch_size * config.parallel.data(8)
     assert config.data.global_batch_size % per_step == 0

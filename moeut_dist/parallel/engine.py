@@ -37,8 +37,8 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from megatron.core import parallel_state
 from safetensors.torch import load_file, save_file
 
+from moeut_dist import arch
 from moeut_dist.atomic_files import fsync_path, write_atomically
-from moeut_dist.model import MoEUTLM
 from moeut_dist.parallel.build import read_local_shards
 from moeut_dist.parallel.layout import ParallelConfig, expert_group_name
 from moeut_dist.parallel.shards import shard_file, shard_metadata
@@ -169,7 +169,7 @@ def _global_grad_norm(optimizer) -> torch.Tensor:
 
 
 def create_engine(
-    model: MoEUTLM,
+    model: torch.nn.Module,
     parallel: ParallelConfig,
     settings: OptimizerSettings,
     micro_batch_size: int,
@@ -181,10 +181,11 @@ def create_engine(
     `engine.backward(loss)` and `engine.step()` after every micro-batch; the optimizer steps
     after every `gradient_accumulation_steps` of them, on the mean of their gradients."""
     register_expert_groups(parallel)
-    model.add_module(
-        "deepspeed_expert_marker",
-        ExpertLayersMarker(model.config.n_experts, expert_group_name(parallel)),
-    )
+    n_experts = arch.of(model.config).n_experts(model.config)
+    if n_experts:
+        model.add_module(
+            "deepspeed_expert_marker", ExpertLayersMarker(n_experts, expert_group_name(parallel))
+        )
     param_groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "dense"}
     )
@@ -221,7 +222,7 @@ def load_initial_weights(engine: deepspeed.DeepSpeedEngine, path: str | os.PathL
     """Start from a single-process model's weights (the safetensors file of a model directory),
     under any layout: this rank's shards go into the module and, unrounded, into ZeRO's fp32
     master partitions, which DeepSpeed built from the module (in bf16, from a rounded copy)."""
-    model: MoEUTLM = engine.module
+    model = engine.module
     weights = read_local_shards(path, model.config)
     model.load_state_dict(weights, strict=True)
     for name, param in model.named_parameters():
@@ -246,7 +247,7 @@ def save_checkpoint(engine: deepspeed.DeepSpeedEngine, save_dir: str, tag: str) 
     """DeepSpeed checkpoint `save_dir/tag` plus this layout's weight shards in the same folder."""
     engine.save_checkpoint(save_dir, tag=tag, save_latest=False)  # our pointer is our own
     directory = os.path.join(save_dir, tag)
-    model: MoEUTLM = engine.module
+    model = engine.module
     if _is_shard_writer():
         tp_rank, ep_rank = _model_coordinates()
         path = str(shard_file(directory, tp_rank, ep_rank))

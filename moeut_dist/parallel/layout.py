@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from moeut_dist.config import ConfigError, MoEUTConfig, _DictConfig
+from moeut_dist import arch
+from moeut_dist.arch import ModelConfig
+from moeut_dist.config import ConfigError, _DictConfig
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,16 @@ class ParallelConfig(_DictConfig):
         """Data-parallel size of the dense parameters."""
         return world_size // self.tensor
 
-    def validate(self, model: MoEUTConfig, world_size: int) -> None:
+    def validate(self, model: ModelConfig, world_size: int) -> None:
         """Reject a layout that does not fit `model` on `world_size` ranks, naming the numbers."""
         tp, ep = self.tensor, self.expert
+        spec = arch.of(model)
+        n_experts = spec.n_experts(model)
+        if ep > 1 and n_experts == 0:
+            raise ConfigError(
+                f"expert parallelism (parallel.expert={ep}) needs experts, and a {spec.name} "
+                "model has none; set parallel.expert=1"
+            )
         problems = []
         if model.n_heads % tp:
             problems.append(f"tensor parallel size {tp} does not divide n_heads {model.n_heads}")
@@ -49,8 +58,8 @@ class ParallelConfig(_DictConfig):
             problems.append(
                 f"tensor parallel size {tp} does not divide vocab_size {model.vocab_size}"
             )
-        if ep > model.n_experts:
-            problems.append(f"expert parallel size {ep} exceeds n_experts {model.n_experts}")
+        if n_experts and ep > n_experts:
+            problems.append(f"expert parallel size {ep} exceeds n_experts {n_experts}")
         if world_size % tp or world_size % ep:
             problems.append(
                 f"world size {world_size} is not a multiple of tensor parallel size {tp} "
@@ -76,7 +85,7 @@ def init_distributed(backend: str | None = None) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
 
 
-def initialize(parallel: ParallelConfig, model: MoEUTConfig) -> None:
+def initialize(parallel: ParallelConfig, model: ModelConfig) -> None:
     """Validate the layout, then create megatron-core's TP/EP/DP groups.
 
     `torch.distributed` must be initialised (see `init_distributed`). Safe to call again with a

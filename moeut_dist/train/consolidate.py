@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from moeut_dist import arch
 from moeut_dist.config import ConfigError
 from moeut_dist.data import Tokenizer
 from moeut_dist.export import OFFICIAL_FILE, export_shards, load_pretrained
@@ -48,12 +49,15 @@ def export_checkpoint(
             "a checkpoint holds its run's tokenizer"
         )
     config = run.model.build(Tokenizer(tokenizer_path).vocab_size)
-    add_files = _write_official if official else None
+    spec = arch.of(config)
+    add_files = None
+    if official:
+        if spec.official_state_dict is None:
+            raise ConfigError(f"the authors' checkpoint format exists for MoEUT, not {spec.name}")
+
+        def add_files(model_dir: Path) -> None:
+            """The authors' state-dict format of the model directory's weights, beside them."""
+            weights = spec.official_state_dict(load_pretrained(model_dir))
+            torch.save(weights, model_dir / OFFICIAL_FILE)
+
     return export_shards(directory / ENGINE_TAG, config, out_dir, tokenizer_path, add_files)
-
-
-def _write_official(model_dir: Path) -> None:
-    """The authors' state-dict format of the model directory's weights, beside them."""
-    from moeut_dist.convert import to_official_state_dict
-
-    torch.save(to_official_state_dict(load_pretrained(model_dir)), model_dir / OFFICIAL_FILE)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
+from moeut_dist import arch
 from moeut_dist.config import ConfigError
 from moeut_dist.data import TokenLoader
 from moeut_dist.export import WEIGHTS_FILE
@@ -37,7 +38,7 @@ from moeut_dist.parallel.engine import create_engine, load_initial_weights
 from moeut_dist.parallel.layout import init_distributed, initialize
 from moeut_dist.train.checkpoint import CheckpointError, CheckpointManager, TrainerState
 from moeut_dist.train.config import RunPlan, TrainConfig, check_init_from, check_run
-from moeut_dist.train.metrics import MetricsWriter, RoutingMonitor, training_flops_per_token
+from moeut_dist.train.metrics import MetricsWriter, RoutingMonitor
 from moeut_dist.train.schedule import lr_multiplier
 
 
@@ -182,8 +183,11 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
             loader.load_state_dict(state.loader)
         except ValueError as error:  # data settings changed since the checkpoint
             raise CheckpointError(f"{resume.directory}: {error}") from error
+    spec = arch.of(plan.model)
+    summary = spec.summary(plan.model, config.data.seq_len)
     model = build_model(plan.model, config.parallel, seed=config.seed)
-    monitor = RoutingMonitor(model) if config.logging.expert_usage else None
+    has_experts = spec.n_experts(plan.model) > 0
+    monitor = RoutingMonitor(model) if config.logging.expert_usage and has_experts else None
     engine = create_engine(
         model,
         config.parallel,
@@ -204,14 +208,17 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         metrics.write("event", state.step, {"resumed_from": str(resume.directory)})
     if init_from is not None:
         metrics.write("event", state.step, {"initialised_from": init_from})
+    metrics.write("model", state.step, summary.to_dict())
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        print(f"model {summary.describe()}", flush=True)
 
     end_step = config.schedule.steps
     if config.stop_after_steps is not None:
         end_step = min(end_step, state.step + config.stop_after_steps)
-    flops_per_step = training_flops_per_token(plan.model, config.data.seq_len) * (
+    flops_per_step = summary.training_flops_per_token * (
         config.data.global_batch_size * config.data.seq_len
     )
-    rank0 = dist.get_rank() == 0
     progress = tqdm(
         total=config.schedule.steps,
         initial=state.step,
