@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from moeut_dist import profiles  # TEMP
+from moeut_dist import arch
 from moeut_dist.cli import main as moeut
 from moeut_dist.data import read_manifest
 from moeut_dist.export import read_config
@@ -195,10 +195,12 @@ def evaluate(best: Run, shards: Path) -> dict[str, Any]:
                 "--json", str(report_path)], 1)  # fmt: skip
     report = json.loads(report_path.read_text())
     config = read_config(model_dir)
+    summary = arch.of(config).summary(config, read_manifest(shards).seq_len)
     return {
-        "parameters": profiles.moeut_parameter_count(config),
-        "active_parameters": 0,
-        "macs_per_token": 1,
+        "parameters": summary.parameters,
+        "active_parameters": summary.active_parameters,
+        "flops_per_token": summary.forward_flops_per_token,
+        "training_flops_per_token": summary.training_flops_per_token,
         "perplexity": report["language_modeling"]["perplexity"],
         "bits_per_byte": report["language_modeling"]["bits_per_byte"],
         "zero_shot": {task["task"]: task["acc"] for task in report["tasks"]},
@@ -208,10 +210,9 @@ def evaluate(best: Run, shards: Path) -> dict[str, Any]:
 # --- report -------------------------------------------------------------------------------
 
 
-def validation_curve(run: Run, tokens_per_step: int, macs_per_token: float):
-    """(training FLOPs, validation loss) of every validation pass: 6 FLOPs per MAC and token
-    (a multiply-add is 2 FLOPs; forward and backward 3 forwards)."""
-    flops_per_step = 6 * macs_per_token * tokens_per_step
+def validation_curve(run: Run, tokens_per_step: int, training_flops_per_token: float):
+    """(training FLOPs, validation loss) of every validation pass."""
+    flops_per_step = training_flops_per_token * tokens_per_step
     return [(r["step"] * flops_per_step, r["loss"]) for r in read_run_metrics(run.run_dir, "val")]
 
 
@@ -240,6 +241,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     figure.savefig(path, format="png")
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def _millions(n: float) -> str:
     return f"{n / 1e6:.2f}M"
 
@@ -247,15 +252,15 @@ def _millions(n: float) -> str:
 def write_doc(rows: list[dict[str, Any]], sweeps: dict, experiment_file: Path, plot_path: Path,
               doc_path: Path) -> None:  # fmt: skip
     tasks = sorted({task for row in rows for task in row["zero_shot"]})
-    header = ["corpus", "size", "model", "params", "active params", "MACs/token", "best lr",
+    header = ["corpus", "size", "model", "params", "active params", "FLOPs/token", "best lr",
               "val ppl", "bits/byte", "wall: best run / sweep", *tasks]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [
             row["corpus"], row["size"], row["arch"], _millions(row["parameters"]),
-            _millions(row["active_parameters"]), _millions(row["macs_per_token"]),
+            _millions(row["active_parameters"]), _millions(row["flops_per_token"]),
             f"{row['lr']:g}", f"{row['perplexity']:.2f}", f"{row['bits_per_byte']:.4f}",
-            f"{row['wall_s'] / 60:.1f} / {row['sweep_wall_s'] / 60:.1f} min",
+            f"{_duration(row['wall_s'])} / {_duration(row['sweep_wall_s'])}",
             *(f"{row['zero_shot'].get(task, float('nan')):.3f}" for task in tasks),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -289,7 +294,7 @@ def compare(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"- {corpus}, {size}: {better} is better; MoEUT's perplexity is {ratio:.3f}× the "
             f"dense model's ({moe['perplexity']:.2f} vs {dense['perplexity']:.2f}), at "
-            f"{moe['macs_per_token'] / dense['macs_per_token']:.2f}× its MACs per token."
+            f"{moe['flops_per_token'] / dense['flops_per_token']:.2f}× its FLOPs per token."
         )
     return lines
 
@@ -313,9 +318,10 @@ shown, exported with `moeut export` and evaluated with `moeut eval` on the whole
 split (perplexity, bits per byte of the SentencePiece-normalised text: the tokenizer folds
 runs of whitespace, so code loses its indentation) and the built-in zero-shot samples
 (accuracy over 3–5 items per task: chance-level noise at this scale, shown because the paper
-reports it). MACs per token are counted as the paper counts them (`moeut_dist.arch`);
-training FLOPs are 6 × MACs per token × tokens. Wall time is this machine's, with the PyTorch
-expert path on CPU, so it says nothing about MoEUT's speed with the Triton kernels on GPUs.
+reports it). FLOPs per token are of the forward pass, 2 per multiply-accumulate counted as
+the paper counts them (`moeut_dist.arch`); training FLOPs are 3 × that × tokens. Wall time
+is this machine's; on a CPU, with the PyTorch expert path, it says nothing about MoEUT's speed
+with the Triton kernels on GPUs.
 
 {table}
 
@@ -373,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                     "sweep_wall_s": sum(run.wall_s for run in runs), **result,
                     "wall_s": best.wall_s,
                     "curve": validation_curve(best, batch * experiment.seq_len,
-                                              result["macs_per_token"]),
+                                              result["training_flops_per_token"]),
                 })  # fmt: skip
     plot_path = doc_path.with_suffix(".png")
     plot(rows, plot_path)

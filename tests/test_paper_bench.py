@@ -56,7 +56,7 @@ def test_smoke_trains_both_sides_on_the_same_tokens_and_writes_the_report(tmp_pa
             "MoEUTConfig" if row["arch"] == "moeut" else "DenseConfig"
         )
         assert math.isfinite(row["perplexity"]) and 0 < row["bits_per_byte"] < 20
-        assert row["parameters"] >= row["active_parameters"] > 0 and row["macs_per_token"] > 0
+        assert row["parameters"] >= row["active_parameters"] > 0 and row["flops_per_token"] > 0
         assert row["curve"] and all(flops > 0 for flops, _ in row["curve"])
     # Same tokens: both sides of a corpus read one shard directory with one data section.
     for corpus in ("shakespeare", "code"):
