@@ -14,7 +14,7 @@ import torch
 from data_prep.shards import build_shards
 from data_prep.synthetic import synthetic_documents, write_jsonl
 from data_prep.tokenizer import train_tokenizer
-from moeut_dist import MoEUTConfig, MoEUTLM
+from moeut_dist import DenseLM, MoEUTConfig, MoEUTLM, profiles
 from moeut_dist.analysis import analyze_batches
 from moeut_dist.cli import main as moeut
 from moeut_dist.export import load_pretrained, save_pretrained
@@ -170,7 +170,7 @@ def refused(capsys, *args: str) -> str:
     return lines[0]
 
 
-def test_bad_input_is_one_line(model_dir, shards, tmp_path, capsys):
+def test_bad_input_is_one_line(model_dir, shards, tokenizer, tmp_path, capsys):
     assert "not found" in refused(capsys, str(tmp_path / "nowhere"), "--shards", str(shards))
     assert "--max-tokens" in refused(capsys, str(model_dir), "--shards", str(shards),
                                      "--max-tokens", "0")  # fmt: skip
@@ -179,6 +179,9 @@ def test_bad_input_is_one_line(model_dir, shards, tmp_path, capsys):
     assert "not a directory" in refused(capsys, str(model_dir), "--shards", str(shards),
                                         "--out", str(a_file))  # fmt: skip
     assert "manifest" in refused(capsys, str(model_dir), "--shards", str(tmp_path))
+    dense = DenseLM(profiles.get_dense("dense-tiny", vocab_size=tokenizer[1].vocab_size))
+    dense_dir = save_pretrained(dense, tmp_path / "dense", tokenizer[1].path)
+    assert "DenseLM: it has no experts" in refused(capsys, str(dense_dir), "--shards", str(shards))
 
 
 def test_single_expert_attention_has_no_selection_to_report(shards, tokenizer):
