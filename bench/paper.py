@@ -18,6 +18,7 @@ a rerun; a training run continues from its latest checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -28,9 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
+from data_prep.shards import build_shards
+from data_prep.tokenizer import train_tokenizer
 from moeut_dist import arch
 from moeut_dist.cli import main as moeut
+from moeut_dist.corpora import fetch_shakespeare, python_stdlib_texts
 from moeut_dist.data import read_manifest
 from moeut_dist.export import read_config
 from moeut_dist.train.metrics import read_run_metrics
@@ -95,8 +101,6 @@ class Experiment:
 
 
 def corpus_texts(corpus: Corpus, work_dir: Path, cache_dir: Path) -> Path:
-    from moeut_dist.corpora import fetch_shakespeare, python_stdlib_texts
-
     if corpus.source == "shakespeare":
         return fetch_shakespeare(cache_dir)
     if corpus.source == "python-stdlib":
@@ -104,11 +108,10 @@ def corpus_texts(corpus: Corpus, work_dir: Path, cache_dir: Path) -> Path:
     return Path(corpus.source)
 
 
-def prepare(corpus: Corpus, experiment: Experiment, work_dir: Path, cache_dir: Path):
-    """The corpus's tokenizer and shards (built once)."""
-    from data_prep.shards import build_shards
-    from data_prep.tokenizer import train_tokenizer
-
+def prepare(
+    corpus: Corpus, experiment: Experiment, work_dir: Path, cache_dir: Path
+) -> tuple[Path, Path]:
+    """The corpus's tokenizer and shard directory (built once)."""
     texts = corpus_texts(corpus, work_dir, cache_dir)
     tokenizer = work_dir / "tokenizer.model"
     if not tokenizer.is_file():
@@ -126,9 +129,6 @@ def prepare(corpus: Corpus, experiment: Experiment, work_dir: Path, cache_dir: P
 
 @dataclass(frozen=True)
 class Run:
-    corpus: str
-    size: str
-    arch: str
     lr: float
     run_dir: Path
     wall_s: float
@@ -181,7 +181,7 @@ def train_run(experiment: Experiment, corpus: str, size: str, arch_name: str, lr
     if not validations:
         raise RuntimeError(f"{run_dir}: no validation pass was logged (eval.every)")
     wall_s = json.loads(done.read_text())["wall_s"]
-    return Run(corpus, size, arch_name, lr, run_dir, wall_s, validations[-1]["loss"])
+    return Run(lr, run_dir, wall_s, validations[-1]["loss"])
 
 
 def evaluate(best: Run, shards: Path) -> dict[str, Any]:
@@ -217,9 +217,7 @@ def validation_curve(run: Run, tokens_per_step: int, training_flops_per_token: f
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    # A bare Figure on the Agg canvas: no pyplot, so no global backend state and no display.
     corpora = list(dict.fromkeys(row["corpus"] for row in rows))
     figure = Figure(figsize=(6 * len(corpora), 4.5), dpi=110)
     FigureCanvasAgg(figure)
@@ -348,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", type=Path, help="an experiment file instead of --size's")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "paper")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache")
+    parser.add_argument("--processes", type=int, help="per run (default: the experiment's)")
     parser.add_argument("--doc", type=Path, help="default: docs/paper-reproduction.md "
                         "(with --smoke: in the work directory)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -355,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     file_name, sizes = (SMOKE, None) if args.smoke else SIZES[args.size]
     experiment_file = args.experiment or EXPERIMENTS / file_name
     experiment = Experiment.load(experiment_file, sizes)
+    if args.processes is not None:
+        experiment = dataclasses.replace(experiment, processes=args.processes)
     default_doc = args.work_dir if args.smoke or args.experiment else ROOT / "docs"
     doc_path = args.doc or default_doc / "paper-reproduction.md"
 
