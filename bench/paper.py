@@ -12,7 +12,8 @@ lowest final validation loss of each side is exported (`moeut export`) and evalu
 whole validation split and the built-in zero-shot samples (`moeut eval`). Writes
 `docs/paper-reproduction.md` (a table and the plot of validation loss against training FLOPs,
 `docs/paper-reproduction.png`). Every finished step is kept under `--work-dir` and skipped on
-a rerun; a training run continues from its latest checkpoint.
+a rerun of the same experiment (another one there is refused); an interrupted training run
+continues from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from data_prep.tokenizer import train_tokenizer
 from moeut_dist import arch
 from moeut_dist.cli import main as moeut
 from moeut_dist.corpora import fetch_shakespeare, python_stdlib_texts
-from moeut_dist.data import read_manifest
+from moeut_dist.data import Tokenizer, read_manifest
 from moeut_dist.export import read_config
 from moeut_dist.train.metrics import read_run_metrics
 
@@ -117,6 +118,8 @@ def prepare(
     if not tokenizer.is_file():
         train_tokenizer([texts], tokenizer, vocab_size=experiment.vocab_size,
                         text_unit=corpus.text_unit)  # fmt: skip
+    elif Tokenizer(tokenizer).vocab_size != experiment.vocab_size:
+        raise ValueError(f"{tokenizer} has another vocabulary size; use another --work-dir")
     shards = work_dir / "shards"
     build_shards([texts], shards, tokenizer, experiment.seq_len,
                  val_fraction=experiment.val_fraction, text_unit=corpus.text_unit,
@@ -162,16 +165,20 @@ def train_run(experiment: Experiment, corpus: str, size: str, arch_name: str, lr
               tokenizer: Path, shards: Path, work_dir: Path) -> Run:  # fmt: skip
     run_dir = work_dir / f"{size}-{arch_name}-lr{lr:g}"
     done = run_dir / "bench-run.json"
+    config_path = run_dir / "bench-config.yaml"
+    config = merged(experiment.train, experiment.models[size].get("recipe", {}), {
+        "out_dir": str(run_dir),
+        "model": experiment.models[size][arch_name],
+        "data": {"shard_dir": str(shards), "tokenizer": str(tokenizer),
+                 "seq_len": experiment.seq_len},
+        "optim": {"lr": lr},
+    })  # fmt: skip
+    if done.is_file() and yaml.safe_load(config_path.read_text()) != config:
+        raise ValueError(
+            f"{run_dir} was trained with another configuration; use another --work-dir"
+        )
     if not done.is_file():
-        config = merged(experiment.train, experiment.models[size].get("recipe", {}), {
-            "out_dir": str(run_dir),
-            "model": experiment.models[size][arch_name],
-            "data": {"shard_dir": str(shards), "tokenizer": str(tokenizer),
-                     "seq_len": experiment.seq_len},
-            "optim": {"lr": lr},
-        })  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / "bench-config.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         print(f"== {corpus} {size} {arch_name} lr {lr:g}", flush=True)
         started = time.perf_counter()
