@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from data_prep.shards import build_shards
 from data_prep.tokenizer import train_tokenizer
 from moeut_dist import arch
+from moeut_dist.analysis import REPORT_FILE
 from moeut_dist.cli import main as moeut
 from moeut_dist.corpora import fetch_shakespeare, python_stdlib_texts
 from moeut_dist.data import Tokenizer, read_manifest
@@ -53,6 +54,7 @@ SIZES = {
 }
 SMOKE = "paper-smoke.yaml"
 ARCHITECTURES = ("moeut", "dense")  # each size of an experiment names one model of each
+ANALYZED_TOKENS = 16384
 
 
 @dataclass(frozen=True)
@@ -282,10 +284,38 @@ def write_doc(rows: list[dict[str, Any]], sweeps: dict, experiment_file: Path, p
         sweeps="\n".join(sweep_lines),
         plot=relative_plot,
         comparison="\n".join(compare(rows)),
+        expert_usage="\n".join(expert_usage(rows)),
         how_to_run=HOW_TO_RUN,
+        analyzed_tokens=ANALYZED_TOKENS,
     )
     doc_path.parent.mkdir(parents=True, exist_ok=True)
     doc_path.write_text(text)
+
+
+def analyze(best: Run, shards: Path) -> dict[str, Any]:
+    """`moeut analyze` of a MoEUT run's exported model (`evaluate` first): how many distinct
+    σ-MoE experts a token uses over the depth, and how evenly each layer uses its experts."""
+    out_dir = best.run_dir / "analysis"
+    if not (out_dir / REPORT_FILE).is_file():
+        launch(["analyze", str(best.run_dir / "model"), "--shards", str(shards),
+                "--out", str(out_dir), "--max-tokens", str(ANALYZED_TOKENS)], 1)  # fmt: skip
+    ffn = json.loads((out_dir / REPORT_FILE).read_text())["ffn"]
+    return {
+        "analysis_dir": str(out_dir),
+        "distinct_experts": ffn["distinct_experts_per_token"]["mean"],
+        "usage_entropy": sum(ffn["usage_entropy"]) / len(ffn["usage_entropy"]),
+    }
+
+
+def expert_usage(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per MoEUT model: the paper's analyses in two numbers, and where the plots are."""
+    return [
+        f"- {row['corpus']}, {row['size']}: a token uses {row['distinct_experts']:.1f} distinct "
+        f"σ-MoE experts over the depth; mean usage entropy per layer "
+        f"{row['usage_entropy']:.3f} of the maximum (`{row['analysis_dir']}`)."
+        for row in rows
+        if row["arch"] == "moeut"
+    ]
 
 
 def compare(rows: list[dict[str, Any]]) -> list[str]:
@@ -305,7 +335,8 @@ def compare(rows: list[dict[str, Any]]) -> list[str]:
 
 
 HOW_TO_RUN = (
-    "Run `python bench/paper.py` (two small sizes, about 40 minutes on 2 idle CPU cores) or "
+    "Run `python bench/paper.py` (two small sizes, sized for about 40 minutes on 2 idle CPU "
+    "cores) or "
     "`python bench/paper.py --size 44m` (`126m`, `gpu`: both) on GPUs to rewrite it."
 )
 
@@ -339,6 +370,11 @@ Final validation loss of every run of the sweeps:
 ## What it shows
 
 {comparison}
+
+Expert usage of the MoEUT models (`moeut analyze`, up to {analyzed_tokens} validation positions; the
+JSON and PNGs are in the run directories):
+
+{expert_usage}
 
 The paper compares models of 44M parameters and more, trained on billions of tokens; at this
 size and length a comparison mostly measures how fast each side learns early on, and one seed
@@ -382,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                 sweeps[corpus.name, size, arch_name] = [(run.lr, run.val_loss) for run in runs]
                 best = min(runs, key=lambda run: run.val_loss)
                 result = evaluate(best, shards)
+                if arch_name == "moeut":
+                    result |= analyze(best, shards)
                 rows.append({
                     "corpus": corpus.name, "size": size, "arch": arch_name, "lr": best.lr,
                     "sweep_wall_s": sum(run.wall_s for run in runs), **result,

@@ -58,6 +58,9 @@ def test_smoke_trains_both_sides_on_the_same_tokens_and_writes_the_report(tmp_pa
         assert math.isfinite(row["perplexity"]) and 0 < row["bits_per_byte"] < 20
         assert row["parameters"] >= row["active_parameters"] > 0 and row["flops_per_token"] > 0
         assert row["curve"] and all(flops > 0 for flops, _ in row["curve"])
+        if row["arch"] == "moeut":  # `moeut analyze` of the kept model
+            assert (run_dir / "analysis" / "analysis.json").is_file()
+            assert row["distinct_experts"] >= 4 * 2  # k experts in each of the G group layers
     # Same tokens: both sides of a corpus read one shard directory with one data section.
     for corpus in ("shakespeare", "code"):
         configs = [
@@ -68,6 +71,7 @@ def test_smoke_trains_both_sides_on_the_same_tokens_and_writes_the_report(tmp_pa
 
     doc = (work / "paper-reproduction.md").read_text()
     assert doc.count("| shakespeare | tiny |") == 2 and doc.count("| code | tiny |") == 2
+    assert doc.count("distinct σ-MoE experts over the depth") == 2
     assert (work / "paper-reproduction.png").stat().st_size > 10_000
 
     # A rerun finds every run finished and only rewrites the report.
