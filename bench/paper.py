@@ -284,7 +284,7 @@ def write_doc(rows: list[dict[str, Any]], sweeps: dict, experiment_file: Path, p
         sweeps="\n".join(sweep_lines),
         plot=relative_plot,
         comparison="\n".join(compare(rows)),
-        expert_usage="\n".join(expert_usage(rows)),
+        expert_usage="\n".join(expert_usage(rows, doc_path.parent)),
         how_to_run=HOW_TO_RUN,
         analyzed_tokens=ANALYZED_TOKENS,
     )
@@ -307,12 +307,14 @@ def analyze(best: Run, shards: Path) -> dict[str, Any]:
     }
 
 
-def expert_usage(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per MoEUT model: the paper's analyses in two numbers, and where the plots are."""
+def expert_usage(rows: list[dict[str, Any]], doc_dir: Path) -> list[str]:
+    """One line per MoEUT model: the paper's analyses in two numbers, and where the plots are
+    (relative to the page)."""
     return [
         f"- {row['corpus']}, {row['size']}: a token uses {row['distinct_experts']:.1f} distinct "
         f"σ-MoE experts over the depth; mean usage entropy per layer "
-        f"{row['usage_entropy']:.3f} of the maximum (`{row['analysis_dir']}`)."
+        f"{row['usage_entropy']:.3f} of the maximum "
+        f"(`{os.path.relpath(row['analysis_dir'], doc_dir)}`)."
         for row in rows
         if row["arch"] == "moeut"
     ]
