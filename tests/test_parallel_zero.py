@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO under TP/EP/DP layouts against one process, and checkpoints (gloo, 4 CPUs)."""
+"""DeepSpeed ZeRO under TP/EP/DP layouts against one process, and checkpoints (gloo, 4 CPUs);
+MoEUT and the dense baseline."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
+from moeut_dist import profiles
 from moeut_dist.export import WEIGHTS_FILE, export_shards, load_pretrained
 from moeut_dist.model import lm_loss
 from moeut_dist.parallel.build import (
@@ -125,15 +127,14 @@ def _check_checkpoint_round_trip(config, save_dir: str) -> None:
     assert_close_dicts(gather_state_dict(engine.module), after_next, 0, 0, what="resumed step")
 
 
-def _check_export_matches_training_model(config, save_dir: str) -> None:
-    """A TP = 2 × EP = 2 ZeRO-2 checkpoint exports to one directory that loads in one process
-    and computes what the training-time model computes, and whose weights file gives every rank
-    back its shards."""
-    layout = ParallelConfig(tensor=2, expert=2, zero_stage=2)
+def _check_export_matches_training_model(config, save_dir: str, layout: ParallelConfig) -> None:
+    """A checkpoint of `layout` exports to one directory that loads in one process and computes
+    what the training-time model computes, and whose weights file gives every rank back its
+    shards."""
     engine = _engine(config, layout)
     for step in range(STEPS):
         _train_step(engine, config, step)
-    save_checkpoint(engine, save_dir, "tp2ep2")
+    save_checkpoint(engine, save_dir, "trained")
     tokens = batch(config, STEPS)
     engine.module.eval()
     with torch.no_grad():
@@ -141,7 +142,7 @@ def _check_export_matches_training_model(config, save_dir: str) -> None:
     trained = gather_state_dict(engine.module)  # a collective: every rank takes part
     out_dir = os.path.join(save_dir, "export")
     if torch.distributed.get_rank() == 0:
-        export_shards(os.path.join(save_dir, "tp2ep2"), config, out_dir)
+        export_shards(os.path.join(save_dir, "trained"), config, out_dir)
         exported = load_pretrained(out_dir)
         assert_close_dicts(exported.state_dict(), trained, 0, 0, what="exported")
         with torch.no_grad():
@@ -168,7 +169,24 @@ def _zero_checks(save_dir: str) -> None:
         _check_layout_trains_like_one_process(config, layout, expected_history, expected_weights)
     _check_bf16_layout_follows_one_process(config, expected_history)
     _check_checkpoint_round_trip(config, save_dir)
-    _check_export_matches_training_model(config, save_dir)
+    _check_export_matches_training_model(
+        config, save_dir, ParallelConfig(tensor=2, expert=2, zero_stage=2)
+    )
+    _dense_checks(os.path.join(save_dir, "dense"))
+
+
+def _dense_checks(save_dir: str) -> None:
+    """The dense baseline under TP (heads, FFN units split unevenly: 211 over 2 and 4) and ZeRO-2
+    trains like one process; a TP × ZeRO-2 checkpoint exports to the one-process model."""
+    config = profiles.get_dense("dense-tiny")
+    expected_history, expected_weights = _reference_run(config)
+    for layout in (
+        ParallelConfig(tensor=2, zero_stage=2),  # DP = 2
+        ParallelConfig(zero_stage=2),  # DP = 4
+        ParallelConfig(tensor=4, zero_stage=1, checkpoint_activations=True),
+    ):
+        _check_layout_trains_like_one_process(config, layout, expected_history, expected_weights)
+    _check_export_matches_training_model(config, save_dir, ParallelConfig(tensor=2, zero_stage=2))
 
 
 def test_zero_layouts_train_like_one_process_checkpoints_keep_every_expert_and_export():

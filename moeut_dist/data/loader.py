@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +34,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from moeut_dist.data.manifest import SAMPLE_FIELD, ShardInfo, read_manifest
 from moeut_dist.data.tokenizer import Tokenizer, file_sha256
 
-_STATE_FORMAT = 2
+_STATE_FORMAT = 3
+# Cumulative data faults each worker counts: corrupt shards passed over (`skip_corrupt`), and
+# reads that failed and were tried again.
+COUNTERS = ("skipped_shards", "read_retries")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -153,7 +156,7 @@ class _SlotStream:
         slot: int,
         n_slots: int,
         skip_corrupt: bool,
-        skipped_shards: int,
+        counters: dict[str, int],
     ) -> None:
         self._shard_dir = shard_dir
         self._shards = shards
@@ -163,7 +166,7 @@ class _SlotStream:
         self._seed = seed
         self._slot = slot
         self._skip_corrupt = skip_corrupt
-        self.skipped_shards = skipped_shards
+        self.counters = dict(counters)
         total = sum(shard.samples for shard in shards)
         self._span = _slots_span(total, range(slot, slot + 1), n_slots)  # within each epoch
         self.samples_per_epoch = len(self._span)
@@ -204,7 +207,7 @@ class _SlotStream:
             if not self._skip_corrupt:
                 raise
             warnings.warn(f"skipping corrupt shard: {error}", RuntimeWarning, stacklevel=2)
-            self.skipped_shards += 1
+            self.counters["skipped_shards"] += 1
             return None
         order = np.random.default_rng((self._seed, epoch, piece.shard)).permutation(shard.samples)
         return stored[order[piece.start + offset : piece.stop]]
@@ -233,6 +236,18 @@ def _batches(
         yield np.concatenate(parts), position
 
 
+class _WorkerItem(NamedTuple):
+    """What a worker sends: a batch with its place in the stream and the worker's counters,
+    or the message of the `ShardError` that ended its stream (a worker's own exception would
+    reach the trainer wrapped in the worker's traceback)."""
+
+    worker: int
+    batch: torch.Tensor | None
+    position: int
+    counters: dict[str, int]
+    error: str | None = None
+
+
 class _WorkerBatches(IterableDataset):
     """Each dataloader worker's batches, tagged with its logical worker index and position."""
 
@@ -250,13 +265,19 @@ class _WorkerBatches(IterableDataset):
         self._batch_size = batch_size
         self._epochs = epochs
 
-    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, int, int]]:
+    def __iter__(self) -> Iterator[_WorkerItem]:
         info = get_worker_info()
         worker = (self._first_worker + (0 if info is None else info.id)) % len(self._streams)
         stream = self._streams[worker]
         rows = stream.rows(self._starts[worker], self._epochs)
-        for batch, position in _batches(rows, self._batch_size):
-            yield worker, torch.from_numpy(batch.astype(np.int64)), position, stream.skipped_shards
+        try:
+            for batch, position in _batches(rows, self._batch_size):
+                tensor = torch.from_numpy(batch.astype(np.int64))
+                yield _WorkerItem(worker, tensor, position, dict(stream.counters))
+        except ShardError as error:
+            if info is None:
+                raise
+            yield _WorkerItem(worker, None, -1, dict(stream.counters), str(error))
 
 
 def _tokenizer_sha256(tokenizer: str | Path | Tokenizer) -> str:
@@ -285,13 +306,14 @@ class TokenLoader:
             epochs, after which iteration ends (the last batch may then be short). Use
             `epochs=1` for a validation pass; ranks may then get one batch more or fewer.
         skip_corrupt: skip a corrupt shard (unreadable, or not what the manifest describes,
-            its sha256 included) with a warning and count it in `skipped_shards`, instead of
-            raising `ShardError`.
+            its sha256 included) with a warning and count it in `counters()`, instead of
+            raising `ShardError` (a worker process's is raised here with its own message).
 
     Iterating continues from the current position, so `state_dict()` / `load_state_dict()`
     resume an endless stream exactly: the restored loader yields the batches the original one
     would have yielded next. A restore must use the same layout (ranks, workers, batch size,
-    seed, split). Errors about the shards are raised here, before anything is read.
+    seed, split, and the split's shards as the manifest lists them). Errors about the shards
+    are raised here, before anything is read.
     """
 
     def __init__(
@@ -338,11 +360,13 @@ class TokenLoader:
             "dp_rank": dp_rank,
             "dp_world_size": dp_world_size,
             "num_workers": num_workers,
+            # Another set of shards (one added, removed or rebuilt) is another data order.
+            "shards": _shards_digest(self._shards),
         }
         self._skip_corrupt = skip_corrupt
         self._next_worker = 0
         self._positions = [0] * self._workers
-        self._skipped = [0] * self._workers
+        self._counters = [dict.fromkeys(COUNTERS, 0) for _ in range(self._workers)]
 
     @property
     def samples_per_epoch(self) -> int:
@@ -355,7 +379,12 @@ class TokenLoader:
     @property
     def skipped_shards(self) -> int:
         """Corrupt shard reads skipped so far (with `skip_corrupt`)."""
-        return sum(self._skipped)
+        return self.counters()["skipped_shards"]
+
+    def counters(self) -> dict[str, int]:
+        """Data faults so far, summed over the workers (`COUNTERS`), restored with the state:
+        skipped corrupt shards and retried reads."""
+        return {name: sum(c[name] for c in self._counters) for name in COUNTERS}
 
     def _streams(self) -> list[_SlotStream]:
         dtype = np.dtype(self.manifest.dtype)
@@ -371,7 +400,7 @@ class TokenLoader:
                 first_slot + worker,
                 self._n_slots,
                 self._skip_corrupt,
-                self._skipped[worker],
+                self._counters[worker],
             )
             for worker in range(self._workers)
         ]
@@ -390,11 +419,13 @@ class TokenLoader:
             if num_workers == 0
             else iter(DataLoader(dataset, batch_size=None, num_workers=num_workers))
         )
-        for worker, batch, position, skipped in batches:
-            self._positions[worker] = position
-            self._skipped[worker] = skipped
-            self._next_worker = (worker + 1) % self._workers
-            yield batch
+        for item in batches:
+            self._counters[item.worker] = item.counters
+            if item.error is not None:
+                raise ShardError(item.error)
+            self._positions[item.worker] = item.position
+            self._next_worker = (item.worker + 1) % self._workers
+            yield item.batch
 
     def state_dict(self) -> dict[str, Any]:
         """The position, as plain JSON-serialisable values."""
@@ -403,7 +434,7 @@ class TokenLoader:
             "layout": dict(self._layout),
             "next_worker": self._next_worker,
             "positions": list(self._positions),
-            "skipped_shards": list(self._skipped),
+            "counters": [dict(c) for c in self._counters],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -412,6 +443,12 @@ class TokenLoader:
             raise ValueError(f"unknown loader state format {state.get('format')!r}")
         saved = state["layout"]
         differing = sorted(k for k in self._layout if saved.get(k) != self._layout[k])
+        if "shards" in differing:
+            raise ValueError(
+                f"the {self._layout['split']!r} shards of {self.shard_dir}/manifest.json are not "
+                "those the loader state was saved with (a shard was added, removed or rebuilt): "
+                "continuing would train on other data than planned"
+            )
         if differing:
             details = ", ".join(
                 f"{k}: {saved.get(k)!r} saved, {self._layout[k]!r} now" for k in differing
@@ -419,4 +456,10 @@ class TokenLoader:
             raise ValueError(f"loader state is for another layout ({details})")
         self._next_worker = state["next_worker"]
         self._positions = list(state["positions"])
-        self._skipped = list(state["skipped_shards"])
+        self._counters = [{name: c.get(name, 0) for name in COUNTERS} for c in state["counters"]]
+
+
+def _shards_digest(shards: Sequence[ShardInfo]) -> str:
+    """sha256 over the names, sample counts and sha256 of a split's shards, in manifest order."""
+    listing = "".join(f"{shard.name}:{shard.samples}:{shard.sha256}\n" for shard in shards)
+    return hashlib.sha256(listing.encode()).hexdigest()

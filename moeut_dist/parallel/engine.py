@@ -20,7 +20,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import types
 from dataclasses import dataclass
 
@@ -37,8 +39,8 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from megatron.core import parallel_state
 from safetensors.torch import load_file, save_file
 
+from moeut_dist import arch
 from moeut_dist.atomic_files import fsync_path, write_atomically
-from moeut_dist.model import MoEUTLM
 from moeut_dist.parallel.build import read_local_shards
 from moeut_dist.parallel.layout import ParallelConfig, expert_group_name
 from moeut_dist.parallel.shards import shard_file, shard_metadata
@@ -169,7 +171,7 @@ def _global_grad_norm(optimizer) -> torch.Tensor:
 
 
 def create_engine(
-    model: MoEUTLM,
+    model: torch.nn.Module,
     parallel: ParallelConfig,
     settings: OptimizerSettings,
     micro_batch_size: int,
@@ -181,10 +183,11 @@ def create_engine(
     `engine.backward(loss)` and `engine.step()` after every micro-batch; the optimizer steps
     after every `gradient_accumulation_steps` of them, on the mean of their gradients."""
     register_expert_groups(parallel)
-    model.add_module(
-        "deepspeed_expert_marker",
-        ExpertLayersMarker(model.config.n_experts, expert_group_name(parallel)),
-    )
+    n_experts = arch.of(model.config).n_experts(model.config)
+    if n_experts:
+        model.add_module(
+            "deepspeed_expert_marker", ExpertLayersMarker(n_experts, expert_group_name(parallel))
+        )
     param_groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "dense"}
     )
@@ -221,7 +224,7 @@ def load_initial_weights(engine: deepspeed.DeepSpeedEngine, path: str | os.PathL
     """Start from a single-process model's weights (the safetensors file of a model directory),
     under any layout: this rank's shards go into the module and, unrounded, into ZeRO's fp32
     master partitions, which DeepSpeed built from the module (in bf16, from a rounded copy)."""
-    model: MoEUTLM = engine.module
+    model = engine.module
     weights = read_local_shards(path, model.config)
     model.load_state_dict(weights, strict=True)
     for name, param in model.named_parameters():
@@ -242,11 +245,22 @@ def _is_shard_writer() -> bool:
     return coordinates.index(_model_coordinates()) == dist.get_rank()
 
 
+# Scripts DeepSpeed copies into every checkpoint. They unpickle the optimizer files with
+# `weights_only=False`, so running one on a checkpoint from elsewhere runs whatever code it
+# holds; `moeut export` does their job without unpickling anything.
+_UNSAFE_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
 def save_checkpoint(engine: deepspeed.DeepSpeedEngine, save_dir: str, tag: str) -> None:
-    """DeepSpeed checkpoint `save_dir/tag` plus this layout's weight shards in the same folder."""
+    """DeepSpeed checkpoint `save_dir/tag` plus this layout's weight shards in the same folder
+    (and without DeepSpeed's recovery scripts)."""
     engine.save_checkpoint(save_dir, tag=tag, save_latest=False)  # our pointer is our own
     directory = os.path.join(save_dir, tag)
-    model: MoEUTLM = engine.module
+    for folder in (save_dir, directory):
+        for script in _UNSAFE_RECOVERY_SCRIPTS:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, script))
+    model = engine.module
     if _is_shard_writer():
         tp_rank, ep_rank = _model_coordinates()
         path = str(shard_file(directory, tp_rank, ep_rank))
@@ -263,6 +277,10 @@ def save_checkpoint(engine: deepspeed.DeepSpeedEngine, save_dir: str, tag: str) 
 _DEEPSPEED_SAFE_GLOBALS = [fragment_address, LossScaler, ZeroStageEnum]
 
 
+class UnsafeCheckpointFileError(ValueError):
+    """An optimizer file that was not loaded: it holds code, or it is damaged."""
+
+
 class SafeCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's torch checkpoint engine, made durable and safe: every file it saves is on
     disk before `save` returns (a checkpoint's completion marker must never outlive its files),
@@ -276,12 +294,21 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
 
     def load(self, path: str, map_location=None):
         with torch.serialization.safe_globals(_DEEPSPEED_SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as error:
+                # torch's message advises `weights_only=False`: running the file's code.
+                raise UnsafeCheckpointFileError(
+                    f"{path} holds code (a pickled object other than tensors and plain data) "
+                    "and was not loaded; a checkpoint written by moeut-dist holds none"
+                ) from error
+            except RuntimeError as error:  # torch's zip reader: a truncated or damaged file
+                raise UnsafeCheckpointFileError(f"{path} is damaged: {error}") from error
 
 
 def load_checkpoint(engine: deepspeed.DeepSpeedEngine, load_dir: str, tag: str) -> None:
     """Restore a checkpoint written by `save_checkpoint` under the same layout, without
-    unpickling anything (`pickle.UnpicklingError` for a file that would run code)."""
+    unpickling anything (`UnsafeCheckpointFileError` for a file that would run code)."""
     path = shard_file(os.path.join(load_dir, tag), *_model_coordinates())
 
     def load_shard(src, dst: torch.nn.Module) -> None:

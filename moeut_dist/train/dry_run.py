@@ -9,20 +9,10 @@ state) and leaves out activations, which depend on the batch, the sequence lengt
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from moeut_dist.model import MoEUTLM
+from moeut_dist import arch
 from moeut_dist.train.config import RunPlan, TrainConfig
-from moeut_dist.train.metrics import forward_flops_per_token
-
-# Parameters partitioned over the expert-parallel group, and over the tensor-parallel group
-# (SwitchHead's per-head tensors, the vocabulary); the rest (norms, selectors) is replicated.
-_EXPERT = re.compile(r"\.ffn\.(keys|values)$")
-_TENSOR = re.compile(
-    r"(\.attention\.(v|o|sel_v|sel_o|q\.weight|k\.weight)|embedding\.weight|lm_head\.\w+)$"
-)
 
 
 def _size(n_bytes: float) -> str:
@@ -34,16 +24,14 @@ def _size(n_bytes: float) -> str:
 def describe_run(config: TrainConfig, plan: RunPlan, world_size: int) -> str:
     """The layout, the model summary and the per-rank memory estimate, as printable text."""
     parallel = config.parallel
+    spec = arch.of(plan.model)
     with torch.device("meta"):
-        model = MoEUTLM(plan.model)
+        model = spec.model_class(plan.model)
+    # Split as the layout splits them: over the tensor- or the expert-parallel group, or not.
     counts = {"expert": 0, "tensor": 0, "replicated": 0}
-    for name, parameter in model.named_parameters():
-        kind = (
-            "expert" if _EXPERT.search(name) else "tensor" if _TENSOR.search(name) else "replicated"
-        )
-        counts[kind] += parameter.numel()
-    total = sum(counts.values())
-    dense = counts["tensor"] + counts["replicated"]
+    for name, parameter in model.state_dict().items():
+        rule = spec.shard_rule(name, plan.model)
+        counts[rule.axis if rule else "replicated"] += parameter.numel()
     expert_data_parallel = world_size // parallel.expert
     per_rank_dense = counts["tensor"] / parallel.tensor + counts["replicated"]
     per_rank_expert = counts["expert"] / parallel.expert
@@ -60,8 +48,8 @@ def describe_run(config: TrainConfig, plan: RunPlan, world_size: int) -> str:
             per_rank_dense / plan.data_parallel + per_rank_expert / expert_data_parallel
         )
     weights = weight_bytes * (per_rank_dense + per_rank_expert)
-    forward = forward_flops_per_token(plan.model, config.data.seq_len)
-    data, model_config = config.data, plan.model
+    summary = spec.summary(plan.model, config.data.seq_len)
+    data = config.data
     lines = [
         f"layout: {world_size} processes = tensor {parallel.tensor} × data {plan.data_parallel}; "
         f"expert {parallel.expert} (expert data parallel {expert_data_parallel}); "
@@ -69,12 +57,8 @@ def describe_run(config: TrainConfig, plan: RunPlan, world_size: int) -> str:
         f"batch: {data.global_batch_size} sequences × {data.seq_len} tokens per step = "
         f"{data.micro_batch_size} per micro-batch × {plan.grad_accumulation} accumulation × "
         f"{plan.data_parallel} data-parallel ranks; {config.schedule.steps} steps",
-        f"model: profile {config.model.profile}, {total / 1e6:.2f}M parameters "
-        f"({counts['expert'] / 1e6:.2f}M in σ-MoE experts, {dense / 1e6:.2f}M dense), "
-        f"d_model {model_config.d_model}, {model_config.n_layers} layers in groups of "
-        f"{model_config.group_size}, {model_config.n_experts} experts "
-        f"(k={model_config.experts_per_token}), vocabulary {model_config.vocab_size}",
-        f"compute: {forward / 1e6:.1f} MFLOPs per token forward, {3 * forward / 1e6:.1f} to train",
+        f"model: profile {config.model.profile}, {summary.describe()}; "
+        f"{counts['expert'] / 1e6:.2f}M parameters in experts",
         f"memory per rank (activations not included): weights {_size(weights)}, gradients "
         f"{_size(gradients)}, optimizer state {_size(optimizer)}; total "
         f"{_size(weights + gradients + optimizer)}",
