@@ -250,7 +250,7 @@ def test_dry_run_checks_and_describes_the_run_without_training(corpus, tmp_path,
     assert cli.main([*args, "parallel.expert=2"]) == 0
     text = capsys.readouterr().out
     assert "layout: 4 processes = tensor 1 × data 4; expert 2 (expert data parallel 2)" in text
-    assert re.search(r"model: profile tiny, 0\.\d+M parameters", text)
+    assert re.search(r"model: profile tiny, moeut: 0\.\d+M parameters, 0\.\d+M active", text)
     assert re.search(r"memory per rank .*optimizer state [\d.]+ MiB", text)
     assert not out_dir.exists()  # no step, no checkpoint, no log
     assert cli.main([*args, "parallel.expert=3"]) == 2
