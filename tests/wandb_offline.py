@@ -66,3 +66,13 @@ def run_record(path: Path) -> Any:
 def logged_config(path: Path) -> dict[str, Any]:
     """The config the run was started with, top-level keys to their decoded values."""
     return {item.key: json.loads(item.value_json) for item in run_record(path).config.update}
+
+
+def logged_summary(path: Path) -> dict[str, Any]:
+    """The run's summary as updated through the file (`run.summary`), latest values."""
+    summary = {}
+    for record in read_records(path):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return summary

@@ -3,7 +3,8 @@
 The run's id is kept in `<out_dir>/wandb_run_id`, so a resumed session continues the same W&B
 run; a fresh start gets a new one. W&B keeps its own files under `<out_dir>/wandb/` (offline
 runs upload later with `wandb sync`). Steps a crashed session logged after its last checkpoint
-are logged again on resume; W&B keeps the first value of a step it has seen.
+are logged again on resume; W&B keeps the first value of a step it has seen. Records other than
+training and validation (the model summary, events) go to the run's summary.
 """
 
 from __future__ import annotations
@@ -52,8 +53,14 @@ class WandbSink:
             flat[f"{kind}/expert_entropy/layer{layer}"] = entropy
         for layer, shares in enumerate(values.get("expert_share", [])):
             flat[f"{kind}/expert_share/layer{layer}"] = self.wandb.Histogram(shares)
-        if flat:
+        if not flat:
+            return
+        if kind in ("train", "val"):
             self.run.log(flat, step=step)
+        else:
+            # Facts about the run ("model" summary, resume events), not a series: a resumed
+            # session logs them at a step W&B has already seen, which it would refuse.
+            self.run.summary.update(flat)
 
     def close(self) -> None:
         self.run.finish()
