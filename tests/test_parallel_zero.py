@@ -18,13 +18,13 @@ from moeut_dist.parallel.build import (
     read_local_shards,
 )
 from moeut_dist.parallel.engine import (
-    OptimizerSettings,
     create_engine,
     load_checkpoint,
     save_checkpoint,
 )
 from moeut_dist.parallel.layout import ParallelConfig, initialize
 from moeut_dist.parallel.shards import read_full_state_dict
+from moeut_dist.train.config import OptimSection
 from tests.distributed_utils import run_distributed
 from tests.parallel_cases import (
     BATCH,
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.slow
 # Clipping is active at this threshold (the test model's gradient norm is ~1), so the global
 # norm is part of what must agree.
 # Adam's eps bounds how much it amplifies fp32 rounding in near-zero gradients (see below).
-SETTINGS = OptimizerSettings(lr=1e-2, eps=1e-6, weight_decay=0.01, grad_clip=0.1)
+SETTINGS = OptimSection(lr=1e-2, eps=1e-6, weight_decay=0.01, grad_clip=0.1)
 STEPS = 2
 
 

@@ -29,7 +29,6 @@ from moeut_dist.export import WEIGHTS_FILE, load_pretrained, save_pretrained
 from moeut_dist.model import MoEUTLM
 from moeut_dist.parallel.build import ParallelLoss, build_model, parallel_lm_loss
 from moeut_dist.parallel.engine import (
-    OptimizerSettings,
     create_engine,
     deepspeed_config,
     load_initial_weights,
@@ -42,7 +41,13 @@ from moeut_dist.train.checkpoint import (
     is_complete,
     latest_checkpoint,
 )
-from moeut_dist.train.config import ScheduleSection, check_init_from, check_run, load_config
+from moeut_dist.train.config import (
+    OptimSection,
+    ScheduleSection,
+    check_init_from,
+    check_run,
+    load_config,
+)
 from moeut_dist.train.consolidate import export_checkpoint
 from moeut_dist.train.metrics import forward_flops_per_token, read_run_metrics
 from moeut_dist.train.schedule import lr_multiplier
@@ -288,7 +293,7 @@ def test_flops_count_only_the_selected_experts():
 
 
 def test_deepspeed_config_accumulates_and_checks_bf16_overflow():
-    layout, settings = ParallelConfig(zero_stage=2), OptimizerSettings()
+    layout, settings = ParallelConfig(zero_stage=2), OptimSection()
     config = deepspeed_config(layout, settings, 2, 3, data_parallel_size=4, bf16=True)
     assert (config["train_batch_size"], config["gradient_accumulation_steps"]) == (24, 3)
     assert config["train_micro_batch_size_per_gpu"] == 2
@@ -710,3 +715,16 @@ def test_launch_configs_hold_the_papers_recipe_and_fit_a_node(name):
     assert (config.data.global_batch_size, config.data.seq_len) == (64, 1024)
     per_step = config.data.micro_batch_size * config.parallel.data(8)
     assert config.data.global_batch_size % per_step == 0
+
+
+def test_reading_a_config_does_not_import_deepspeed(corpus, tmp_path):
+    """Config checks run before any process starts (and in tools that never train)."""
+    path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
+    code = (
+        "import sys; from moeut_dist.train.config import load_config; "
+        f"load_config({str(path)!r}); print(sorted(m for m in sys.modules if 'deepspeed' in m))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import types
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import deepspeed
 import torch
@@ -43,16 +43,8 @@ from moeut_dist.parallel.build import read_local_shards
 from moeut_dist.parallel.layout import ParallelConfig, expert_group_name
 from moeut_dist.parallel.shards import shard_file, shard_metadata
 
-
-@dataclass(frozen=True)
-class OptimizerSettings:
-    """AdamW as in the paper's recipe (the learning-rate schedule is the trainer's)."""
-
-    lr: float = 2.5e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    grad_clip: float = 0.25
+if TYPE_CHECKING:  # the run's config, read without importing DeepSpeed
+    from moeut_dist.train.config import OptimSection
 
 
 class MegatronMPU:
@@ -121,7 +113,7 @@ def register_expert_groups(parallel: ParallelConfig) -> None:
 
 def deepspeed_config(
     parallel: ParallelConfig,
-    settings: OptimizerSettings,
+    settings: OptimSection,
     micro_batch_size: int,
     gradient_accumulation_steps: int = 1,
     data_parallel_size: int = 1,
@@ -171,7 +163,7 @@ def _global_grad_norm(optimizer) -> torch.Tensor:
 def create_engine(
     model: MoEUTLM,
     parallel: ParallelConfig,
-    settings: OptimizerSettings,
+    settings: OptimSection,
     micro_batch_size: int,
     gradient_accumulation_steps: int = 1,
     bf16: bool | None = None,
