@@ -502,7 +502,7 @@ def _damage(path, content: str | None) -> None:
         ("step_00000002/done_rank00000", "", "step_00000002, which is not complete"),
         ("step_00000002/trainer_rank00000.json", None, "rank 0's trainer state is missing"),
         ("step_00000002/trainer_rank00000.json", '{"format": 1}', "KeyError: 'world_size'"),
-        ("step_00000002/done_rank00000", "2", "written by 2 ranks; resuming needs the same"),
+        ("step_00000002/done_rank00000", "2", "its completion markers name 2 ranks"),
     ],
 )
 def test_damaged_or_foreign_checkpoint_is_refused_before_the_model_is_built(
@@ -538,9 +538,9 @@ def test_resume_with_other_data_settings_is_refused_before_the_model_is_built(
     shutil.copytree(two_step_run["out_dir"], tmp_path / "run")
     monkeypatch.setattr(loop, "build_model", lambda *_, **__: pytest.fail("model was built"))
     config = {**two_step_run, "out_dir": str(tmp_path / "run")}
-    config["data"] = {**config["data"], "micro_batch_size": 4}
+    config["seed"] = 4
     config["schedule"] = {**config["schedule"], "steps": 4}
-    with pytest.raises(CheckpointError, match=r"another layout \(batch_size: 2 saved, 4 now\)"):
+    with pytest.raises(CheckpointError, match=r"another data order \(seed: 3 saved, 4 now\)"):
         _train(config, tmp_path / "resume.yaml")
 
 

@@ -208,6 +208,38 @@ def create_engine(
     return engine
 
 
+def optimizer_steps(engine: deepspeed.DeepSpeedEngine) -> int:
+    """AdamW updates applied so far (its bias correction's step count; skipped steps are not
+    counted)."""
+    states = [state for state in engine.optimizer.state.values() if "step" in state]
+    return int(states[0]["step"]) if states else 0
+
+
+def materialize_optimizer_state(engine: deepspeed.DeepSpeedEngine, steps: int) -> None:
+    """Give AdamW the state it would have after `steps` updates, with zero moments, so that
+    `safe_set_full_optimizer_state` can fill the moments in before the first step."""
+    for group in engine.optimizer.param_groups:
+        for param in group["params"]:
+            state = engine.optimizer.state[param]
+            state["step"] = torch.tensor(float(steps))  # torch's AdamW: a CPU float32 scalar
+            for key in ("exp_avg", "exp_avg_sq"):
+                state.setdefault(key, torch.zeros_like(param, memory_format=torch.preserve_format))
+    link_optimizer_state(engine)
+
+
+def link_optimizer_state(engine: deepspeed.DeepSpeedEngine) -> None:
+    """Map every parameter onto its slice of AdamW's state, which `safe_get_full_optimizer_state`
+    and `safe_set_full_optimizer_state` read and write.
+
+    ZeRO maps them once, after the first group's first update, when the other parameter groups
+    (the experts') have no state yet: theirs stay unmapped. Mapping again once every group has
+    state (after a full step, or `materialize_optimizer_state`) maps them all.
+    """
+    zero = engine.optimizer
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+
+
 @torch.no_grad()
 def load_initial_weights(engine: deepspeed.DeepSpeedEngine, path: str | os.PathLike) -> None:
     """Start from a single-process model's weights (the safetensors file of a model directory),

@@ -197,11 +197,16 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
     seed_everything(config.seed)
     if resume is not None:
         checkpoints.load(engine, resume)
+        if resume.layout_change is not None:  # the RNG states were another layout's ranks'
+            seed_everything((config.seed + state.step) % 2**32)
 
     resumed_step = state.step if resume is not None else None
     metrics = MetricsWriter(config.out_path, config.logging.tensorboard, resumed_step)
     if resume is not None:
-        metrics.write("event", state.step, {"resumed_from": str(resume.directory)})
+        event: dict = {"resumed_from": str(resume.directory)}
+        if resume.layout_change is not None:
+            event["layout_changed"] = dict(zip(("from", "to"), resume.layout_change, strict=True))
+        metrics.write("event", state.step, event)
     if init_from is not None:
         metrics.write("event", state.step, {"initialised_from": init_from})
 
