@@ -532,6 +532,50 @@ def test_checkpoint_of_another_format_is_refused_naming_it(two_step_run, tmp_pat
         _train(config, tmp_path / "resume.yaml")
 
 
+def _as_format_2(checkpoint: Path) -> None:
+    """Rewrite a one-process checkpoint as the previous version (format 2) wrote it. Generated
+    rather than committed: its DeepSpeed files and weight shards come from the same code in
+    both versions (a committed copy would pin binary files of one torch and DeepSpeed release),
+    so what differs is only what is rewritten here: no portable/, no AdamW step count, and
+    the loader's per-worker positions of the previous data order."""
+    shutil.rmtree(checkpoint / "portable")
+    path = checkpoint / "trainer_rank00000.json"
+    values = json.loads(path.read_text())
+    del values["optimizer_steps"]
+    order = values["loader"]["order"]
+    layout = {**order, "batch_size": 2, "dp_rank": 0, "dp_world_size": 1, "num_workers": 0}
+    values["loader"] = {
+        "format": 2,
+        "layout": layout,
+        "next_worker": 0,
+        "positions": [values["loader"]["position"]],
+        "skipped_shards": [0],
+    }
+    path.write_text(json.dumps({**values, "format": 2}))
+
+
+def test_checkpoint_of_the_previous_format_resumes_under_its_own_layout_only(
+    two_step_run, tmp_path
+):
+    runs = {}
+    for name in ("current", "previous"):
+        shutil.copytree(two_step_run["out_dir"], tmp_path / name)
+        if name == "previous":
+            _as_format_2(tmp_path / name / "checkpoints" / "step_00000002")
+        config = {**two_step_run, "out_dir": str(tmp_path / name)}
+        config["schedule"] = {**config["schedule"], "steps": 3}
+        runs[name] = config
+    zero_2 = {**runs["previous"], "parallel": {"zero_stage": 2}}
+    earlier = r"earlier version of moeut-dist \(checkpoint format 2"
+    with pytest.raises(CheckpointError, match=earlier):
+        _train(zero_2, tmp_path / "zero2.yaml")
+    results = {}
+    for name, config in runs.items():
+        _train(config, tmp_path / f"{name}.yaml")
+        results[name] = run_result(tmp_path / f"{name}.yaml")
+    assert_same_run(results["previous"], results["current"])
+
+
 def test_resume_with_other_data_settings_is_refused_before_the_model_is_built(
     two_step_run, tmp_path, monkeypatch
 ):

@@ -144,20 +144,25 @@ def _global_grad_norm(optimizer) -> torch.Tensor:
     only. Experts are folded over TP, so every rank's expert partition is distinct.
     """
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    # Accumulated where the gradients live: no host sync per parameter, and NCCL (which has no
-    # CPU backend) can all-reduce it.
-    squares = torch.zeros((), dtype=torch.float64, device=optimizer.device)
+    counted = []
     for group, params in enumerate(optimizer.params_in_partition):
-        # ZeRO's alignment padding comes last in a partition, after the parameters' gradients.
-        grads = [
-            g for g in optimizer.averaged_gradients[group] if not getattr(g, "_zero_padding", False)
-        ]
+        # ZeRO's alignment padding, if any, comes last in a partition, after the parameters'
+        # gradients (flagged `_zero_padding` or not, depending on the partition).
+        grads = optimizer.averaged_gradients[group][: len(params)]
         for grad, param in zip(grads, params, strict=True):
-            counted_here = getattr(param, "tensor_model_parallel", False) or is_moe_param(param)
-            if tp_rank == 0 or counted_here:
-                squares += grad.double().square().sum().to(squares.device)
+            if (
+                tp_rank == 0
+                or getattr(param, "tensor_model_parallel", False)
+                or is_moe_param(param)
+            ):
+                counted.append(grad)
+    # One fused norm per gradient, squared and summed in fp32 where the gradients live: no
+    # copies, no host sync, and NCCL (which has no CPU backend) can all-reduce the sum.
+    squares = torch.zeros((), dtype=torch.float32, device=optimizer.device)
+    if counted:
+        squares = torch.stack(torch._foreach_norm(counted)).float().square().sum()
     dist.all_reduce(squares)
-    return squares.sqrt().float()
+    return squares.sqrt()
 
 
 def create_engine(
