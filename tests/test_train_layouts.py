@@ -92,8 +92,10 @@ def _assert_follows(got, want, steps) -> None:
     for step, loss, reg in want.losses:
         if step in steps:
             assert losses[step] == pytest.approx((loss, reg), rel=1e-5), step
+    # Adam turns fp32 rounding in near-zero gradients into update differences far below lr;
+    # a lost or repeated update, or other data, would move weights by about lr = 3e-3.
     for name, tensor in want.weights.items():
-        torch.testing.assert_close(got.weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(got.weights[name], tensor, rtol=1e-4, atol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("name", list(CHANGES))

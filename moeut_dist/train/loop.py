@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -78,7 +79,9 @@ def distributed_session() -> Iterator[None]:
     finally:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
-        if dist.is_initialized():
+        if deepspeed.comm.is_initialized():  # also drops DeepSpeed's groups of this world
+            deepspeed.comm.destroy_process_group()
+        elif dist.is_initialized():
             dist.destroy_process_group()
         for name in standalone:
             del os.environ[name]
