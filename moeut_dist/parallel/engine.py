@@ -247,14 +247,16 @@ def optimizer_steps(engine: deepspeed.DeepSpeedEngine) -> int:
 
 
 def materialize_optimizer_state(engine: deepspeed.DeepSpeedEngine, steps: int) -> None:
-    """Give AdamW the state it would have after `steps` updates, with zero moments, so that
-    `safe_set_full_optimizer_state` can fill the moments in before the first step."""
+    """Give every parameter group without AdamW state (none has any before the first update)
+    the state of `steps` updates with zero moments, and map every parameter onto its state, so
+    that `safe_get/set_full_optimizer_state` work, before the first step too."""
     for group in engine.optimizer.param_groups:
         for param in group["params"]:
             state = engine.optimizer.state[param]
-            state["step"] = torch.tensor(float(steps))  # torch's AdamW: a CPU float32 scalar
-            for key in ("exp_avg", "exp_avg_sq"):
-                state.setdefault(key, torch.zeros_like(param, memory_format=torch.preserve_format))
+            if not state:  # torch's AdamW layout; its step count is a CPU scalar tensor
+                state["step"] = torch.tensor(float(steps))
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
     link_optimizer_state(engine)
 
 

@@ -32,7 +32,7 @@ from moeut_dist.atomic_files import write_atomically
 from moeut_dist.export import expected_state_dict, write_safetensors_streaming
 from moeut_dist.model import MoEUTLM
 from moeut_dist.parallel.build import gather_full, local_index
-from moeut_dist.parallel.engine import link_optimizer_state, materialize_optimizer_state
+from moeut_dist.parallel.engine import materialize_optimizer_state, optimizer_steps
 
 STATE_DIR = "portable"
 _KINDS = ("fp32", "exp_avg", "exp_avg_sq")  # the master weights, then AdamW's two moments
@@ -71,7 +71,7 @@ def save_state(engine: deepspeed.DeepSpeedEngine, directory: str | os.PathLike) 
                 if i % world_size == rank:
                     yield f"{kind}/{name}", full.float().cpu()
 
-    link_optimizer_state(engine)
+    materialize_optimizer_state(engine, optimizer_steps(engine))  # zeros if no update yet
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -90,18 +90,17 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
 
 
 @torch.no_grad()
-def load_state(
-    engine: deepspeed.DeepSpeedEngine, directory: str | os.PathLike, optimizer_steps: int
-) -> None:
+def load_state(engine: deepspeed.DeepSpeedEngine, directory: str | os.PathLike, steps: int) -> None:
     """Give `engine` (any layout) the portable state in `directory`: its module weights (in the
-    module's dtype), ZeRO's fp32 master weights and AdamW's moments and step count."""
+    module's dtype), ZeRO's fp32 master weights, AdamW's moments, and `steps` as AdamW's update
+    count."""
     model: MoEUTLM = engine.module
     files = _tensor_files(Path(directory))
     expected = {f"{kind}/{name}" for name, _ in model.named_parameters() for kind in _KINDS}
     missing = sorted(expected - set(files))
     if missing:
         raise FileNotFoundError(f"{directory} lacks {missing[0]} ({len(missing)} in all)")
-    materialize_optimizer_state(engine, optimizer_steps)
+    materialize_optimizer_state(engine, steps)
     for name, param in model.named_parameters():
         for kind in _KINDS:
             with safe_open(files[f"{kind}/{name}"], framework="pt") as file:

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from safetensors import SafetensorError
 
 from moeut_dist.atomic_files import write_atomically, write_json_atomically
 from moeut_dist.config import ConfigError
@@ -370,7 +371,10 @@ class CheckpointManager:
             parallel_engine.load_checkpoint(engine, str(resume.directory), ENGINE_TAG)
             restore_rng(resume.rng)
         else:
-            portable.load_state(
-                engine, resume.directory / portable.STATE_DIR, resume.optimizer_steps
-            )
+            try:
+                portable.load_state(
+                    engine, resume.directory / portable.STATE_DIR, resume.optimizer_steps
+                )
+            except (OSError, SafetensorError) as error:  # a missing or damaged file
+                raise CheckpointError(f"{resume.directory}: {error}") from error
         self.timeline_latest = resume.directory
