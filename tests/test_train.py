@@ -409,11 +409,11 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one(
 ):
     write_rank_state = CheckpointManager._write_rank_state
 
-    def crash_at_step_4(self, directory, state):
+    def crash_at_step_4(self, directory, state, *more):
         if state.step == 4:
             (directory / "trainer_rank00000.json").write_text('{"step": 4, "loa')
             raise OSError("disk full")
-        write_rank_state(self, directory, state)
+        write_rank_state(self, directory, state, *more)
 
     monkeypatch.setattr(CheckpointManager, "_write_rank_state", crash_at_step_4)
     config = run_config(corpus, tmp_path / "run")
@@ -441,10 +441,10 @@ def test_rewriting_a_checkpoint_the_pointer_names_never_leaves_it_on_a_partial_o
 
     write_rank_state = CheckpointManager._write_rank_state
 
-    def crash_at_step_4(self, directory, state):
+    def crash_at_step_4(self, directory, state, *more):
         if state.step == 4:
             raise OSError("disk full")
-        write_rank_state(self, directory, state)
+        write_rank_state(self, directory, state, *more)
 
     monkeypatch.setattr(CheckpointManager, "_write_rank_state", crash_at_step_4)
     resumed = {
