@@ -8,6 +8,8 @@ import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 from megatron.core import parallel_state
 
 from moeut_dist import profiles
@@ -20,13 +22,16 @@ from moeut_dist.parallel.build import (
     read_local_shards,
 )
 from moeut_dist.parallel.engine import (
-    OptimizerSettings,
     create_engine,
+    link_optimizer_state,
     load_checkpoint,
+    materialize_optimizer_state,
+    optimizer_steps,
     save_checkpoint,
 )
 from moeut_dist.parallel.layout import ParallelConfig, initialize
 from moeut_dist.parallel.shards import read_full_state_dict
+from moeut_dist.train.config import OptimSection
 from tests.distributed_utils import run_distributed
 from tests.parallel_cases import (
     BATCH,
@@ -43,7 +48,7 @@ pytestmark = pytest.mark.slow
 # Clipping is active at this threshold (the test model's gradient norm is ~1), so the global
 # norm is part of what must agree.
 # Adam's eps bounds how much it amplifies fp32 rounding in near-zero gradients (see below).
-SETTINGS = OptimizerSettings(lr=1e-2, eps=1e-6, weight_decay=0.01, grad_clip=0.1)
+SETTINGS = OptimSection(lr=1e-2, eps=1e-6, weight_decay=0.01, grad_clip=0.1)
 STEPS = 2
 
 
@@ -154,6 +159,36 @@ def _check_export_matches_training_model(config, save_dir: str, layout: Parallel
     assert_close_dicts(local, engine.module.state_dict(), 0, 0, what="shards read back")
 
 
+def _check_deepspeed_contract(config) -> None:
+    """What the uses of DeepSpeed beyond its documented API (`moeut_dist.parallel.engine`'s
+    docstring) rely on, under TP 2 × EP 2 with ZeRO-2. The groups' check is part of
+    `create_engine`; the replaced global norm is checked against one process above."""
+    layout = ParallelConfig(tensor=2, expert=2, zero_stage=2)
+    fresh = _engine(config, layout)
+    # The marker module makes the engine partition experts over their own data-parallel group.
+    assert fresh.has_moe_layers
+    expert_dp = dist.get_process_group_ranks(parallel_state.get_expert_data_parallel_group())
+    zero = fresh.optimizer
+    moe_groups = [i for i, group in enumerate(zero.param_groups) if group.get("moe")]
+    assert moe_groups
+    for i in moe_groups:
+        assert dist.get_process_group_ranks(zero.real_dp_process_group[i]) == expert_dp
+    # Before any step: AdamW's state made up, then every parameter's moments set and read.
+    materialize_optimizer_state(fresh, steps=5)
+    assert optimizer_steps(fresh) == 5
+    for index, (name, param) in enumerate(fresh.module.named_parameters()):
+        value = torch.full(param.shape, float(index), dtype=torch.float32)
+        safe_set_full_optimizer_state(param, value, "exp_avg")
+        assert torch.equal(safe_get_full_optimizer_state(param, "exp_avg"), value), name
+    # After a step, DeepSpeed has mapped only the dense groups; linking maps the experts too.
+    trained = _engine(config, layout)
+    _train_step(trained, config, 0)
+    link_optimizer_state(trained)
+    assert optimizer_steps(trained) == 1
+    for name, param in trained.module.named_parameters():
+        assert safe_get_full_optimizer_state(param, "exp_avg_sq").abs().sum() > 0, name
+
+
 def _zero_checks(save_dir: str) -> None:
     torch.set_default_dtype(torch.float64)
     config = model_config()
@@ -168,6 +203,7 @@ def _zero_checks(save_dir: str) -> None:
     ):
         _check_layout_trains_like_one_process(config, layout, expected_history, expected_weights)
     _check_bf16_layout_follows_one_process(config, expected_history)
+    _check_deepspeed_contract(config)
     _check_checkpoint_round_trip(config, save_dir)
     _check_export_matches_training_model(
         config, save_dir, ParallelConfig(tensor=2, expert=2, zero_stage=2)

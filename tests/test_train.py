@@ -32,7 +32,6 @@ from moeut_dist.generate import SamplingConfig, generate
 from moeut_dist.model import DenseLM, MoEUTLM
 from moeut_dist.parallel.build import ParallelLoss, build_model, parallel_lm_loss
 from moeut_dist.parallel.engine import (
-    OptimizerSettings,
     UnsafeCheckpointFileError,
     create_engine,
     deepspeed_config,
@@ -46,7 +45,13 @@ from moeut_dist.train.checkpoint import (
     is_complete,
     latest_checkpoint,
 )
-from moeut_dist.train.config import ScheduleSection, check_init_from, check_run, load_config
+from moeut_dist.train.config import (
+    OptimSection,
+    ScheduleSection,
+    check_init_from,
+    check_run,
+    load_config,
+)
 from moeut_dist.train.consolidate import export_checkpoint
 from moeut_dist.train.metrics import read_run_metrics
 from moeut_dist.train.schedule import lr_multiplier
@@ -364,7 +369,7 @@ def test_dense_flops_are_two_per_weight_plus_attention_over_the_context(name):
 
 
 def test_deepspeed_config_accumulates_and_checks_bf16_overflow():
-    layout, settings = ParallelConfig(zero_stage=2), OptimizerSettings()
+    layout, settings = ParallelConfig(zero_stage=2), OptimSection()
     config = deepspeed_config(layout, settings, 2, 3, data_parallel_size=4, bf16=True)
     assert (config["train_batch_size"], config["gradient_accumulation_steps"]) == (24, 3)
     assert config["train_micro_batch_size_per_gpu"] == 2
@@ -482,11 +487,11 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one(
 ):
     write_rank_state = CheckpointManager._write_rank_state
 
-    def crash_at_step_4(self, directory, state):
+    def crash_at_step_4(self, directory, state, *more):
         if state.step == 4:
             (directory / "trainer_rank00000.json").write_text('{"step": 4, "loa')
             raise OSError("disk full")
-        write_rank_state(self, directory, state)
+        write_rank_state(self, directory, state, *more)
 
     monkeypatch.setattr(CheckpointManager, "_write_rank_state", crash_at_step_4)
     config = run_config(corpus, tmp_path / "run")
@@ -514,10 +519,10 @@ def test_rewriting_a_checkpoint_the_pointer_names_never_leaves_it_on_a_partial_o
 
     write_rank_state = CheckpointManager._write_rank_state
 
-    def crash_at_step_4(self, directory, state):
+    def crash_at_step_4(self, directory, state, *more):
         if state.step == 4:
             raise OSError("disk full")
-        write_rank_state(self, directory, state)
+        write_rank_state(self, directory, state, *more)
 
     monkeypatch.setattr(CheckpointManager, "_write_rank_state", crash_at_step_4)
     resumed = {
@@ -662,7 +667,7 @@ def _damage(path, content: str | None) -> None:
         ("step_00000002/done_rank00000", "", "step_00000002, which is not complete"),
         ("step_00000002/trainer_rank00000.json", None, "rank 0's trainer state is missing"),
         ("step_00000002/trainer_rank00000.json", '{"format": 1}', "KeyError: 'world_size'"),
-        ("step_00000002/done_rank00000", "2", "written by 2 ranks; resuming needs the same"),
+        ("step_00000002/done_rank00000", "2", "its completion markers name 2 ranks"),
     ],
 )
 def test_damaged_or_foreign_checkpoint_is_refused_before_the_model_is_built(
@@ -694,15 +699,60 @@ def test_checkpoint_of_another_format_is_refused_naming_it(two_step_run, tmp_pat
         _train(config, tmp_path / "resume.yaml")
 
 
+def _as_format_2(checkpoint: Path) -> None:
+    """Rewrite a one-process checkpoint as the previous version (format 2) wrote it. Generated
+    rather than committed: its DeepSpeed files and weight shards come from the same code in
+    both versions (a committed copy would pin binary files of one torch and DeepSpeed release),
+    so what differs is only what is rewritten here: no portable/, no AdamW step count, and
+    the loader's per-worker positions of the previous data order."""
+    shutil.rmtree(checkpoint / "portable")
+    path = checkpoint / "trainer_rank00000.json"
+    values = json.loads(path.read_text())
+    del values["optimizer_steps"]
+    order = values["loader"]["order"]
+    layout = {**order, "batch_size": 2, "dp_rank": 0, "dp_world_size": 1, "num_workers": 0}
+    values["loader"] = {
+        "format": 2,
+        "layout": layout,
+        "next_worker": 0,
+        "positions": [values["loader"]["position"]],
+        "skipped_shards": [0],
+    }
+    path.write_text(json.dumps({**values, "format": 2}))
+    (checkpoint / "checksums.json").unlink()  # recorded from this version on
+
+
+def test_checkpoint_of_the_previous_format_resumes_under_its_own_layout_only(
+    two_step_run, tmp_path
+):
+    runs = {}
+    for name in ("current", "previous"):
+        shutil.copytree(two_step_run["out_dir"], tmp_path / name)
+        if name == "previous":
+            _as_format_2(tmp_path / name / "checkpoints" / "step_00000002")
+        config = {**two_step_run, "out_dir": str(tmp_path / name)}
+        config["schedule"] = {**config["schedule"], "steps": 3}
+        runs[name] = config
+    zero_2 = {**runs["previous"], "parallel": {"zero_stage": 2}}
+    earlier = r"earlier version of moeut-dist \(checkpoint format 2"
+    with pytest.raises(CheckpointError, match=earlier):
+        _train(zero_2, tmp_path / "zero2.yaml")
+    results = {}
+    for name, config in runs.items():
+        _train(config, tmp_path / f"{name}.yaml")
+        results[name] = run_result(tmp_path / f"{name}.yaml")
+    assert_same_run(results["previous"], results["current"])
+
+
 def test_resume_with_other_data_settings_is_refused_before_the_model_is_built(
     two_step_run, tmp_path, monkeypatch
 ):
     shutil.copytree(two_step_run["out_dir"], tmp_path / "run")
     monkeypatch.setattr(loop, "build_model", lambda *_, **__: pytest.fail("model was built"))
     config = {**two_step_run, "out_dir": str(tmp_path / "run")}
-    config["data"] = {**config["data"], "micro_batch_size": 4}
+    config["seed"] = 4
     config["schedule"] = {**config["schedule"], "steps": 4}
-    with pytest.raises(CheckpointError, match=r"another layout \(batch_size: 2 saved, 4 now\)"):
+    with pytest.raises(CheckpointError, match=r"another data order \(seed: 3 saved, 4 now\)"):
         _train(config, tmp_path / "resume.yaml")
 
 
@@ -889,3 +939,16 @@ def test_launch_configs_hold_the_authors_recipe_and_fit_a_node(name):
     assert (config.data.global_batch_size, config.data.seq_len) == (64, 1024)
     per_step = config.data.micro_batch_size * config.parallel.data(8)
     assert config.data.global_batch_size % per_step == 0
+
+
+def test_reading_a_config_does_not_import_deepspeed(corpus, tmp_path):
+    """Config checks run before any process starts (and in tools that never train)."""
+    path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
+    code = (
+        "import sys; from moeut_dist.train.config import load_config; "
+        f"load_config({str(path)!r}); print(sorted(m for m in sys.modules if 'deepspeed' in m))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -64,6 +64,11 @@ def _local_index(
     return (slice(None),) * rule.dim + (slice(rows.start, rows.stop),)
 
 
+def local_index(name: str, shape: Sequence[int], config: ModelConfig) -> tuple[slice, ...]:
+    """Where this rank's shard of the full tensor `name` of `shape` lies (() if replicated)."""
+    return _local_index(name, shape, config, _Ranks.current())
+
+
 def shard_state_dict(full: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """This rank's slice of every tensor in a full (single-process) state dict."""
     ranks = _Ranks.current()

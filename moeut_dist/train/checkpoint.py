@@ -6,7 +6,10 @@ One directory per checkpoint, under `<out_dir>/checkpoints/`:
     step_00001000/
       engine/                   `moeut_dist.parallel.engine.save_checkpoint`: DeepSpeed's optimizer
                                 partitions and one safetensors file per (TP rank, EP rank)
-      trainer_rank00003.json    rank 3's step, data-loader position, RNG states (JSON, no pickle)
+      portable/                 `moeut_dist.parallel.portable`: fp32 master weights and AdamW
+                                moments of every parameter, full tensors by name (any layout)
+      trainer_rank00003.json    the step, AdamW's step count, the data position (global), the
+                                layout, and rank 3's RNG states (JSON, no pickle)
       config.yaml               the run's config
       tokenizer.model           the run's tokenizer, so that an export needs nothing else
       done_rank00003            rank 3 finished writing everything above (holds the world size)
@@ -28,10 +31,21 @@ Complete checkpoints without a pointer (it was deleted, or only the step directo
 copied) are not silently ignored: the run stops and names the newest, to be resumed explicitly
 or overruled with `never`.
 
+A run resumed with the world size and parallel layout of its checkpoint continues bit for bit
+from DeepSpeed's files and each rank's RNG states. Under another world size, TP / EP size or
+ZeRO stage it continues from `portable/` instead: the same step, learning rate, weights and
+optimizer state, and the same place in the data (the loader's position is global); RNG states
+are per rank and do not carry over (the RNGs are seeded from the seed and the step), and the
+metrics record the old and the new layout. Checkpoints of format 2 (before `portable/`) resume
+under their own layout only: weights, optimizer, step and RNGs exactly, the data at the same
+global sample count of this version's data order (within that epoch, some samples may come
+twice or not at all).
+
 Checkpoint files may come from elsewhere, so nothing here unpickles them: trainer state is JSON,
 and `moeut_dist.parallel.engine.load_checkpoint` reads weights from safetensors and DeepSpeed's
-optimizer files with `weights_only=True`. A damaged pointer or trainer state, or a checkpoint of
-another world size, is a `CheckpointError` naming the file, raised before the model is built.
+optimizer files with `weights_only=True`. A damaged pointer or trainer state, or a checkpoint
+that cannot be resumed under this run's layout, is a `CheckpointError` naming the file, raised
+before the model is built.
 """
 
 from __future__ import annotations
@@ -54,6 +68,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from safetensors import SafetensorError
 
 from moeut_dist.atomic_files import write_atomically, write_json_atomically
 from moeut_dist.checksums import (
@@ -65,10 +80,12 @@ from moeut_dist.checksums import (
 from moeut_dist.config import ConfigError
 from moeut_dist.data.tokenizer import file_sha256
 from moeut_dist.parallel import engine as parallel_engine
+from moeut_dist.parallel import portable
 from moeut_dist.parallel.layout import ParallelConfig
 from moeut_dist.train.config import TrainConfig
 
-_FORMAT = 2
+_FORMAT = 3
+_FORMAT_WITHOUT_PORTABLE_STATE = 2
 ENGINE_TAG = "engine"
 TOKENIZER_FILE = "tokenizer.model"
 _LATEST = "latest.json"
@@ -110,7 +127,10 @@ class ResumePoint:
 
     directory: Path
     state: TrainerState
-    rng: dict[str, Any]
+    optimizer_steps: int  # AdamW updates applied (skipped steps are not)
+    rng: dict[str, Any] | None  # None: another layout wrote the checkpoint
+    # (the checkpoint's layout, this run's) when they differ; then `portable/` is loaded.
+    layout_change: tuple[dict[str, Any], dict[str, Any]] | None = None
 
 
 def capture_rng() -> dict[str, Any]:
@@ -158,8 +178,20 @@ def _read_marker(path: Path) -> int | None:
 
 
 def is_complete(directory: Path) -> bool:
-    """Every rank that wrote into `directory` finished and rank 0 recorded the checksums."""
-    return _all_ranks_done(directory) and (directory / CHECKSUMS_FILE).is_file()
+    """Every rank that wrote into `directory` finished and rank 0 recorded the checksums (or
+    the checkpoint predates checksums)."""
+    return _all_ranks_done(directory) and (
+        (directory / CHECKSUMS_FILE).is_file() or _predates_checksums(directory)
+    )
+
+
+def _predates_checksums(directory: Path) -> bool:
+    """Written by the version before checksums (format 2), which had none to record."""
+    try:
+        values = json.loads(_rank_file(directory, "state", 0).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and values.get("format") == _FORMAT_WITHOUT_PORTABLE_STATE
 
 
 def _all_ranks_done(directory: Path) -> bool:
@@ -300,7 +332,15 @@ class CheckpointManager:
                     "of moeut-dist, or its save stopped just before it completed"
                 )
             raise ConfigError(f"checkpoint.resume: {directory} is not a complete checkpoint")
-        directory = _on_rank0(lambda: _intact(directory, fall_back=choice == LATEST_INTACT))
+        if (directory / CHECKSUMS_FILE).is_file():
+            directory = _on_rank0(lambda: _intact(directory, fall_back=choice == LATEST_INTACT))
+        elif self.rank == 0:
+            warnings.warn(
+                f"{directory} was written before checkpoints recorded checksums: its files are "
+                "not verified",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._check_tokenizer(directory)
         return self._read_rank_state(directory)
 
@@ -354,7 +394,8 @@ class CheckpointManager:
         _on_rank0(lambda: self._check_space(directory))
         try:
             parallel_engine.save_checkpoint(engine, str(directory), ENGINE_TAG)
-            self._write_rank_state(directory, state)
+            portable.save_state(engine, directory / portable.STATE_DIR)
+            self._write_rank_state(directory, state, parallel_engine.optimizer_steps(engine))
             dist.barrier()
             if self.rank == 0:
                 self._complete(directory)
@@ -418,13 +459,16 @@ class CheckpointManager:
         else:
             pointer.unlink()
 
-    def _write_rank_state(self, directory: Path, state: TrainerState) -> None:
+    def _layout(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "parallel": _parallel_layout(self.config.parallel)}
+
+    def _write_rank_state(self, directory: Path, state: TrainerState, optimizer_steps: int) -> None:
         values = {
             "format": _FORMAT,
             "rank": self.rank,
-            "world_size": self.world_size,
-            "parallel": _parallel_layout(self.config.parallel),
+            **self._layout(),
             **asdict(state),
+            "optimizer_steps": optimizer_steps,
             "rng": capture_rng(),
         }
         write_json_atomically(_rank_file(directory, "state", self.rank), values)
@@ -450,45 +494,87 @@ class CheckpointManager:
                 shutil.rmtree(directory, ignore_errors=True)
 
     def _read_rank_state(self, directory: Path) -> ResumePoint:
-        """This rank's trainer state in `directory`, checked against the run's layout."""
+        """The trainer state in `directory` for this rank: its own under the checkpoint's
+        layout, rank 0's (whose RNG states are not used) under another."""
         written_by = _read_marker(_rank_file(directory, "done", 0))
-        if written_by != self.world_size:
-            raise CheckpointError(
-                f"{directory} was written by {written_by} ranks; resuming needs the same world "
-                f"size, this run has {self.world_size}"
-            )
-        path = _rank_file(directory, "state", self.rank)
+        path = _rank_file(directory, "state", self.rank if written_by == self.world_size else 0)
         try:
             values = json.loads(path.read_text())
-            layout = (values["format"], values["world_size"], values["parallel"])
+            saved_format = values["format"]
+            layout = {"world_size": values["world_size"], "parallel": values["parallel"]}
             state = TrainerState(
                 step=values["step"],
                 loader=values["loader"],
                 consecutive_nonfinite=values["consecutive_nonfinite"],
             )
-            resume = ResumePoint(directory, state, values["rng"])
+            rng = values["rng"]
+            # Format 2 did not count AdamW's updates: they were its steps less skipped ones,
+            # which are gone; its DeepSpeed files hold the count, and only they are read.
+            optimizer_steps = values.get("optimizer_steps", state.step)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise CheckpointError(
-                f"{path}: rank {self.rank}'s trainer state is missing or damaged "
-                f"({type(error).__name__}: {error})"
+                f"{path}: rank {path.stem[-5:].lstrip('0') or 0}'s trainer state is missing or "
+                f"damaged ({type(error).__name__}: {error})"
             ) from error
-        if values["format"] != _FORMAT:
+        if saved_format not in (_FORMAT, _FORMAT_WITHOUT_PORTABLE_STATE):
             raise CheckpointError(
-                f"{directory} is in checkpoint format {values['format']}, from another version "
-                f"of moeut-dist; this one resumes format {_FORMAT} only"
+                f"{directory} is in checkpoint format {saved_format}, from another version "
+                f"of moeut-dist; this one resumes formats {_FORMAT_WITHOUT_PORTABLE_STATE} and "
+                f"{_FORMAT}"
             )
-        if layout != (_FORMAT, self.world_size, _parallel_layout(self.config.parallel)):
+        if layout["world_size"] != written_by:
             raise CheckpointError(
-                f"{directory} was written by {values['world_size']} ranks with parallel layout "
-                f"{values['parallel']} (format {values['format']}); resuming needs the same "
-                "world size and layout"
+                f"{directory}: its completion markers name {written_by} ranks, {path.name} "
+                f"{layout['world_size']}; the checkpoint is damaged"
             )
-        return resume
+        if saved_format == _FORMAT_WITHOUT_PORTABLE_STATE:
+            state.loader = self._loader_state_of_format_2(directory, state)
+        if layout == self._layout():
+            return ResumePoint(directory, state, optimizer_steps, rng)
+        if saved_format == _FORMAT_WITHOUT_PORTABLE_STATE:
+            raise CheckpointError(
+                f"{directory} was written by an earlier version of moeut-dist (checkpoint format "
+                f"{saved_format}, without layout-free state): it resumes only under its own "
+                f"layout, {layout}; this run has {self._layout()}"
+            )
+        if not (directory / portable.STATE_DIR).is_dir():
+            raise CheckpointError(f"{directory} has no {portable.STATE_DIR}/ to change layout with")
+        return ResumePoint(directory, state, optimizer_steps, None, (layout, self._layout()))
+
+    def _loader_state_of_format_2(self, directory: Path, state: TrainerState) -> dict[str, Any]:
+        """A format-2 loader state (per-worker positions of another data order) as this
+        version's: the same number of samples consumed, every step having taken one global
+        batch of the checkpoint's run."""
+        old = state.loader
+        try:
+            run = yaml.safe_load((directory / "config.yaml").read_text())
+            global_batch = run["data"]["global_batch_size"]
+            order = {key: old["layout"][key] for key in ("split", "seed", "epochs")}
+            skipped = sum(old["skipped_shards"])
+        except (OSError, yaml.YAMLError, KeyError, TypeError) as error:
+            raise CheckpointError(
+                f"{directory}: its config.yaml or loader state is damaged ({error})"
+            ) from error
+        return {
+            "format": 3,
+            "order": order,
+            "position": state.step * global_batch,
+            "counters": {"skipped_shards": skipped},
+        }
 
     def load(self, engine, resume: ResumePoint) -> None:
-        """Restore weights, optimizer and this rank's RNG states from `resume`."""
-        parallel_engine.load_checkpoint(engine, str(resume.directory), ENGINE_TAG)
-        restore_rng(resume.rng)
+        """Restore weights and optimizer from `resume`, and under its own layout this rank's
+        RNG states."""
+        if resume.layout_change is None:
+            parallel_engine.load_checkpoint(engine, str(resume.directory), ENGINE_TAG)
+            restore_rng(resume.rng)
+        else:
+            try:
+                portable.load_state(
+                    engine, resume.directory / portable.STATE_DIR, resume.optimizer_steps
+                )
+            except (OSError, SafetensorError) as error:  # a missing or damaged file
+                raise CheckpointError(f"{resume.directory}: {error}") from error
         self.timeline_latest = resume.directory
 
 

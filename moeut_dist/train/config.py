@@ -31,7 +31,6 @@ from moeut_dist.config import ConfigError
 from moeut_dist.data import ManifestMismatchError, Tokenizer, read_manifest
 from moeut_dist.dataclass_dict import DictConvertible, coerce
 from moeut_dist.export import CONFIG_FILE, WEIGHTS_FILE, read_config
-from moeut_dist.parallel.engine import OptimizerSettings
 from moeut_dist.parallel.layout import ParallelConfig
 
 
@@ -97,7 +96,15 @@ class DataSection(DictConvertible):
 
 
 @dataclass(frozen=True)
-class OptimSection(DictConvertible, OptimizerSettings):
+class OptimSection(DictConvertible):
+    """AdamW as in the paper's recipe (the learning-rate schedule is `ScheduleSection`)."""
+
+    lr: float = 2.5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 0.25  # the global gradient norm's bound; 0: no clipping
+
     def __post_init__(self) -> None:
         beta1, beta2 = self.betas
         requirements = [

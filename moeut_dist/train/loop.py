@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -85,7 +86,9 @@ def distributed_session() -> Iterator[None]:
     finally:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
-        if dist.is_initialized():
+        if deepspeed.comm.is_initialized():  # also drops DeepSpeed's groups of this world
+            deepspeed.comm.destroy_process_group()
+        elif dist.is_initialized():
             dist.destroy_process_group()
         for name in standalone:
             del os.environ[name]
@@ -222,6 +225,8 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
     seed_everything(config.seed)
     if resume is not None:
         checkpoints.load(engine, resume)
+        if resume.layout_change is not None:  # the RNG states were another layout's ranks'
+            seed_everything((config.seed + state.step) % 2**32)
 
     resumed_step = state.step if resume is not None else None
     metrics = MetricsWriter(
@@ -232,7 +237,10 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         run_config=config.to_dict(),
     )
     if resume is not None:
-        metrics.write("event", state.step, {"resumed_from": str(resume.directory)})
+        event: dict = {"resumed_from": str(resume.directory)}
+        if resume.layout_change is not None:
+            event["layout_changed"] = dict(zip(("from", "to"), resume.layout_change, strict=True))
+        metrics.write("event", state.step, event)
     if init_from is not None:
         metrics.write("event", state.step, {"initialised_from": init_from})
     metrics.write("model", state.step, summary.to_dict())
