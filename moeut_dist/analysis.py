@@ -313,6 +313,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-tokens", type=int, default=1 << 17, help="stop after this many positions"
     )
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.set_defaults(handler=_analyze_command)

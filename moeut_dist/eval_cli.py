@@ -217,7 +217,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--builtin-tasks", action="store_true", help="also score the built-in task samples"
     )
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     evaluate.add_argument("--json", help="also write the results to this JSON file")
     evaluate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     evaluate.set_defaults(handler=_eval_command)

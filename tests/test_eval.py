@@ -301,7 +301,7 @@ def _truncate(path) -> None:
     ("damage", "message"),
     [
         (lambda d: (d / "config.json").write_text("{"), "config.json is not valid JSON"),
-        (lambda d: _add_config_key(d / "config.json"), "unknown MoEUTConfig key(s) ['bogus']"),
+        (lambda d: _add_config_key(d / "config.json"), "config.json: unknown key(s) ['bogus']"),
         (lambda d: _truncate(d / "model.safetensors"), "model.safetensors is damaged"),
         (lambda d: (d / "tokenizer.model").write_text("{}"), "is not a SentencePiece model"),
     ],

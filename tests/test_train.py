@@ -455,7 +455,7 @@ def test_run_logs_metrics_and_keeps_the_last_checkpoints(uninterrupted, corpus, 
     for record in records:
         assert record["perplexity"] == pytest.approx(math.exp(record["loss"]))
         assert record["grad_norm"] > 0 and record["tokens_per_second"] > 0
-        assert record["model_flops_per_second"] > 0 and record["mfu"] is None
+        assert record["model_flops_per_second"] > 0 and "mfu" not in record  # no peak FLOP/s on CPU
         assert len(record["expert_share"]) == 2  # the tiny profile's two group layers
         assert all(sum(s) == pytest.approx(1.0) for s in record["expert_share"])
         assert all(0.5 < h <= 1.0 for h in record["expert_entropy"])

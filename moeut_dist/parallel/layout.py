@@ -21,11 +21,12 @@ from megatron.core import parallel_state
 
 from moeut_dist import arch
 from moeut_dist.arch import ModelConfig
-from moeut_dist.config import ConfigError, _DictConfig
+from moeut_dist.config import ConfigError
+from moeut_dist.dataclass_dict import DictConvertible
 
 
 @dataclass(frozen=True)
-class ParallelConfig(_DictConfig):
+class ParallelConfig(DictConvertible):
     tensor: int = 1  # TP: attention heads and vocabulary are split over this many ranks
     expert: int = 1  # EP: σ-MoE experts are partitioned over this many ranks
     zero_stage: int = 1  # DeepSpeed ZeRO stage (1: optimizer states, 2: + gradients)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 import os
 import random
@@ -27,20 +28,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from tqdm import tqdm
 
 from moeut_dist import arch
 from moeut_dist.config import ConfigError
 from moeut_dist.data import TokenLoader
 from moeut_dist.export import WEIGHTS_FILE
+from moeut_dist.logs import stdout_on_rank0_only
 from moeut_dist.model import perplexity
 from moeut_dist.parallel.build import build_model, parallel_lm_loss
 from moeut_dist.parallel.engine import create_engine, load_initial_weights
 from moeut_dist.parallel.layout import init_distributed, initialize
+from moeut_dist.progress import Progress
 from moeut_dist.train.checkpoint import CheckpointError, CheckpointManager, TrainerState
 from moeut_dist.train.config import RunPlan, TrainConfig, check_init_from, check_run
 from moeut_dist.train.metrics import MetricsWriter, RoutingMonitor
+from moeut_dist.train.peak_flops import peak_flops
+from moeut_dist.train.profiling import StepProfiler
 from moeut_dist.train.schedule import lr_multiplier
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -205,14 +211,15 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
     model = build_model(plan.model, config.parallel, seed=config.seed)
     has_experts = spec.n_experts(plan.model) > 0
     monitor = RoutingMonitor(model) if config.logging.expert_usage and has_experts else None
-    engine = create_engine(
-        model,
-        config.parallel,
-        config.optim,
-        config.data.micro_batch_size,
-        gradient_accumulation_steps=plan.grad_accumulation,
-        bf16=config.bf16,
-    )
+    with stdout_on_rank0_only():
+        engine = create_engine(
+            model,
+            config.parallel,
+            config.optim,
+            config.data.micro_batch_size,
+            gradient_accumulation_steps=plan.grad_accumulation,
+            bf16=config.bf16,
+        )
     if init_from is not None:
         load_initial_weights(engine, os.path.join(init_from, WEIGHTS_FILE))
     seed_everything(config.seed)
@@ -222,7 +229,13 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
             seed_everything((config.seed + state.step) % 2**32)
 
     resumed_step = state.step if resume is not None else None
-    metrics = MetricsWriter(config.out_path, config.logging.tensorboard, resumed_step)
+    metrics = MetricsWriter(
+        config.out_path,
+        config.logging.tensorboard,
+        resumed_step,
+        wandb=config.logging.wandb,
+        run_config=config.to_dict(),
+    )
     if resume is not None:
         event: dict = {"resumed_from": str(resume.directory)}
         if resume.layout_change is not None:
@@ -231,22 +244,29 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
     if init_from is not None:
         metrics.write("event", state.step, {"initialised_from": init_from})
     metrics.write("model", state.step, summary.to_dict())
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        print(f"model {summary.describe()}", flush=True)
+    logger.info("model %s", summary.describe())
 
     end_step = config.schedule.steps
     if config.stop_after_steps is not None:
         end_step = min(end_step, state.step + config.stop_after_steps)
-    flops_per_step = summary.training_flops_per_token * (
-        config.data.global_batch_size * config.data.seq_len
-    )
-    progress = tqdm(
+    tokens_per_step = config.data.global_batch_size * config.data.seq_len
+    flops_per_step = summary.training_flops_per_token * tokens_per_step
+    peak = device_peak_flops(config)
+    progress = Progress(
         total=config.schedule.steps,
         initial=state.step,
-        disable=not (rank0 and config.logging.progress_bar),
-        dynamic_ncols=True,
+        tokens_per_unit=tokens_per_step,
+        enabled=dist.get_rank() == 0 and config.logging.progress_bar,
+        every_steps=config.logging.progress_every_steps,
+        every_seconds=config.logging.progress_every_seconds,
     )
+    profiler = StepProfiler(config.profiling, config.out_path, dist.get_rank())
+    logger.info(
+        "training steps %d to %d of %d in %s on %s (%d processes, %d-way data parallel, %d "
+        "micro-batches per step)",
+        state.step + 1, end_step, config.schedule.steps, config.out_dir, engine.device.type,
+        dist.get_world_size(), plan.data_parallel, plan.grad_accumulation,
+    )  # fmt: skip
     batches = iter(loader)
     interval = Interval()
     interval.start()
@@ -254,8 +274,10 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         lr = config.optim.lr * lr_multiplier(state.step, config.schedule)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
+        profiler.before_step(state.step + 1)
         lm, reg = train_step(engine, batches, plan)
         state.step += 1
+        profiler.after_step(state.step)
         state.loader = loader.state_dict()
         applied = engine.was_step_applied()
         state.consecutive_nonfinite = 0 if applied else state.consecutive_nonfinite + 1
@@ -267,19 +289,18 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
             )
 
         interval.steps += 1
-        interval.tokens += config.data.global_batch_size * config.data.seq_len
+        interval.tokens += tokens_per_step
         interval.skipped += 0 if applied else 1
         if math.isfinite(lm + reg):
             interval.finite_steps += 1
             interval.lm += lm
             interval.reg += reg
-        progress.update(1)
-        progress.set_postfix(loss=f"{lm:.4f}", lr=f"{lr:.2e}")
+        progress.update(1, loss=f"{lm:.4f}", lr=f"{lr:.2e}")
 
         session_ends = state.step == end_step
         run_ends = state.step == config.schedule.steps
         if state.step % config.logging.every == 0 or session_ends:
-            record = _train_record(engine, config, interval, lr, flops_per_step)
+            record = _train_record(engine, interval, lr, flops_per_step, peak)
             record.update(data_fault_counts(loader, engine.device))
             if monitor is not None:
                 record.update(monitor.collect())
@@ -295,8 +316,27 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         if state.step % config.checkpoint.every == 0 or session_ends:
             checkpoints.save(engine, state)
         interval.started += time.perf_counter() - paused
+    profiler.close()
     progress.close()
     metrics.close()
+
+
+def device_peak_flops(config: TrainConfig) -> float | None:
+    """The configured peak FLOP/s of one device, else the table's for this GPU; None (no MFU)
+    on CPUs and unknown devices, with a note saying so."""
+    if config.logging.peak_flops_per_device is not None:
+        return config.logging.peak_flops_per_device
+    if not torch.cuda.is_available():
+        logger.info("MFU is not logged on CPU (set logging.peak_flops_per_device to log it)")
+        return None
+    name = torch.cuda.get_device_name()
+    peak = peak_flops(name, config.bf16)
+    if peak is None:
+        logger.warning(
+            "MFU is not logged: no peak FLOP/s known for %s; set logging.peak_flops_per_device",
+            name,
+        )
+    return peak
 
 
 def data_fault_counts(loader: TokenLoader, device: torch.device) -> dict[str, int]:
@@ -308,14 +348,13 @@ def data_fault_counts(loader: TokenLoader, device: torch.device) -> dict[str, in
     return {f"data/{name}": count for name, count in zip(local, counts.tolist(), strict=True)}
 
 
-def _train_record(engine, config: TrainConfig, interval: Interval, lr: float, flops_per_step):
+def _train_record(engine, interval: Interval, lr: float, flops_per_step, peak: float | None):
     elapsed = time.perf_counter() - interval.started
     lm = interval.lm / interval.finite_steps if interval.finite_steps else math.nan
     reg = interval.reg / interval.finite_steps if interval.finite_steps else math.nan
     flops_per_second = flops_per_step * interval.steps / elapsed
-    peak = config.logging.peak_flops_per_device
     grad_norm = engine.get_global_grad_norm()
-    return {
+    record = {
         "loss": lm,
         "perplexity": perplexity(lm),
         "reg_loss": reg,
@@ -324,5 +363,7 @@ def _train_record(engine, config: TrainConfig, interval: Interval, lr: float, fl
         "skipped_steps": interval.skipped,
         "tokens_per_second": interval.tokens / elapsed,
         "model_flops_per_second": flops_per_second,
-        "mfu": flops_per_second / (peak * dist.get_world_size()) if peak else None,
     }
+    if peak is not None:
+        record["mfu"] = flops_per_second / (peak * dist.get_world_size())
+    return record

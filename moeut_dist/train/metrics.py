@@ -21,9 +21,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from moeut_dist.model import MoEUTLM
-from moeut_dist.plots import read_metrics
-
-METRICS_FILE = "metrics.jsonl"
+from moeut_dist.plots import METRICS_FILE, read_metrics
+from moeut_dist.train.config import WandbSection
 
 
 class _CountingDispatcher:
@@ -116,9 +115,17 @@ class MetricsWriter:
     `tensorboard.1/` (`.2`, …).
     """
 
-    def __init__(self, out_dir: Path, tensorboard: bool, resumed_step: int | None) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        tensorboard: bool,
+        resumed_step: int | None,
+        wandb: WandbSection | None = None,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
         self.enabled = dist.get_rank() == 0
         self.tensorboard = None
+        self.wandb = None
         if not self.enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,6 +143,11 @@ class MetricsWriter:
 
             purge = None if resumed_step is None else resumed_step + 1
             self.tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=purge)
+        if wandb is not None:
+            from moeut_dist.train.wandb_sink import WandbSink
+
+            resumed = resumed_step is not None
+            self.wandb = WandbSink(wandb, out_dir, run_config or {}, resumed)
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -143,6 +155,8 @@ class MetricsWriter:
         record = {"kind": kind, "step": step, **_finite_json(values)}
         self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(kind, step, values)
         if self.tensorboard is None:
             return
         for name, value in values.items():
@@ -162,6 +176,8 @@ class MetricsWriter:
         self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def _finite_json(values: dict[str, Any]) -> dict[str, Any]:
