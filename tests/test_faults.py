@@ -328,11 +328,12 @@ def test_export_holds_a_lease_that_pruning_honours(finished_run, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 12 MiB tmpfs (a single-process checkpoint of the tiny model is about 4.6 MB)."""
+    """A 20 MiB tmpfs: room for two single-process checkpoints of the tiny model (about 7.2 MB
+    each, its portable state included) and little more."""
     mount = tmp_path / "disk"
     mount.mkdir()
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True
     )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
