@@ -95,6 +95,7 @@ class _Chunk:
 class _TokenizedChunk:
     index: int
     tokens: dict[str, np.ndarray]  # split -> its documents' ids, each document ended by EOD
+    unknown_tokens: int  # `<unk>` ids among them: text the tokenizer cannot represent
 
 
 class _ChunkTokenizer:
@@ -102,6 +103,7 @@ class _ChunkTokenizer:
 
     def __init__(self, tokenizer_path: Path, val_fraction: float, dtype: np.dtype) -> None:
         self._tokenizer = Tokenizer(tokenizer_path)
+        self._unk_id = self._tokenizer.unk_id
         self._val_fraction = val_fraction
         self._dtype = dtype
 
@@ -111,7 +113,9 @@ class _ChunkTokenizer:
             split = VALIDATION if is_validation_document(text, self._val_fraction) else TRAIN
             if split in texts:
                 texts[split].append(text)
-        return _TokenizedChunk(chunk.index, {s: self._encode(t) for s, t in texts.items()})
+        tokens = {split: self._encode(split_texts) for split, split_texts in texts.items()}
+        unknown = sum(int(np.count_nonzero(ids == self._unk_id)) for ids in tokens.values())
+        return _TokenizedChunk(chunk.index, tokens, unknown)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         ids = self._tokenizer.encode_documents(texts)
@@ -268,6 +272,30 @@ class _SplitWriter:
         self._shard_samples = 0
 
 
+@dataclass
+class _UnknownTokens:
+    """`<unk>` tokens among the tokens of a build: text lost to training and generation."""
+
+    unknown: int = 0
+    tokens: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.unknown / self.tokens if self.tokens else 0.0
+
+    def summary(self, warn_rate: float) -> str:
+        line = f"{self.unknown} of {self.tokens} tokens are <unk> ({self.rate:.4%})"
+        if self.rate > warn_rate:
+            line = (
+                f"warning: {line}, above {warn_rate:.4%}: that text cannot come back out of the "
+                "tokenizer; train it with byte fallback (the default of `moeut prep tokenizer`)"
+            )
+        return line
+
+    def to_dict(self) -> dict[str, int]:
+        return {"unknown": self.unknown, "tokens": self.tokens}
+
+
 def _chunks(documents: Iterator[Document], starts: dict[str, _Position]) -> Iterator[_Chunk]:
     """Chunks of documents in input order, each naming the splits that still need it."""
     for index in itertools.count():
@@ -368,7 +396,9 @@ def build_shards(
     workers: int = 1,
     text_field: str = "text",
     text_unit: TextUnit = "file",
+    text_extensions: Sequence[str] = (),
     max_bad_records: int | None = 1000,
+    unknown_warn_rate: float = 1e-4,
     progress: bool = True,
 ) -> Manifest:
     """Tokenise `inputs` into webdataset shards of `seq_len + 1`-token samples in `out_dir`.
@@ -376,11 +406,14 @@ def build_shards(
     `val_fraction` of the documents (chosen by a hash of their text) go to the `val` split, the
     rest to `train`. `shard_bytes` is the target size of a shard. Reruns of an interrupted build
     continue it; a rerun of a finished one returns its manifest. Returns the manifest.
+    `text_extensions` are read as plain text besides the known formats. The share of `<unk>`
+    tokens (in the documents tokenised by this call) is reported, with a warning above
+    `unknown_warn_rate`.
     """
     out_dir = Path(out_dir)
     _check_arguments(out_dir, seq_len, workers, val_fraction)
     tokenizer = _load_tokenizer(Path(tokenizer_path))
-    sources = resolve_inputs(inputs, text_field)
+    sources = resolve_inputs(inputs, text_field, text_extensions)
     dtype = token_dtype(tokenizer.vocab_size)
     sample_len = seq_len + 1
     settings = {
@@ -424,14 +457,17 @@ def build_shards(
     documents = iter_documents(sources, report, text_field=text_field, text_unit=text_unit)
     chunks = _chunks(documents, {split: c.position for split, c in checkpoints.items()})
     tokens_done = sum(writer.tokens_done for writer in writers.values())
+    unknown = _UnknownTokens()
     with (
         _tokenized(chunks, workers, (tokenizer.path, val_fraction, dtype)) as tokenized,
         tqdm(initial=tokens_done, unit="tok", unit_scale=True, disable=not progress) as bar,
     ):
         for chunk in tokenized:
             completed = False
+            unknown.unknown += chunk.unknown_tokens
             for split, tokens in chunk.tokens.items():
                 completed |= writers[split].add(chunk.index, tokens)
+                unknown.tokens += len(tokens)
                 bar.update(len(tokens))
             if completed:
                 save_progress()
@@ -453,9 +489,10 @@ def build_shards(
         splits=splits,
         sources=tuple(str(source.path) for source in sources),
         build=settings,
-        input_report=report.to_dict(),
+        input_report={**report.to_dict(), "unknown_tokens": unknown.to_dict()},
     )
     write_manifest(out_dir, manifest)
     progress_path.unlink()
     print(report.summary(), file=sys.stderr)
+    print(unknown.summary(unknown_warn_rate), file=sys.stderr)
     return manifest

@@ -16,6 +16,7 @@ from data_prep.synthetic import synthetic_documents, write_jsonl
 from data_prep.tokenizer import train_tokenizer
 from moeut_dist.data import (
     ManifestMismatchError,
+    ReadSettings,
     ShardError,
     Tokenizer,
     TokenLoader,
@@ -31,7 +32,7 @@ SEQ_LEN = 16
 def tokenizer(tmp_path_factory) -> Tokenizer:
     folder = tmp_path_factory.mktemp("tokenizer")
     corpus = write_jsonl(folder / "corpus.jsonl", synthetic_documents(200, seed=3))
-    return train_tokenizer([corpus], folder / "tok.model", vocab_size=300)
+    return train_tokenizer([corpus], folder / "tok.model", vocab_size=400)
 
 
 @pytest.fixture(scope="module")
@@ -171,15 +172,16 @@ def test_resume_skips_consumed_shards_without_reading_them(shard_dir, tokenizer,
         loader,
         "read_shard",
         lambda path, *args, **kwargs: (
-            reads.append(path.name) or real_read_shard(path, *args, **kwargs)
+            reads.append(Path(path).name) or real_read_shard(path, *args, **kwargs)
         ),
     )
-    interrupted = _loader(shard_dir, tokenizer, batch_size=8)
+    no_read_ahead = ReadSettings(prefetch_shards=0)  # so that the last shard read is the current
+    interrupted = _loader(shard_dir, tokenizer, batch_size=8, read=no_read_ahead)
     for _ in itertools.islice(interrupted, 50):  # 400 samples: a dozen shards in
         pass
     current_shard = reads[-1]
     reads.clear()
-    resumed = _loader(shard_dir, tokenizer, batch_size=8)
+    resumed = _loader(shard_dir, tokenizer, batch_size=8, read=no_read_ahead)
     resumed.load_state_dict(interrupted.state_dict())
     next(iter(resumed))
     assert reads[0] == current_shard
@@ -207,7 +209,9 @@ def test_truncated_shard_is_an_error_naming_it(shard_dir, tokenizer, tmp_path):
 
 def test_truncated_shard_is_skipped_when_asked(shard_dir, tokenizer, tmp_path):
     shard = _truncate_a_shard(shard_dir, tmp_path)
-    epoch = _loader(shard.parent, tokenizer, batch_size=8, epochs=1, skip_corrupt=True)
+    epoch = _loader(
+        shard.parent, tokenizer, batch_size=8, epochs=1, read=ReadSettings(skip_corrupt=True)
+    )
     with pytest.warns(RuntimeWarning, match=str(shard)):
         seen = _rows(epoch)
     assert epoch.skipped_shards == 1
@@ -233,7 +237,9 @@ def _check_refused_then_skipped(shard: Path, shard_dir: Path, tokenizer, problem
     it and `problem`; with `skip_corrupt`, the epoch is everything else."""
     with pytest.raises(ShardError, match=rf"{shard}: {problem}"):
         list(_loader(shard.parent, tokenizer, batch_size=8, epochs=1))
-    epoch = _loader(shard.parent, tokenizer, batch_size=8, epochs=1, skip_corrupt=True)
+    epoch = _loader(
+        shard.parent, tokenizer, batch_size=8, epochs=1, read=ReadSettings(skip_corrupt=True)
+    )
     with pytest.warns(RuntimeWarning, match=str(shard)):
         seen = _rows(epoch)
     assert epoch.skipped_shards == 1
@@ -296,7 +302,7 @@ def test_damaged_manifest_is_a_value_error_naming_it_and_the_problem(
 
 def test_other_tokenizer_is_refused_naming_both_hashes(shard_dir, tokenizer, tmp_path):
     corpus = write_jsonl(tmp_path / "other.jsonl", synthetic_documents(50, seed=9))
-    other = train_tokenizer([corpus], tmp_path / "other.model", vocab_size=280)
+    other = train_tokenizer([corpus], tmp_path / "other.model", vocab_size=380)
     with pytest.raises(ManifestMismatchError) as error:
         TokenLoader(shard_dir, seq_len=SEQ_LEN, tokenizer=other, batch_size=4)
     assert tokenizer.sha256 in str(error.value) and other.sha256 in str(error.value)

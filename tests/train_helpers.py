@@ -37,7 +37,7 @@ def make_corpus(directory: Path) -> Corpus:
         directory / "corpus.jsonl", synthetic_documents(300, seed=0, words_per_document=(20, 150))
     )
     tokenizer = directory / "tok.model"
-    train_tokenizer([source], tokenizer, vocab_size=300)
+    train_tokenizer([source], tokenizer, vocab_size=400)
     shard_dir = directory / "shards"
     build_shards(
         [source], shard_dir, tokenizer, SEQ_LEN, shard_bytes=30_000, val_fraction=0.1,

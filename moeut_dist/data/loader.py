@@ -13,6 +13,11 @@ passing over those whose (finite) stream has ended, so the loader's state is eac
 position plus the worker after the one that yielded last. A restored loader starts each worker
 at its position (whole shards before it are skipped using the manifest's counts, unread; an
 ended stream yields nothing) and renumbers the workers so that that one comes first.
+
+Shards are read wherever they live (`storage`): streamed, one shard in flight per worker plus
+`prefetch_shards` read ahead by a thread. A transient failure, or a remote shard that arrives
+damaged, is read again from its start (with back-off, counted in `read_retries`); samples come
+out only of a shard read whole and checked, so a retry repeats or skips none.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import hashlib
 import re
 import tarfile
 import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,15 +38,23 @@ import torch
 import webdataset
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from moeut_dist.data import storage
 from moeut_dist.data.manifest import SAMPLE_FIELD, ShardInfo, read_manifest
 from moeut_dist.data.tokenizer import Tokenizer, file_sha256
 
-_STATE_FORMAT = 2
+_STATE_FORMAT = 3
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ShardError(RuntimeError):
-    """A shard that cannot be read as the manifest describes it; the message names its path."""
+    """A shard that cannot be read as the manifest describes it; the message names its URL.
+
+    `transient`: reading it again may succeed (a remote read cut off or garbled on its way).
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class _HashingReader:
@@ -62,7 +77,7 @@ class _HashingReader:
 
 
 def read_shard(
-    path: Path,
+    url: str | Path,
     samples: int,
     sample_len: int,
     dtype: np.dtype,
@@ -72,39 +87,74 @@ def read_shard(
 ) -> np.ndarray:
     """A shard's samples in stored order, `[samples, sample_len]`, checked against the manifest.
 
+    `url` is a path or any location `storage` reads; the shard is streamed, never stored whole.
     Every id must be below `vocab_size`: a flipped bit or another tokenizer's shard fails here,
     naming the shard, instead of as an index error inside the embedding. `sha256`, the
     manifest's hash of the file, catches any other change; it is computed from the bytes read
-    for the samples, so checking it costs no second read.
+    for the samples, so checking it costs no second read. A remote shard that is not what the
+    manifest says may have been damaged on its way: that error is `transient`.
     """
+    url = str(url)
+    remote = not storage.is_local(url)
     rows = np.empty((samples, sample_len), dtype)
     sample_bytes = sample_len * dtype.itemsize
     count = 0
     try:
-        with open(path, "rb") as file:
+        with storage.open_read(url) as file:
             reader = _HashingReader(file)
             for member in webdataset.tariterators.tar_file_iterator(reader):
                 if count == samples:
-                    raise ShardError(f"{path}: holds more than the manifest's {samples} samples")
+                    raise ShardError(
+                        f"{url}: holds more than the manifest's {samples} samples", transient=remote
+                    )
                 data = member["data"]
                 if not member["fname"].endswith(f".{SAMPLE_FIELD}") or len(data) != sample_bytes:
                     raise ShardError(
-                        f"{path}: member {member['fname']} is not a {sample_bytes}-byte sample"
+                        f"{url}: member {member['fname']} is not a {sample_bytes}-byte sample",
+                        transient=remote,
                     )
                 rows[count] = np.frombuffer(data, dtype)
                 count += 1
             found_sha256 = reader.sha256_of_whole_file()
+    except storage.StorageError as error:
+        raise ShardError(f"unreadable shard: {error}", transient=error.transient) from error
     except (OSError, tarfile.TarError) as error:
-        raise ShardError(f"{path}: unreadable shard ({error})") from error
+        raise ShardError(f"{url}: unreadable shard ({error})", transient=remote) from error
     if count != samples:
-        raise ShardError(f"{path}: holds {count} samples, the manifest says {samples} (truncated?)")
+        raise ShardError(
+            f"{url}: holds {count} samples, the manifest says {samples} (truncated?)",
+            transient=remote,
+        )
     if rows.size and (largest := rows.max()) >= vocab_size:
         raise ShardError(
-            f"{path}: token id {largest} is not below the manifest's vocab_size {vocab_size}"
+            f"{url}: token id {largest} is not below the manifest's vocab_size {vocab_size}",
+            transient=remote,
         )
     if found_sha256 != sha256:
-        raise ShardError(f"{path}: sha256 {found_sha256} is not the manifest's {sha256} (corrupt)")
+        raise ShardError(
+            f"{url}: sha256 {found_sha256} is not the manifest's {sha256} (corrupt)",
+            transient=remote,
+        )
     return rows
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """How shards are read: retries of transient failures, shards read ahead, and what a shard
+    that cannot be read does (`skip_corrupt`: skipped with a warning and counted, instead of
+    raising `ShardError`)."""
+
+    retry: storage.RetryPolicy = field(default_factory=storage.RetryPolicy)
+    prefetch_shards: int = 1  # read while the current one is used; memory: 1 + this many shards
+    skip_corrupt: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prefetch_shards < 0:
+            raise ValueError(f"prefetch_shards must not be negative, got {self.prefetch_shards}")
+
+
+# The counters a loader keeps, summed over its workers and carried in its state.
+COUNTERS = ("skipped_shards", "read_retries")
 
 
 @dataclass(frozen=True)
@@ -144,7 +194,7 @@ class _SlotStream:
 
     def __init__(
         self,
-        shard_dir: Path,
+        location: str,
         shards: Sequence[ShardInfo],
         sample_len: int,
         dtype: np.dtype,
@@ -152,18 +202,18 @@ class _SlotStream:
         seed: int,
         slot: int,
         n_slots: int,
-        skip_corrupt: bool,
-        skipped_shards: int,
+        read: ReadSettings,
+        counters: dict[str, int],
     ) -> None:
-        self._shard_dir = shard_dir
+        self._location = location
         self._shards = shards
         self._sample_len = sample_len
         self._dtype = dtype
         self._vocab_size = vocab_size
         self._seed = seed
         self._slot = slot
-        self._skip_corrupt = skip_corrupt
-        self.skipped_shards = skipped_shards
+        self._read = read
+        self.counters = dict(counters)
         total = sum(shard.samples for shard in shards)
         self._span = _slots_span(total, range(slot, slot + 1), n_slots)  # within each epoch
         self.samples_per_epoch = len(self._span)
@@ -175,39 +225,67 @@ class _SlotStream:
             whole_epoch, yielded = offset == 0, False
             position = epoch * self.samples_per_epoch
             shard_samples = [shard.samples for shard in self._shards]
+            reads = []  # (piece, its first sample to use, the position after the piece)
             for piece in _epoch_pieces(shard_samples, self._seed, epoch, self._span):
                 position += piece.stop - piece.start
                 if offset >= piece.stop - piece.start:  # consumed before a restore: not read
                     offset -= piece.stop - piece.start
                     continue
-                rows = self._piece_rows(piece, epoch, offset)
+                reads.append((piece, offset, position))
                 offset = 0
-                if rows is not None:
+            stored_shards = self._prefetched(read[0] for read in reads)
+            for (piece, first, end), stored in zip(reads, stored_shards, strict=True):
+                if stored is not None:
                     yielded = True
-                    yield rows, position
+                    order = np.random.default_rng((self._seed, epoch, piece.shard))
+                    order = order.permutation(len(stored))
+                    yield stored[order[piece.start + first : piece.stop]], end
             if whole_epoch and not yielded:
                 raise ShardError(f"every shard of slot {self._slot} in epoch {epoch} is corrupt")
             epoch += 1
 
-    def _piece_rows(self, piece: _Piece, epoch: int, offset: int) -> np.ndarray | None:
+    def _prefetched(self, pieces: Iterator[_Piece]) -> Iterator[np.ndarray | None]:
+        """Each piece's shard (None: skipped), reading `prefetch_shards` ahead in a thread."""
+        if self._read.prefetch_shards == 0:
+            yield from map(self._stored_rows, pieces)
+            return
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            pending: deque[Future] = deque()
+            for piece in pieces:
+                pending.append(reader.submit(self._stored_rows, piece))
+                if len(pending) > self._read.prefetch_shards:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    def _stored_rows(self, piece: _Piece) -> np.ndarray | None:
+        """The shard's samples in stored order, read again after transient failures; None when
+        it cannot be read and corrupt shards are skipped."""
         shard = self._shards[piece.shard]
-        try:
-            stored = read_shard(
-                self._shard_dir / shard.name,
+        url = storage.join(self._location, shard.name)
+
+        def read() -> np.ndarray:
+            return read_shard(
+                url,
                 shard.samples,
                 self._sample_len,
                 self._dtype,
                 vocab_size=self._vocab_size,
                 sha256=shard.sha256,
             )
+
+        def count_retry(error: Exception) -> None:
+            self.counters["read_retries"] += 1
+            warnings.warn(f"reading again: {error}", RuntimeWarning, stacklevel=2)
+
+        try:
+            return storage.with_retries(read, self._read.retry, count_retry, errors=(ShardError,))
         except ShardError as error:
-            if not self._skip_corrupt:
+            if not self._read.skip_corrupt:
                 raise
             warnings.warn(f"skipping corrupt shard: {error}", RuntimeWarning, stacklevel=2)
-            self.skipped_shards += 1
+            self.counters["skipped_shards"] += 1
             return None
-        order = np.random.default_rng((self._seed, epoch, piece.shard)).permutation(shard.samples)
-        return stored[order[piece.start + offset : piece.stop]]
 
 
 def _batches(
@@ -250,13 +328,14 @@ class _WorkerBatches(IterableDataset):
         self._batch_size = batch_size
         self._epochs = epochs
 
-    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, int, dict[str, int]]]:
         info = get_worker_info()
         worker = (self._first_worker + (0 if info is None else info.id)) % len(self._streams)
         stream = self._streams[worker]
         rows = stream.rows(self._starts[worker], self._epochs)
         for batch, position in _batches(rows, self._batch_size):
-            yield worker, torch.from_numpy(batch.astype(np.int64)), position, stream.skipped_shards
+            batch = torch.from_numpy(batch.astype(np.int64))
+            yield worker, batch, position, dict(stream.counters)
 
 
 def _tokenizer_sha256(tokenizer: str | Path | Tokenizer) -> str:
@@ -272,7 +351,9 @@ class TokenLoader:
     rank; the model's inputs are `batch[:, :-1]` and its targets `batch[:, 1:]`.
 
     Args:
-        shard_dir: a directory written by `data_prep.shards.build_shards`.
+        shard_dir: a directory written by `data_prep.shards.build_shards`: a path or a URL
+            (`moeut_dist.data.storage`: file://, http(s)://, s3:// and other fsspec
+            protocols, pipe:COMMAND).
         seq_len: the run's context length; must equal the shards'.
         tokenizer: the run's tokenizer (a model path, a loaded `Tokenizer`, or its sha256);
             must be the one the shards were built with.
@@ -284,9 +365,11 @@ class TokenLoader:
         epochs: None to continue forever, each epoch in a fresh order; else the number of
             epochs, after which iteration ends (the last batch may then be short). Use
             `epochs=1` for a validation pass; ranks may then get one batch more or fewer.
-        skip_corrupt: skip a corrupt shard (unreadable, or not what the manifest describes,
-            its sha256 included) with a warning and count it in `skipped_shards`, instead of
-            raising `ShardError`.
+        read: retries of transient read failures (each counted in `read_retries`), shards
+            read ahead, and `skip_corrupt`: skip a shard that cannot be read (a permanent
+            failure, or not what the manifest describes, its sha256 included, after the
+            retries) with a warning and count it in `skipped_shards`, instead of raising
+            `ShardError`.
 
     Iterating continues from the current position, so `state_dict()` / `load_state_dict()`
     resume an endless stream exactly: the restored loader yields the batches the original one
@@ -307,7 +390,7 @@ class TokenLoader:
         num_workers: int = 0,
         seed: int = 0,
         epochs: int | None = None,
-        skip_corrupt: bool = False,
+        read: ReadSettings = ReadSettings(),
     ) -> None:
         if batch_size < 1 or num_workers < 0 or seed < 0 or (epochs is not None and epochs < 1):
             raise ValueError(
@@ -316,7 +399,8 @@ class TokenLoader:
             )
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank {dp_rank} is not in 0..{dp_world_size - 1}")
-        self.shard_dir = Path(shard_dir)
+        storage.check_location(str(shard_dir))
+        self.shard_dir = str(shard_dir)
         self.manifest = read_manifest(self.shard_dir)
         self.manifest.check_compatible(
             seq_len=seq_len, tokenizer_sha256=_tokenizer_sha256(tokenizer)
@@ -339,10 +423,10 @@ class TokenLoader:
             "dp_world_size": dp_world_size,
             "num_workers": num_workers,
         }
-        self._skip_corrupt = skip_corrupt
+        self._read = read
         self._next_worker = 0
         self._positions = [0] * self._workers
-        self._skipped = [0] * self._workers
+        self._counters = [dict.fromkeys(COUNTERS, 0) for _ in range(self._workers)]
 
     @property
     def samples_per_epoch(self) -> int:
@@ -352,10 +436,15 @@ class TokenLoader:
         my_slots = range(first_slot, first_slot + self._workers)
         return len(_slots_span(total, my_slots, self._n_slots))
 
+    def counters(self) -> dict[str, int]:
+        """Cumulative counts over all workers (and earlier sessions, when resumed):
+        `skipped_shards`, corrupt shard reads skipped (with `skip_corrupt`), and `read_retries`,
+        shard reads tried again after a transient failure."""
+        return {name: sum(worker[name] for worker in self._counters) for name in COUNTERS}
+
     @property
     def skipped_shards(self) -> int:
-        """Corrupt shard reads skipped so far (with `skip_corrupt`)."""
-        return sum(self._skipped)
+        return self.counters()["skipped_shards"]
 
     def _streams(self) -> list[_SlotStream]:
         dtype = np.dtype(self.manifest.dtype)
@@ -370,8 +459,8 @@ class TokenLoader:
                 self._layout["seed"],
                 first_slot + worker,
                 self._n_slots,
-                self._skip_corrupt,
-                self._skipped[worker],
+                self._read,
+                self._counters[worker],
             )
             for worker in range(self._workers)
         ]
@@ -390,9 +479,9 @@ class TokenLoader:
             if num_workers == 0
             else iter(DataLoader(dataset, batch_size=None, num_workers=num_workers))
         )
-        for worker, batch, position, skipped in batches:
+        for worker, batch, position, counters in batches:
             self._positions[worker] = position
-            self._skipped[worker] = skipped
+            self._counters[worker] = counters
             self._next_worker = (worker + 1) % self._workers
             yield batch
 
@@ -403,7 +492,7 @@ class TokenLoader:
             "layout": dict(self._layout),
             "next_worker": self._next_worker,
             "positions": list(self._positions),
-            "skipped_shards": list(self._skipped),
+            "counters": [dict(counters) for counters in self._counters],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -419,4 +508,4 @@ class TokenLoader:
             raise ValueError(f"loader state is for another layout ({details})")
         self._next_worker = state["next_worker"]
         self._positions = list(state["positions"])
-        self._skipped = list(state["skipped_shards"])
+        self._counters = [dict(counters) for counters in state["counters"]]

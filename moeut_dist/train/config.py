@@ -26,7 +26,8 @@ from safetensors import SafetensorError, safe_open
 
 from moeut_dist import profiles
 from moeut_dist.config import ConfigError, MoEUTConfig
-from moeut_dist.data import ManifestMismatchError, Tokenizer, read_manifest
+from moeut_dist.data import ManifestMismatchError, ReadSettings, Tokenizer, read_manifest
+from moeut_dist.data.storage import RetryPolicy
 from moeut_dist.export import CONFIG_FILE, WEIGHTS_FILE, read_config
 from moeut_dist.parallel.engine import OptimizerSettings
 from moeut_dist.parallel.layout import ParallelConfig
@@ -147,13 +148,24 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection(_Section):
-    shard_dir: str = ""  # written by `moeut prep shards`
+    # Written by `moeut prep shards`: a path or URL (file://, http(s)://, s3://, pipe:CMD).
+    shard_dir: str = ""
     tokenizer: str = ""  # the SentencePiece model the shards were built with
     seq_len: int = 1024
     global_batch_size: int = 64  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 16  # sequences per forward on one rank; the rest is accumulation
     num_workers: int = 1  # dataloader worker processes per rank
-    skip_corrupt_shards: bool = False
+    skip_corrupt_shards: bool = False  # skip (and count) shards that cannot be read
+    read_attempts: int = 5  # tries of a shard read that fails transiently (network errors)
+    retry_backoff_seconds: float = 1.0  # wait after the first failure, doubling up to 30 s
+    prefetch_shards: int = 1  # shards each worker reads ahead (memory: 1 + this many shards)
+
+    def read_settings(self) -> ReadSettings:
+        return ReadSettings(
+            retry=RetryPolicy(self.read_attempts, self.retry_backoff_seconds),
+            prefetch_shards=self.prefetch_shards,
+            skip_corrupt=self.skip_corrupt_shards,
+        )
 
 
 @dataclass(frozen=True)
@@ -259,8 +271,12 @@ class TrainConfig(_Section):
             raise ConfigError("schedule.warmup_steps must be in 0..schedule.steps")
         if not 0.0 <= self.schedule.min_lr_ratio <= 1.0:
             raise ConfigError("schedule.min_lr_ratio must be in [0, 1]")
-        if self.eval.every < 0 or self.data.num_workers < 0:
-            raise ConfigError("eval.every and data.num_workers must not be negative")
+        if self.eval.every < 0 or self.data.num_workers < 0 or self.data.prefetch_shards < 0:
+            raise ConfigError(
+                "eval.every, data.num_workers and data.prefetch_shards must not be negative"
+            )
+        if self.data.read_attempts < 1 or not self.data.retry_backoff_seconds >= 0:
+            raise ConfigError("data.read_attempts must be positive, retry_backoff_seconds ≥ 0")
         if not self.data.shard_dir or not self.data.tokenizer:
             raise ConfigError("data.shard_dir and data.tokenizer are required")
 

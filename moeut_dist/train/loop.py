@@ -103,7 +103,7 @@ def make_loader(config: TrainConfig, split: str, epochs: int | None) -> TokenLoa
         num_workers=data.num_workers if split == "train" else 0,
         seed=config.seed,
         epochs=epochs,
-        skip_corrupt=data.skip_corrupt_shards,
+        read=data.read_settings(),
     )
 
 
