@@ -140,7 +140,7 @@ def run_result(config_path: Path) -> RunResult:
     steps = [r["step"] for r in records]
     assert steps == sorted(set(steps)), f"steps logged more than once or out of order: {steps}"
     latest = latest_checkpoint(config.out_path / "checkpoints")
-    weights = read_full_state_dict(latest / "engine", config.model.build(300))
+    weights = read_full_state_dict(latest / "engine", config.model.build(400))
     return RunResult(
         [(r["step"], r["loss"], r["reg_loss"]) for r in records],
         [(r["step"], r["loss"]) for r in read_run_metrics(config.out_dir, "val")],

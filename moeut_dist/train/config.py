@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from moeut_dist import profiles
 from moeut_dist.config import ConfigError, MoEUTConfig
 from moeut_dist.data import ManifestMismatchError, ReadSettings, Tokenizer, read_manifest
+from moeut_dist.data import storage
 from moeut_dist.data.storage import RetryPolicy
 from moeut_dist.export import CONFIG_FILE, WEIGHTS_FILE, read_config
 from moeut_dist.parallel.engine import OptimizerSettings
@@ -415,8 +416,9 @@ def check_run(config: TrainConfig, world_size: int) -> RunPlan:
     if not Path(data.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer: {data.tokenizer} does not exist")
     try:
+        storage.check_location(data.shard_dir)
         manifest = read_manifest(data.shard_dir)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # OSError: missing, or the store cannot be read
         raise ConfigError(f"data.shard_dir: {error}") from error
     try:
         tokenizer = Tokenizer(data.tokenizer)
@@ -426,11 +428,14 @@ def check_run(config: TrainConfig, world_size: int) -> RunPlan:
         manifest.check_compatible(seq_len=data.seq_len, tokenizer_sha256=tokenizer.sha256)
     except ManifestMismatchError as error:
         raise ConfigError(f"data: {error}") from error
+    # Locally, a missing shard is found now; elsewhere looking costs a request per shard, so
+    # it is found, named, when read.
     missing = [
         shard.name
         for split in manifest.splits.values()
         for shard in split.shards
-        if not (Path(data.shard_dir) / shard.name).is_file()
+        if storage.is_local(data.shard_dir)
+        and not (storage.local_path(data.shard_dir) / shard.name).is_file()
     ]
     if missing:
         raise ConfigError(f"data.shard_dir: shard(s) listed in the manifest are missing: {missing}")
