@@ -26,8 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from moeut_dist import profiles
 from moeut_dist.config import ConfigError, MoEUTConfig
-from moeut_dist.data import ManifestMismatchError, ReadSettings, Tokenizer, read_manifest
-from moeut_dist.data import storage
+from moeut_dist.data import ManifestMismatchError, ReadSettings, Tokenizer, read_manifest, storage
 from moeut_dist.data.storage import RetryPolicy
 from moeut_dist.export import CONFIG_FILE, WEIGHTS_FILE, read_config
 from moeut_dist.parallel.engine import OptimizerSettings
