@@ -28,6 +28,7 @@ import itertools
 import json
 import multiprocessing
 import sys
+import tarfile
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset
 from tqdm import tqdm
 
 from data_prep.readers import (
@@ -82,6 +82,31 @@ def samples_per_shard(shard_bytes: int, sample_bytes: int) -> int:
     """Samples that fit a target shard size, counting each tar member's header and padding."""
     member_bytes = _TAR_BLOCK + -(-sample_bytes // _TAR_BLOCK) * _TAR_BLOCK
     return max(1, shard_bytes // member_bytes)
+
+
+class ShardTarWriter:
+    """A tar file of samples written straight to a file: what `webdataset.TarWriter` writes
+    with fixed mtime, owner and mode (ustar headers; the same bytes), without its per-member
+    encoder and stream layers, and without importing webdataset (which imports torch)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
+
+    def write(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o444
+        info.uname = info.gname = "moeut"
+        self._file.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        self._file.write(data)
+        self._file.write(bytes(-len(data) % tarfile.BLOCKSIZE))
+
+    def close(self) -> None:
+        """End the archive as tarfile does: two empty blocks, then zeros to a whole record."""
+        end = self._file.tell() + 2 * tarfile.BLOCKSIZE
+        self._file.write(bytes(2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
+        self._file.close()
 
 
 @dataclass(frozen=True)
@@ -210,7 +235,7 @@ class _SplitWriter:
         self._samples_per_shard = samples_per_shard
         self.checkpoint = resume
         self._carry = np.empty(0, dtype)  # tokens short of a whole sample
-        self._tar: webdataset.TarWriter | None = None
+        self._tar: ShardTarWriter | None = None
         self._shard_samples = 0
 
     @property
@@ -249,15 +274,9 @@ class _SplitWriter:
 
     def _write_sample(self, sample: np.ndarray) -> None:
         if self._tar is None:
-            self._tar = webdataset.TarWriter(
-                str(self._partial_path()),
-                encoder=False,
-                mtime=0,  # an int: a float mtime makes tarfile add a PAX header
-                user="moeut",
-                group="moeut",
-            )
+            self._tar = ShardTarWriter(self._partial_path())
         index = sum(shard.samples for shard in self.checkpoint.shards) + self._shard_samples
-        self._tar.write({"__key__": f"{index:010d}", SAMPLE_FIELD: sample.tobytes()})
+        self._tar.write(f"{index:010d}.{SAMPLE_FIELD}", sample.tobytes())
         self._shard_samples += 1
 
     def _close_shard(self, position: _Position) -> None:

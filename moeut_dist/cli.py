@@ -1,8 +1,9 @@
 """The `moeut` command: one subcommand per feature module.
 
-Each feature module exposes `register(subparsers)`, which adds its subcommand and sets
-`handler` on the parsed namespace; heavy imports stay inside the handlers so that `moeut --help`
-is fast.
+Each feature module exposes `register(subparsers)`, which adds its subcommands and sets
+`handler` on the parsed namespace. A command imports only its own module (`moeut prep` reads
+its first byte without torch being imported), and heavy imports stay inside the handlers so
+that `moeut --help` is fast.
 """
 
 from __future__ import annotations
@@ -11,26 +12,33 @@ import argparse
 import importlib
 import sys
 
-# Feature modules, in the order their subcommands are listed.
-_COMMAND_MODULES = (
-    "moeut_dist.demo",
-    "data_prep.cli",
-    "moeut_dist.convert",
-    "moeut_dist.eval_cli",
-    "moeut_dist.train.cli",
-)
+# The feature module of each subcommand, in the order the subcommands are listed.
+_COMMAND_MODULES = {
+    "demo": "moeut_dist.demo",
+    "prep": "data_prep.cli",
+    "convert": "moeut_dist.convert",
+    "generate": "moeut_dist.eval_cli",
+    "eval": "moeut_dist.eval_cli",
+    "train": "moeut_dist.train.cli",
+    "export": "moeut_dist.train.cli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `command` alone (its module's subcommands), or of every command."""
     parser = argparse.ArgumentParser(prog="moeut", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module_name in _COMMAND_MODULES:
+    modules = dict.fromkeys(_COMMAND_MODULES.values())  # each once, in order
+    if command in _COMMAND_MODULES:
+        modules = {_COMMAND_MODULES[command]: None}
+    for module_name in modules:
         importlib.import_module(module_name).register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     return int(args.handler(args) or 0)
 
 
