@@ -114,7 +114,7 @@ def test_config_reads_yaml_and_dotted_overrides(corpus, tmp_path):
         (["data.seq_len=64"], 1, "built with seq_len 32"),
         (["data.shard_dir=/nonexistent"], 1, "manifest.json not found"),
         (["data.tokenizer=/nonexistent.model"], 1, "does not exist"),
-        (["model.vocab_size=256"], 1, "smaller than the tokenizer's 300"),
+        (["model.vocab_size=256"], 1, "smaller than the tokenizer's 400"),
         (["optim.lr=-1"], 1, "optim.lr must be a finite number ≥ 0, got -1.0"),
         (["optim.lr=nan"], 1, "optim.lr must be a finite number ≥ 0, got nan"),
         (["optim.betas=[0.9, 1.5]"], 1, "optim.betas must be two numbers in [0, 1)"),

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from moeut_dist.config import ConfigError
 from moeut_dist.data import TokenLoader
+from moeut_dist.data.mixture import MixtureLoader
 from moeut_dist.export import WEIGHTS_FILE
 from moeut_dist.model import perplexity
 from moeut_dist.parallel.build import build_model, parallel_lm_loss
@@ -90,10 +91,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_loader(config: TrainConfig, split: str, epochs: int | None) -> TokenLoader:
+def make_loader(
+    config: TrainConfig, split: str, epochs: int | None, shard_dir: str | None = None
+) -> TokenLoader:
+    """The loader of one split of `shard_dir` (default: `data.shard_dir`) for this rank."""
     data = config.data
     return TokenLoader(
-        data.shard_dir,
+        shard_dir or data.shard_dir,
         seq_len=data.seq_len,
         tokenizer=data.tokenizer,
         batch_size=data.micro_batch_size,
@@ -105,6 +109,42 @@ def make_loader(config: TrainConfig, split: str, epochs: int | None) -> TokenLoa
         epochs=epochs,
         read=data.read_settings(),
     )
+
+
+def make_train_loader(config: TrainConfig, plan: RunPlan) -> TokenLoader | MixtureLoader:
+    """This rank's training batches: from `data.shard_dir`, or mixed from `data.sources`."""
+    data = config.data
+    if not data.sources:
+        return make_loader(config, "train", epochs=None)
+    return MixtureLoader(
+        data.mixture(),
+        seq_len=data.seq_len,
+        tokenizer=data.tokenizer,
+        batch_size=data.micro_batch_size,
+        samples_per_step=data.micro_batch_size * plan.grad_accumulation,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_world_size=parallel_state.get_data_parallel_world_size(),
+        num_workers=data.num_workers,
+        seed=config.seed,
+        read=data.read_settings(),
+    )
+
+
+def validation_record(engine, config: TrainConfig, monitor: RoutingMonitor | None) -> dict | None:
+    """Validation loss and perplexity; for a mixture, of each source (`loss/NAME`) and their
+    weighted mean (`loss`). None if some rank has no full batch of some source."""
+    if not config.data.sources:
+        loss = validation_loss(engine, config, monitor)
+        return None if loss is None else {"loss": loss, "perplexity": perplexity(loss)}
+    record, total, weights = {}, 0.0, 0.0
+    for source in config.data.sources:
+        loss = validation_loss(engine, config, monitor, source.shard_dir)
+        if loss is None:
+            return None
+        record |= {f"loss/{source.name}": loss, f"perplexity/{source.name}": perplexity(loss)}
+        total += source.weight * loss
+        weights += source.weight
+    return {"loss": total / weights, "perplexity": perplexity(total / weights), **record}
 
 
 @dataclass
@@ -137,12 +177,14 @@ def train_step(engine, batches: Iterator[torch.Tensor], plan: RunPlan) -> tuple[
 
 
 @torch.no_grad()
-def validation_loss(engine, config: TrainConfig, monitor: RoutingMonitor | None) -> float | None:
+def validation_loss(
+    engine, config: TrainConfig, monitor: RoutingMonitor | None, shard_dir: str | None = None
+) -> float | None:
     """Mean LM loss over the first `eval.batches` micro-batches of each rank's share of the
-    validation split (the same ones every pass); None if some rank has no full batch."""
-    full = (
-        b for b in make_loader(config, "val", epochs=1) if len(b) == config.data.micro_batch_size
-    )
+    validation split of `shard_dir` (default: `data.shard_dir`; the same batches every pass);
+    None if some rank has no full batch."""
+    batch_size = config.data.micro_batch_size
+    full = (b for b in make_loader(config, "val", 1, shard_dir) if len(b) == batch_size)
     batches = list(itertools.islice(full, config.eval.batches))
     # Every rank must run the same number of forwards (they hold collectives); a rank may have
     # fewer batches than its manifest share when corrupt shards are skipped.
@@ -174,7 +216,7 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
     init_from = config.init_from if resume is None else None
     if init_from is not None:
         check_init_from(init_from, plan.model)
-    loader = make_loader(config, "train", epochs=None)
+    loader = make_train_loader(config, plan)
     state = TrainerState(step=0, loader=loader.state_dict())
     if resume is not None:
         state = resume.state
@@ -202,6 +244,11 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
     metrics = MetricsWriter(config.out_path, config.logging.tensorboard, resumed_step)
     if resume is not None:
         metrics.write("event", state.step, {"resumed_from": str(resume.directory)})
+    if isinstance(loader, MixtureLoader) and loader.weight_changes:
+        changes = {
+            name: {"before": old, "now": new} for name, (old, new) in loader.weight_changes.items()
+        }
+        metrics.write("event", state.step, {"source_weights_changed": changes})
     if init_from is not None:
         metrics.write("event", state.step, {"initialised_from": init_from})
 
@@ -251,6 +298,7 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         run_ends = state.step == config.schedule.steps
         if state.step % config.logging.every == 0 or session_ends:
             record = _train_record(engine, config, interval, lr, flops_per_step)
+            record.update(_data_record(engine, loader, config))
             if monitor is not None:
                 record.update(monitor.collect())
             metrics.write("train", state.step, record)
@@ -259,14 +307,27 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         # record's tokens/s, FLOPs/s and MFU.
         paused = time.perf_counter()
         if config.eval.every and (state.step % config.eval.every == 0 or run_ends):
-            val = validation_loss(engine, config, monitor)
+            val = validation_record(engine, config, monitor)
             if val is not None:
-                metrics.write("val", state.step, {"loss": val, "perplexity": perplexity(val)})
+                metrics.write("val", state.step, val)
         if state.step % config.checkpoint.every == 0 or session_ends:
             checkpoints.save(engine, state)
         interval.started += time.perf_counter() - paused
     progress.close()
     metrics.close()
+
+
+def _data_record(engine, loader: TokenLoader | MixtureLoader, config: TrainConfig) -> dict:
+    """The loaders' counters (`skipped_shards`, `read_retries`), cumulative and summed over the
+    ranks, and, for a mixture, each source's training tokens so far (`tokens/NAME`)."""
+    names = list(loader.counters())
+    counts = torch.tensor([loader.counters()[name] for name in names], device=engine.device)
+    dist.all_reduce(counts)
+    record = dict(zip(names, counts.tolist(), strict=True))
+    if isinstance(loader, MixtureLoader):
+        seq_len = config.data.seq_len
+        record |= {f"tokens/{name}": count * seq_len for name, count in loader.samples.items()}
+    return record
 
 
 def _train_record(engine, config: TrainConfig, interval: Interval, lr: float, flops_per_step):
