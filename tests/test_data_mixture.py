@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -153,7 +154,13 @@ def _mixture_run(corpus, small_shards, tmp_path, **data) -> dict:
         ],
         **data,
     }
-    return run_config(corpus, tmp_path / "run", data=data, eval={"every": 3, "batches": 1})
+    return run_config(
+        corpus,
+        tmp_path,
+        data=data,
+        schedule={"steps": 4, "warmup_steps": 1},
+        eval={"every": 2, "batches": 1},
+    )
 
 
 def test_mixture_run_resumes_bit_for_bit_and_records_weight_changes(corpus, small_shards, tmp_path):
@@ -161,25 +168,24 @@ def test_mixture_run_resumes_bit_for_bit_and_records_weight_changes(corpus, smal
     loop.train(load_config(write_config(config, tmp_path / "whole.yaml")))
     whole = run_result(tmp_path / "whole.yaml")
     last = whole.records[-1]
-    assert last["tokens/big"] + last["tokens/small"] == 6 * 8 * SEQ_LEN
+    assert last["tokens/big"] + last["tokens/small"] == 4 * 8 * SEQ_LEN
     assert last["read_retries"] == 0 and last["skipped_shards"] == 0
     val = read_run_metrics(config["out_dir"], "val")
     assert {"loss/big", "perplexity/big", "loss/small", "perplexity/small"} <= val[-1].keys()
 
     config = _mixture_run(corpus, small_shards, tmp_path / "split")
-    stopped = write_config({**config, "stop_after_steps": 3}, tmp_path / "stopped.yaml")
-    loop.train(load_config(stopped))
+    loop.train(load_config(write_config({**config, "stop_after_steps": 2}, tmp_path / "a.yaml")))
+    shutil.copytree(tmp_path / "split", tmp_path / "reweighted")
     loop.train(load_config(write_config(config, tmp_path / "split.yaml")))
     assert_same_run(run_result(tmp_path / "split.yaml"), whole)
 
     config = _mixture_run(corpus, small_shards, tmp_path / "reweighted")
-    loop.train(load_config(write_config({**config, "stop_after_steps": 3}, tmp_path / "a.yaml")))
-    config["data"]["sources"][1]["weight"] = 2.0
-    loop.train(load_config(write_config(config, tmp_path / "b.yaml")))
+    config["data"]["sources"][1]["weight"] = 9.0
+    loop.train(load_config(write_config(config, tmp_path / "reweighted.yaml")))
     events = read_run_metrics(config["out_dir"], "event")
     changes = [e["source_weights_changed"] for e in events if "source_weights_changed" in e]
-    assert changes == [{"small": {"before": 1.0, "now": 2.0}}]
-    assert run_result(tmp_path / "b.yaml").losses[3:] != whole.losses[3:]
+    assert changes == [{"small": {"before": 1.0, "now": 9.0}}]
+    assert run_result(tmp_path / "reweighted.yaml").losses[2:] != whole.losses[2:]
 
 
 def test_weight_draws_are_a_function_of_seed_and_step():
