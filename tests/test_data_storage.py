@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from data_prep.synthetic import synthetic_documents, write_jsonl
 from data_prep.tokenizer import train_tokenizer
 from moeut_dist.data import ReadSettings, ShardError, Tokenizer, TokenLoader, read_manifest
 from moeut_dist.data.storage import RetryPolicy
+from moeut_dist.train.config import check_run, load_config
 from tests.distributed_utils import free_port
 
 SEQ_LEN = 16
@@ -181,3 +183,8 @@ def test_prep_writes_to_s3_and_the_loader_reads_it(corpus, shard_dir, tokenizer,
     assert read_manifest(out) == read_manifest(shard_dir)
     local = list(_loader(shard_dir, tokenizer, num_workers=2))
     assert _same_batches(list(_loader(out, tokenizer, num_workers=2)), local)
+    # A run's checks read the manifest there too, and a rerun of the build keeps it.
+    config = load_config(None, [f"data.shard_dir={out}", f"data.tokenizer={tokenizer.path}"])
+    check_run(replace(config, data=replace(config.data, seq_len=SEQ_LEN, micro_batch_size=2)), 1)
+    rerun = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
