@@ -30,7 +30,7 @@ def test_demo_pipeline_on_generated_text(tmp_path, capsys):
     run_demo(settings)
     printed = capsys.readouterr().out
     model = load_pretrained(settings.model_dir)
-    assert model.config.vocab_size == 300
+    assert model.config.vocab_size == 400
     assert (settings.work_dir / "loss.png").stat().st_size > 10_000
     before, after = (
         float(line.split("perplexity")[1].split(",")[0])

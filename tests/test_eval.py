@@ -54,7 +54,7 @@ def corpus(tmp_path_factory, documents):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory, corpus):
-    return train_tokenizer([corpus], tmp_path_factory.mktemp("tok") / "tok.model", vocab_size=300)
+    return train_tokenizer([corpus], tmp_path_factory.mktemp("tok") / "tok.model", vocab_size=400)
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +261,7 @@ def test_eval_names_a_missing_model_directory(tmp_path, capsys):
 
 
 def test_eval_refuses_shards_of_another_tokenizer(model_dir, corpus, shards, tmp_path, capsys):
-    other = train_tokenizer([corpus], tmp_path / "other.model", vocab_size=280)
+    other = train_tokenizer([corpus], tmp_path / "other.model", vocab_size=380)
     other_dir = tmp_path / "model"
     shutil.copytree(model_dir, other_dir)
     shutil.copyfile(other.path, other_dir / "tokenizer.model")

@@ -32,7 +32,7 @@ class Corpus:
 
 
 def make_corpus(directory: Path) -> Corpus:
-    """Synthetic documents → SentencePiece (300 pieces) → shards of 33-token samples."""
+    """Synthetic documents → SentencePiece (400 pieces) → shards of 33-token samples."""
     source = write_jsonl(
         directory / "corpus.jsonl", synthetic_documents(300, seed=0, words_per_document=(20, 150))
     )
