@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -188,3 +189,39 @@ def test_prep_writes_to_s3_and_the_loader_reads_it(corpus, shard_dir, tokenizer,
     check_run(replace(config, data=replace(config.data, seq_len=SEQ_LEN, micro_batch_size=2)), 1)
     rerun = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
+
+
+def test_killed_build_into_s3_completes_on_rerun_identically(tmp_path, tokenizer, s3_bucket):
+    import s3fs
+
+    big = write_jsonl(tmp_path / "big.jsonl", synthetic_documents(800, seed=2))
+    out = f"{s3_bucket}/killed"
+    command = [
+        sys.executable, "-m", "moeut_dist.cli", "prep", "shards", str(big),
+        "--tokenizer", str(tokenizer.path), "--out", out, "--seq-len", str(SEQ_LEN),
+        "--shard-size", "40KB", "--no-progress",
+    ]  # fmt: skip
+    build = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)})
+    bucket = s3fs.S3FileSystem()
+    deadline = time.monotonic() + 60
+    while build.poll() is None and time.monotonic() < deadline:
+        bucket.invalidate_cache()
+        if bucket.exists("bucket/killed/progress.json") and bucket.glob("bucket/killed/*.tar"):
+            break
+        time.sleep(0.01)
+    build.kill()  # SIGKILL
+    build.wait()
+    bucket.invalidate_cache()
+    assert not bucket.exists("bucket/killed/manifest.json"), "finished before it was killed"
+    assert bucket.glob("bucket/killed/*.tar"), "killed before its first shard"
+
+    build_shards([big], out, tokenizer.path, SEQ_LEN, shard_bytes=40 << 10, progress=False)
+    local = tmp_path / "local"
+    build_shards([big], local, tokenizer.path, SEQ_LEN, shard_bytes=40 << 10, progress=False)
+    bucket.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[1] for p in bucket.ls("bucket/killed")) == sorted(
+        p.name for p in local.iterdir()
+    )
+    for shard in local.glob("*.tar"):
+        assert bucket.cat_file(f"bucket/killed/{shard.name}") == shard.read_bytes(), shard.name
+    assert read_manifest(out) == read_manifest(local)

@@ -301,12 +301,15 @@ class Directory:
     def exists(self, name: str) -> bool:
         if self._local is not None:
             return (self._local / name).exists()
+        # fsspec caches listings per process; another process may have written since.
+        self._fs.invalidate_cache(self._root)
         return self._calling(name, lambda: self._fs.exists(self._remote(name)))
 
     def names(self, suffix: str) -> list[str]:
         """Names of the files in the directory ending in `suffix`, sorted."""
         if self._local is not None:
             return sorted(p.name for p in self._local.glob(f"*{suffix}"))
+        self._fs.invalidate_cache(self._root)
         found = self._calling("", lambda: self._fs.glob(self._remote(f"*{suffix}")))
         return sorted(path.rsplit("/", 1)[-1] for path in found)
 
