@@ -199,7 +199,7 @@ def test_killed_build_into_s3_completes_on_rerun_identically(tmp_path, tokenizer
     command = [
         sys.executable, "-m", "moeut_dist.cli", "prep", "shards", str(big),
         "--tokenizer", str(tokenizer.path), "--out", out, "--seq-len", str(SEQ_LEN),
-        "--shard-size", "40KB", "--no-progress",
+        "--shard-size", "256KB", "--no-progress",
     ]  # fmt: skip
     build = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)})
     bucket = s3fs.S3FileSystem()
@@ -215,9 +215,9 @@ def test_killed_build_into_s3_completes_on_rerun_identically(tmp_path, tokenizer
     assert not bucket.exists("bucket/killed/manifest.json"), "finished before it was killed"
     assert bucket.glob("bucket/killed/*.tar"), "killed before its first shard"
 
-    build_shards([big], out, tokenizer.path, SEQ_LEN, shard_bytes=40 << 10, progress=False)
+    build_shards([big], out, tokenizer.path, SEQ_LEN, shard_bytes=256 << 10, progress=False)
     local = tmp_path / "local"
-    build_shards([big], local, tokenizer.path, SEQ_LEN, shard_bytes=40 << 10, progress=False)
+    build_shards([big], local, tokenizer.path, SEQ_LEN, shard_bytes=256 << 10, progress=False)
     bucket.invalidate_cache()
     assert sorted(p.rsplit("/", 1)[1] for p in bucket.ls("bucket/killed")) == sorted(
         p.name for p in local.iterdir()
