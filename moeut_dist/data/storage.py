@@ -186,7 +186,7 @@ class _PipeReader:
     def read(self, size: int = -1) -> bytes:
         assert self._process.stdout is not None
         data = self._process.stdout.read(size)
-        if not data or (size < 0):
+        if not data or size < 0:  # the end of the output: did the command succeed?
             self._check_exit()
         return data
 
@@ -224,7 +224,7 @@ class _ErrorNaming:
     def read(self, size: int = -1) -> bytes:
         try:
             return self._file.read(size)
-        except (OSError, http.client.HTTPException, ValueError) as error:
+        except (OSError, http.client.HTTPException) as error:
             raise _storage_error(self._url, error) from error
 
     def close(self) -> None:
