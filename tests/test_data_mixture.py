@@ -123,6 +123,13 @@ def test_other_changes_to_the_sources_are_refused_by_name(corpus, small_shards, 
     moved = [Source("big", str(small_shards), 3.0), Source("small", str(small_shards), 1.0)]
     with pytest.raises(ValueError, match="source 'big' has shard_dir"):
         _mixture(moved, corpus).load_state_dict(state)
+    single = TokenLoader(
+        corpus.shard_dir, seq_len=SEQ_LEN, tokenizer=corpus.tokenizer, batch_size=4
+    )
+    with pytest.raises(ValueError, match="saved run mixed data.sources, this one reads data.shard"):
+        single.load_state_dict(state)
+    with pytest.raises(ValueError, match="saved run read data.shard_dir, this one mixes"):
+        _mixture(moved, corpus).load_state_dict(single.state_dict())
 
 
 def test_a_source_of_another_seq_len_is_refused_by_name(corpus, small_shards, tmp_path):

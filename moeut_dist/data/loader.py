@@ -497,6 +497,8 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a position saved by a loader of the same layout."""
+        if "sources" in state:
+            raise ValueError("the saved run mixed data.sources, this one reads data.shard_dir")
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"unknown loader state format {state.get('format')!r}")
         saved = state["layout"]

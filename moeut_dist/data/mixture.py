@@ -143,6 +143,8 @@ class MixtureLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved state; the weights may have changed (`weight_changes`)."""
+        if "sources" not in state:
+            raise ValueError("the saved run read data.shard_dir, this one mixes data.sources")
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"unknown mixture state format {state.get('format')!r}")
         saved = {source["name"]: source for source in state["sources"]}
