@@ -126,9 +126,11 @@ def test_other_changes_to_the_sources_are_refused_by_name(corpus, small_shards, 
     single = TokenLoader(
         corpus.shard_dir, seq_len=SEQ_LEN, tokenizer=corpus.tokenizer, batch_size=4
     )
-    with pytest.raises(ValueError, match="saved run mixed data.sources, this one reads data.shard"):
+    with pytest.raises(
+        ValueError, match=r"saved run mixed data\.sources, this one reads data\.shard"
+    ):
         single.load_state_dict(state)
-    with pytest.raises(ValueError, match="saved run read data.shard_dir, this one mixes"):
+    with pytest.raises(ValueError, match=r"saved run read data\.shard_dir, this one mixes"):
         _mixture(moved, corpus).load_state_dict(single.state_dict())
 
 
