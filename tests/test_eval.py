@@ -54,7 +54,7 @@ def corpus(tmp_path_factory, documents):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory, corpus):
-    return train_tokenizer([corpus], tmp_path_factory.mktemp("tok") / "tok.model", vocab_size=400)
+    return train_tokenizer([corpus], tmp_path_factory.mktemp("tok") / "tok.model", vocab_size=600)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +183,15 @@ def test_generation_streams_the_decoded_continuation(model_dir, loaded, capsys):
     assert generated(model_dir, capsys, "--temperature", "0") == f"Ba{continuation}\n"
     pieces = list(stream_text(tokenizer, prompt_ids, tokens))
     assert "".join(pieces) == continuation and len(pieces) > 1
+
+
+def test_streamed_text_ends_with_the_bytes_that_never_formed_a_character(tokenizer):
+    prompt_ids = [tokenizer.eod_id, *tokenizer.encode("Ba")]
+    cat = tokenizer.encode("猫")[-3:]  # three byte pieces (byte fallback): one character
+    assert "".join(stream_text(tokenizer, prompt_ids, cat)).endswith("猫")
+    cut = "".join(stream_text(tokenizer, prompt_ids, cat[:2]))
+    whole = tokenizer.decode(prompt_ids + cat[:2])
+    assert cut == whole[len(tokenizer.decode(prompt_ids)) :] and cut.endswith("\ufffd")
 
 
 def test_generation_with_a_padded_vocabulary_produces_only_the_tokenizer_pieces(
