@@ -145,10 +145,10 @@ def test_pipe_command_reads_the_shards(shard_dir, tokenizer):
     assert _same_batches(list(_loader(f"pipe:cat {shard_dir}/{{}}", tokenizer)), local)
 
 
-@pytest.fixture
-def s3_bucket(monkeypatch) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def s3_bucket() -> Iterator[str]:
     """A bucket on moto's S3-compatible server on 127.0.0.1, reached through the standard AWS
-    environment variables (the endpoint in AWS_ENDPOINT_URL)."""
+    environment variables (the endpoint in AWS_ENDPOINT_URL); tests use their own prefixes."""
     moto_server = pytest.importorskip("moto.server")
     s3fs = pytest.importorskip("s3fs")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
@@ -160,15 +160,16 @@ def s3_bucket(monkeypatch) -> Iterator[str]:
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("bucket")
-    try:
-        yield "s3://bucket"
-    finally:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
         s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
+        s3fs.S3FileSystem().mkdir("bucket")
+        try:
+            yield "s3://bucket"
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            server.stop()
 
 
 def test_prep_writes_to_s3_and_the_loader_reads_it(corpus, shard_dir, tokenizer, s3_bucket):
