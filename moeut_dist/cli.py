@@ -19,6 +19,7 @@ _COMMAND_MODULES = {
     "convert": "moeut_dist.convert",
     "generate": "moeut_dist.eval_cli",
     "eval": "moeut_dist.eval_cli",
+    "analyze": "moeut_dist.analysis",
     "train": "moeut_dist.train.cli",
     "export": "moeut_dist.train.cli",
 }

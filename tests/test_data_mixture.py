@@ -178,7 +178,7 @@ def test_mixture_run_resumes_bit_for_bit_and_records_weight_changes(corpus, smal
     whole = run_result(tmp_path / "whole.yaml")
     last = whole.records[-1]
     assert last["tokens/big"] + last["tokens/small"] == 4 * 8 * SEQ_LEN
-    assert last["read_retries"] == 0 and last["skipped_shards"] == 0
+    assert last["data/read_retries"] == 0 and last["data/skipped_shards"] == 0
     val = read_run_metrics(config["out_dir"], "val")
     assert {"loss/big", "perplexity/big", "loss/small", "perplexity/small"} <= val[-1].keys()
 

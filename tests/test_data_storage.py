@@ -20,7 +20,7 @@ import torch
 from data_prep.shards import build_shards
 from data_prep.synthetic import synthetic_documents, write_jsonl
 from data_prep.tokenizer import train_tokenizer
-from moeut_dist.data import ReadSettings, ShardError, Tokenizer, TokenLoader, read_manifest
+from moeut_dist.data import ShardError, Tokenizer, TokenLoader, read_manifest
 from moeut_dist.data.storage import RetryPolicy
 from moeut_dist.train.config import check_run, load_config
 from tests.distributed_utils import free_port
@@ -89,7 +89,7 @@ def http_server(tmp_path) -> Iterator[tuple[str, Path, http.server.HTTPServer]]:
 
 
 def _loader(location, tokenizer: Tokenizer, **options) -> TokenLoader:
-    options = {"batch_size": 8, "epochs": 1, "read": ReadSettings(retry=NO_WAIT), **options}
+    options = {"batch_size": 8, "epochs": 1, "retry": NO_WAIT, **options}
     return TokenLoader(str(location), seq_len=SEQ_LEN, tokenizer=tokenizer, **options)
 
 
@@ -127,7 +127,7 @@ def test_missing_shard_is_a_named_permanent_error(shard_dir, tokenizer, http_ser
     (root / "shards" / missing).unlink()
     with pytest.raises(ShardError, match=rf"{url}/shards/{missing}: HTTP 404"):
         list(_loader(f"{url}/shards", tokenizer))
-    skipping = _loader(f"{url}/shards", tokenizer, read=ReadSettings(NO_WAIT, skip_corrupt=True))
+    skipping = _loader(f"{url}/shards", tokenizer, skip_corrupt=True)
     with pytest.warns(RuntimeWarning, match=rf"skipping corrupt shard: .*{missing}: HTTP 404"):
         list(skipping)
     assert skipping.counters() == {"skipped_shards": 1, "read_retries": 0}  # never retried

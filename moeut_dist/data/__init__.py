@@ -9,7 +9,6 @@ from typing import Any
 _EXPORTS = {
     "Manifest": "moeut_dist.data.manifest",
     "ManifestMismatchError": "moeut_dist.data.manifest",
-    "ReadSettings": "moeut_dist.data.loader",
     "ShardError": "moeut_dist.data.loader",
     "ShardInfo": "moeut_dist.data.manifest",
     "SplitInfo": "moeut_dist.data.manifest",

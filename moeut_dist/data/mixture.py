@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from moeut_dist.data.loader import COUNTERS, ReadSettings, TokenLoader
+from moeut_dist.data.loader import COUNTERS, TokenLoader
+from moeut_dist.data.storage import RetryPolicy
 from moeut_dist.data.tokenizer import Tokenizer
 
 _STATE_FORMAT = 1
@@ -66,7 +67,8 @@ class MixtureLoader:
         dp_world_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
-        read: ReadSettings | None = None,
+        skip_corrupt: bool = False,
+        retry: RetryPolicy | None = None,
     ) -> None:
         names = [source.name for source in sources]
         if not sources or len(set(names)) != len(names):
@@ -92,7 +94,8 @@ class MixtureLoader:
                 dp_world_size=dp_world_size,
                 num_workers=num_workers,
                 seed=seed,
-                read=read or ReadSettings(),
+                skip_corrupt=skip_corrupt,
+                retry=retry,
             )
             for source in sources
         }
