@@ -1,28 +1,41 @@
-"""Data pipeline throughput: shard building against raw SentencePiece encoding, and the loader.
+"""Data pipeline throughput on a real corpus: shard building against raw SentencePiece encoding,
+and the loader reading local disk and a local HTTP server.
 
-    python bench/data.py [--documents 6000] [--seq-len 1024]
+    python bench/data.py [--corpus shakespeare|stdlib|synthetic] [--seq-len 1024]
 
-Builds a synthetic corpus (`data_prep.synthetic`) and a paper-sized tokenizer (BPE, 8000 pieces)
-in a temporary directory, then measures, on the same text:
+Corpora: `shakespeare` (the complete works, paragraphs as documents; fetched like `moeut demo`),
+`stdlib` (this Python's standard-library `.py` files, a file per document), `synthetic`
+(`data_prep.synthetic`). A paper-sized tokenizer (BPE, 8000 pieces) is trained on the corpus in a
+temporary directory, then, on the same documents:
   - raw encode: `Tokenizer.encode_documents` on one thread (the ceiling for one core),
-  - shard building with 1 and 2 workers (reading JSONL, tokenising, writing shards),
-  - the loader reading one epoch in one process (`num_workers=0`).
+  - shard building with 1 and 2 workers (reading, tokenising, writing shards), per CPU-second,
+  - the loader with 2 workers reading one epoch from local disk and from an HTTP server on
+    127.0.0.1 (goal ≥ 0.8× local), in a fresh process each, with the peak resident memory of
+    its workers.
 Prints a Markdown table for docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import http.server
+import multiprocessing
 import resource
+import sysconfig
 import tempfile
+import threading
 import time
 from pathlib import Path
 from resource import RUSAGE_CHILDREN, RUSAGE_SELF
 
+from data_prep.readers import ReadReport, iter_documents, resolve_inputs
 from data_prep.shards import build_shards
 from data_prep.synthetic import synthetic_documents, write_jsonl
 from data_prep.tokenizer import train_tokenizer
-from moeut_dist.data import TokenLoader
+from moeut_dist.corpora import fetch_shakespeare
+
+LOADER_WORKERS = 2
 
 
 def _cpu_seconds() -> float:
@@ -39,18 +52,75 @@ def _timed(function):
     return result, time.perf_counter() - wall, _cpu_seconds() - cpu
 
 
+def _corpus(name: str, work: Path) -> tuple[list[str], dict]:
+    """The inputs of a corpus and how `prep` reads them."""
+    if name == "shakespeare":
+        texts = fetch_shakespeare(Path(".cache"))
+        return [str(texts)], {"text_unit": "paragraph"}
+    if name == "stdlib":
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        files = [str(p) for p in sorted(stdlib.rglob("*.py")) if "site-packages" not in p.parts]
+        return files, {"text_extensions": [".py"]}
+    return [str(write_jsonl(work / "corpus.jsonl", synthetic_documents(6000)))], {}
+
+
+def _read_epoch(location: str, seq_len: int, tokenizer: str, batch_size: int, results) -> None:
+    """One epoch with `LOADER_WORKERS` workers; runs in a fresh process, so that the peak
+    resident memory of its children is that of the loader's workers."""
+    from moeut_dist.data import TokenLoader
+
+    loader = TokenLoader(
+        location,
+        seq_len=seq_len,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        num_workers=LOADER_WORKERS,
+        epochs=1,
+    )
+    start = time.perf_counter()
+    tokens = sum(batch.numel() for batch in loader)
+    seconds = time.perf_counter() - start
+    peak_kib = resource.getrusage(RUSAGE_CHILDREN).ru_maxrss
+    results.put((tokens, seconds, peak_kib * 1024))
+
+
+def _loader_run(location: str, args, tokenizer: str) -> tuple[int, float, int]:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(
+        target=_read_epoch, args=(location, args.seq_len, tokenizer, args.batch_size, results)
+    )
+    process.start()
+    result = results.get()
+    process.join()
+    return result
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--documents", type=int, default=6000)
+    parser.add_argument("--corpus", choices=("shakespeare", "stdlib", "synthetic"))
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shard-size", type=int, default=1 << 20, help="bytes per shard")
     args = parser.parse_args()
+    corpora = [args.corpus] if args.corpus else ["shakespeare", "stdlib"]
+    for corpus in corpora:
+        _bench(corpus, args)
 
+
+def _bench(corpus: str, args) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        texts = synthetic_documents(args.documents)
-        corpus = write_jsonl(work / "corpus.jsonl", texts)
-        tokenizer = train_tokenizer([corpus], work / "tok.model", max_sentences=20_000)
+        inputs, reading = _corpus(corpus, work)
+        tokenizer = train_tokenizer(inputs, work / "tok.model", max_sentences=200_000, **reading)
+        sources = resolve_inputs(inputs, text_extensions=reading.get("text_extensions", ()))
+        unit = reading.get("text_unit", "file")
+        texts = [d.text for d in iter_documents(sources, ReadReport(), text_unit=unit)]
 
         encoded, seconds, cpu = _timed(lambda: tokenizer.encode_documents(texts))
         raw_tokens = sum(map(len, encoded))
@@ -60,13 +130,15 @@ def main() -> None:
         for workers in (1, 2):
             manifest, seconds, cpu = _timed(
                 lambda w=workers: build_shards(
-                    [corpus],
+                    inputs,
                     work / f"shards-{w}",
                     tokenizer.path,
                     args.seq_len,
+                    shard_bytes=args.shard_size,
                     val_fraction=0.0,
                     workers=w,
                     progress=False,
+                    **reading,
                 )
             )
             tokens = manifest.split("train").tokens
@@ -75,31 +147,36 @@ def main() -> None:
                 (f"shard build, {workers} worker(s)", tokens / seconds, tokens / cpu, ratio)
             )
 
-        loader = TokenLoader(
-            work / "shards-1",
-            seq_len=args.seq_len,
-            tokenizer=tokenizer,
-            batch_size=args.batch_size,
-            epochs=1,
-        )
-        tokens, seconds, cpu = _timed(lambda: sum(batch.numel() for batch in loader))
-        rows.append(
-            (
-                f"loader, 1 process, batch {args.batch_size}",
-                tokens / seconds,
-                tokens / cpu,
-                "goal ≥ 1M tokens/s",
-            )
-        )
+        handler = functools.partial(_QuietHandler, directory=str(work))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{server.server_port}/shards-1"
+            local = _loader_run(str(work / "shards-1"), args, str(tokenizer.path))
+            remote = _loader_run(url, args, str(tokenizer.path))
+        finally:
+            server.shutdown()
+            server.server_close()
+
+    local_rate, remote_rate = (tokens / seconds for tokens, seconds, _ in (local, remote))
+    shard_mb = args.shard_size / 2**20
+    for name, (_, _, peak), rate, note in (
+        ("local disk", local, local_rate, "goal ≥ 1M tokens/s"),
+        ("HTTP, 127.0.0.1", remote, remote_rate, f"{remote_rate / local_rate:.2f}× local"),
+    ):
+        label = f"loader, {LOADER_WORKERS} workers, {name} (peak {peak / 2**20:.0f} MB/worker)"
+        rows.append((label, rate, float("nan"), note))
 
     print(
-        f"{args.documents} synthetic documents, {sum(map(len, texts)) / 1e6:.1f} MB of text, "
-        f"{manifest.split('train').tokens / 1e6:.2f}M tokens, seq_len {args.seq_len}\n"
+        f"\n{corpus}: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} MB of text, "
+        f"{manifest.split('train').tokens / 1e6:.2f}M tokens, seq_len {args.seq_len}, "
+        f"shards of {shard_mb:.0f} MB\n"
     )
     print("| measurement | tokens/s (wall) | tokens per CPU-second | per-core ratio to raw |")
     print("|---|---:|---:|---|")
     for name, rate, cpu_rate, note in rows:
-        print(f"| {name} | {rate / 1e6:.2f}M | {cpu_rate / 1e6:.2f}M | {note} |")
+        per_cpu = "–" if cpu_rate != cpu_rate else f"{cpu_rate / 1e6:.2f}M"
+        print(f"| {name} | {rate / 1e6:.2f}M | {per_cpu} | {note} |")
 
 
 if __name__ == "__main__":

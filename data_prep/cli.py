@@ -31,6 +31,13 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
         help="what a document is in a plain text file",
     )
     parser.add_argument(
+        "--ext",
+        action="append",
+        default=[],
+        metavar="EXT[,EXT...]",
+        help="also read files with these extensions as plain text (source code: --ext py,c,h)",
+    )
+    parser.add_argument(
         "--max-bad-records",
         type=int,
         default=1000,
@@ -56,6 +63,7 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
         max_sentences=args.max_sentences,
         text_field=args.text_field,
         text_unit=args.text_unit,
+        text_extensions=args.ext,
         max_bad_records=_bad_record_budget(args),
         seed=args.seed,
     )
@@ -80,7 +88,9 @@ def _run_shards(args: argparse.Namespace) -> int:
         workers=args.workers,
         text_field=args.text_field,
         text_unit=args.text_unit,
+        text_extensions=args.ext,
         max_bad_records=_bad_record_budget(args),
+        unknown_warn_rate=args.unknown_warn_rate,
         progress=not args.no_progress,
         progress_every_seconds=args.progress_every_seconds,
     )
@@ -109,7 +119,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_false",
         help="let pieces span several digits",
     )
-    tokenizer.add_argument("--byte-fallback", action="store_true", help="bytes for unknown text")
+    tokenizer.add_argument(
+        "--no-byte-fallback",
+        dest="byte_fallback",
+        action="store_false",
+        help="<unk> instead of UTF-8 bytes for characters outside the vocabulary",
+    )
     tokenizer.add_argument(
         "--max-sentences", type=int, default=2_000_000, help="lines sampled for training"
     )
@@ -128,6 +143,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--val-fraction", type=float, default=0.005, help="documents held out for validation"
     )
     shards.add_argument("--workers", type=int, default=1, help="tokeniser processes")
+    shards.add_argument(
+        "--unknown-warn-rate",
+        type=float,
+        default=1e-4,
+        help="warn when more than this fraction of the tokens are <unk>",
+    )
     shards.add_argument(
         "--no-progress", action="store_true", help="no progress bar or progress lines"
     )

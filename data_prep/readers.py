@@ -4,9 +4,13 @@ Inputs are files, folders (searched recursively) or glob patterns, expanded in s
 that the document order, and everything built from it, does not depend on the file system; a
 file named twice is read once. A `.jsonl` file is JSON Lines; so is a `.json` file, unless it
 starts with `[`: then it is one JSON array of records, read into memory whole.
+Other files (source code, any plain text) are read as plain text when their extension is given
+(`text_extensions`, `--ext`).
 A malformed record (bad JSON, bad UTF-8, a missing or non-string text field) is skipped but
 counted and reported with its `file:line` (`file:record N` in a JSON array); the run stops only
-when their number exceeds the error budget. An empty or whitespace-only document is skipped and
+when their number exceeds the error budget. A plain-text document is decoded as a whole: bytes
+that are not UTF-8 become U+FFFD and are counted, so a document is never spliced by dropping a
+part of it. An empty or whitespace-only document is skipped and
 counted too: it would only add an end-of-document token. Problems that would spoil the whole run
 (a missing input, an unknown format, a Parquet file without the text column) are raised before
 any document is read; an unreadable or truncated compressed file or an invalid JSON array, when
@@ -20,7 +24,8 @@ import gzip
 import io
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -57,6 +62,12 @@ class Source:
     format: str  # "text", "jsonl", "json" (an array or JSON Lines) or "parquet"
 
 
+def normalized_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
+    """Extensions as suffixes (".py"), from "py", ".py" or "py,c,h"; sorted, each once."""
+    names = (name.strip() for text in extensions for name in text.split(","))
+    return tuple(sorted({name if name.startswith(".") else f".{name}" for name in names if name}))
+
+
 @dataclass
 class ReadReport:
     """Counts of documents read and records skipped, with the first few locations."""
@@ -64,6 +75,8 @@ class ReadReport:
     max_bad_records: int | None = 1000  # None: no limit
     documents: int = 0
     empty_documents: int = 0  # skipped: only whitespace
+    undecodable_documents: int = 0  # plain-text documents with bytes that are not UTF-8
+    undecodable_bytes: int = 0  # those bytes, each read as U+FFFD
     bad_records: Counter[str] = field(default_factory=Counter)  # reason -> count
     examples: list[str] = field(default_factory=list)  # "path:line: reason"
 
@@ -81,14 +94,28 @@ class ReadReport:
                 f"{self.summary()}"
             )
 
+    def record_undecodable(self, location: str, raw: bytes) -> None:
+        """Count a document's bytes that are not UTF-8 (its text has U+FFFD in their place)."""
+        self.undecodable_documents += 1
+        self.undecodable_bytes += len(raw) - len(raw.decode("utf-8", "ignore").encode("utf-8"))
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(f"{location}: bytes that are not UTF-8 (read as U+FFFD)")
+
     def summary(self) -> str:
         read = f"{self.documents} documents read"
         if self.empty_documents:
             read += f", {self.empty_documents} empty documents skipped"
-        if not self.bad_records:
-            return f"{read}, no malformed records"
-        reasons = ", ".join(f"{count} {reason}" for reason, count in self.bad_records.most_common())
+        if self.undecodable_documents:
+            read += (
+                f", {self.undecodable_bytes} bytes that are not UTF-8 in "
+                f"{self.undecodable_documents} documents read as U+FFFD"
+            )
         examples = "".join(f"\n  {example}" for example in self.examples)
+        if not self.bad_records:
+            return f"{read}, no malformed records" + (
+                f"; first ones:{examples}" if examples else ""
+            )
+        reasons = ", ".join(f"{count} {reason}" for reason, count in self.bad_records.most_common())
         return (
             f"{read}, {self.bad_total} malformed records skipped ({reasons}); first ones:{examples}"
         )
@@ -97,6 +124,8 @@ class ReadReport:
         return {
             "documents": self.documents,
             "empty_documents": self.empty_documents,
+            "undecodable_documents": self.undecodable_documents,
+            "undecodable_bytes": self.undecodable_bytes,
             "bad_records": dict(self.bad_records),
             "examples": list(self.examples),
         }
@@ -111,11 +140,13 @@ def require_documents(report: ReadReport, text_field: str) -> None:
         )
 
 
-def _format_of(path: Path) -> str | None:
+def _format_of(path: Path, text_extensions: Sequence[str] = ()) -> str | None:
     suffixes = path.suffixes
     if suffixes and suffixes[-1] in _COMPRESSIONS:
         suffixes = suffixes[:-1]
-    return _FORMATS.get(suffixes[-1]) if suffixes else None
+    if not suffixes:
+        return None
+    return _FORMATS.get(suffixes[-1]) or ("text" if suffixes[-1] in text_extensions else None)
 
 
 def _is_shard_build_record(path: Path) -> bool:
@@ -127,13 +158,14 @@ def _is_shard_build_record(path: Path) -> bool:
     )
 
 
-def _expand_one(item: str | Path) -> list[Path]:
+def _expand_one(item: str | Path, text_extensions: Sequence[str]) -> list[Path]:
     path = Path(item)
     if path.is_file():
-        if _format_of(path) is None:
+        if _format_of(path, text_extensions) is None:
             raise BadInputError(
                 f"{path}: unknown input format (expected one of {sorted(_FORMATS)}"
-                f", optionally with {' or '.join(_COMPRESSIONS)})"
+                f", optionally with {' or '.join(_COMPRESSIONS)}; read other plain text with "
+                f"--ext {path.suffix.lstrip('.') or 'EXT'})"
             )
         return [path]
     if path.is_dir():
@@ -143,23 +175,30 @@ def _expand_one(item: str | Path) -> list[Path]:
     files = [
         p
         for p in candidates
-        if p.is_file() and _format_of(p) is not None and not _is_shard_build_record(p)
+        if p.is_file()
+        and _format_of(p, text_extensions) is not None
+        and not _is_shard_build_record(p)
     ]
     if not files:
         raise BadInputError(f"{item}: no such file, or no readable input files in it")
     return files
 
 
-def resolve_inputs(inputs: Sequence[str | Path], text_field: str = "text") -> list[Source]:
+def resolve_inputs(
+    inputs: Sequence[str | Path], text_field: str = "text", text_extensions: Sequence[str] = ()
+) -> list[Source]:
     """Expand files, folders and globs into sources, checking each can be read as asked.
 
-    Folders and globs never yield a shard build's manifest or progress file: a shard directory,
-    this build's or another's, may lie inside the corpus folder.
+    Files ending in one of `text_extensions` (".py", ".c", ...) are read as plain text. Folders
+    and globs never yield a shard build's manifest or progress file: a shard directory, this
+    build's or another's, may lie inside the corpus folder.
     """
     if not inputs:
         raise BadInputError("no inputs given")
-    paths = _first_of_each_file(path for item in inputs for path in _expand_one(item))
-    sources = [Source(path, _format_of(path)) for path in paths]
+    text_extensions = normalized_extensions(text_extensions)
+    expanded = (path for item in inputs for path in _expand_one(item, text_extensions))
+    paths = _first_of_each_file(expanded)
+    sources = [Source(path, _format_of(path, text_extensions)) for path in paths]
     for source in sources:
         if source.format == "parquet":
             _check_parquet_column(source.path, text_field)
@@ -251,20 +290,32 @@ def _read_errors(path: Path) -> tuple[type[Exception], ...]:
     return (OSError, EOFError)
 
 
-def _decoded_lines(path: Path, report: ReadReport) -> Iterator[tuple[int, str]]:
-    # A corrupt or truncated compressed file fails while it is read: name it, no traceback.
-    number = 0
+@contextmanager
+def _reading(path: Path, where: Callable[[], str]) -> Iterator[None]:
+    """Name `path` when it fails while read (corrupt or truncated), instead of a traceback;
+    `where` says how far the read got (" after line 12")."""
     try:
-        with _open_binary(path) as f:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    yield number, raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    report.record_bad(f"{path}:{number}", "invalid UTF-8")
+        yield
     except _read_errors(path) as error:
         raise BadInputError(
-            f"{path}: unreadable after line {number} (corrupt or truncated? {error})"
+            f"{path}: unreadable{where()} (corrupt or truncated? {error})"
         ) from error
+
+
+def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    number = 0
+    with _reading(path, lambda: f" after line {number}"), _open_binary(path) as f:
+        for number, raw in enumerate(f, start=1):
+            yield number, raw
+
+
+def _decoded_lines(path: Path, report: ReadReport) -> Iterator[tuple[int, str]]:
+    """Lines of a file of records, each a record: one that is not UTF-8 is reported bad."""
+    for number, raw in _raw_lines(path):
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError:
+            report.record_bad(f"{path}:{number}", "invalid UTF-8")
 
 
 def _record_document(
@@ -332,32 +383,43 @@ def _json_documents(path: Path, text_field: str, report: ReadReport) -> Iterator
             yield document
 
 
+def _text_document(raw: bytes, location: str, report: ReadReport) -> Document:
+    """A plain-text document decoded whole: bytes that are not UTF-8 become U+FFFD, counted."""
+    try:
+        return Document(raw.decode("utf-8"), location)
+    except UnicodeDecodeError:
+        report.record_undecodable(location, raw)
+        return Document(raw.decode("utf-8", "replace"), location)
+
+
 def _text_documents(path: Path, unit: TextUnit, report: ReadReport) -> Iterator[Document]:
-    lines = _decoded_lines(path, report)
     if unit == "file":
-        yield Document("".join(line for _, line in lines), f"{path}:1")
+        with _reading(path, str), _open_binary(path) as f:
+            raw = f.read()
+        yield _text_document(raw, f"{path}:1", report)
     elif unit == "line":
-        for number, line in lines:
-            text = line.rstrip("\n")
-            if text.strip():
-                yield Document(text, f"{path}:{number}")
+        for number, raw in _raw_lines(path):
+            if raw.strip():
+                yield _text_document(raw.rstrip(b"\r\n"), f"{path}:{number}", report)
     else:
-        yield from _paragraphs(path, lines)
+        yield from _paragraphs(path, report)
 
 
-def _paragraphs(path: Path, lines: Iterator[tuple[int, str]]) -> Iterator[Document]:
+def _paragraphs(path: Path, report: ReadReport) -> Iterator[Document]:
     """Runs of non-blank lines, each a document located at its first line."""
-    paragraph: list[str] = []
+    paragraph: list[bytes] = []
     first_line = 0
-    for number, line in lines:
-        if line.strip():
+    for number, raw in _raw_lines(path):
+        if not raw.isspace():
             first_line = first_line or number
-            paragraph.append(line)
+            paragraph.append(raw)
         elif paragraph:
-            yield Document("".join(paragraph).rstrip("\n"), f"{path}:{first_line}")
+            yield _text_document(
+                b"".join(paragraph).rstrip(b"\r\n"), f"{path}:{first_line}", report
+            )
             paragraph, first_line = [], 0
     if paragraph:
-        yield Document("".join(paragraph).rstrip("\n"), f"{path}:{first_line}")
+        yield _text_document(b"".join(paragraph).rstrip(b"\r\n"), f"{path}:{first_line}", report)
 
 
 def _parquet_documents(path: Path, text_field: str, report: ReadReport) -> Iterator[Document]:

@@ -28,7 +28,8 @@ import itertools
 import json
 import logging
 import multiprocessing
-import os
+import tarfile
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset
 
 from data_prep.readers import (
     BadInputError,
@@ -48,7 +48,7 @@ from data_prep.readers import (
     require_documents,
     resolve_inputs,
 )
-from moeut_dist.atomic_files import write_json_atomically
+from moeut_dist.data import storage
 from moeut_dist.data.manifest import (
     MANIFEST_NAME,
     PROGRESS_NAME,
@@ -87,6 +87,31 @@ def samples_per_shard(shard_bytes: int, sample_bytes: int) -> int:
     return max(1, shard_bytes // member_bytes)
 
 
+class ShardTarWriter:
+    """A tar file of samples written straight to a file: what `webdataset.TarWriter` writes
+    with fixed mtime, owner and mode (ustar headers; the same bytes), without its per-member
+    encoder and stream layers, and without importing webdataset (which imports torch)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
+
+    def write(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o444
+        info.uname = info.gname = "moeut"
+        self._file.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        self._file.write(data)
+        self._file.write(bytes(-len(data) % tarfile.BLOCKSIZE))
+
+    def close(self) -> None:
+        """End the archive as tarfile does: two empty blocks, then zeros to a whole record."""
+        end = self._file.tell() + 2 * tarfile.BLOCKSIZE
+        self._file.write(bytes(2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
+        self._file.close()
+
+
 @dataclass(frozen=True)
 class _Chunk:
     index: int
@@ -98,6 +123,7 @@ class _Chunk:
 class _TokenizedChunk:
     index: int
     tokens: dict[str, np.ndarray]  # split -> its documents' ids, each document ended by EOD
+    unknown_tokens: int  # `<unk>` ids among them: text the tokenizer cannot represent
 
 
 class _ChunkTokenizer:
@@ -105,6 +131,7 @@ class _ChunkTokenizer:
 
     def __init__(self, tokenizer_path: Path, val_fraction: float, dtype: np.dtype) -> None:
         self._tokenizer = Tokenizer(tokenizer_path)
+        self._unk_id = self._tokenizer.unk_id
         self._val_fraction = val_fraction
         self._dtype = dtype
 
@@ -114,7 +141,9 @@ class _ChunkTokenizer:
             split = VALIDATION if is_validation_document(text, self._val_fraction) else TRAIN
             if split in texts:
                 texts[split].append(text)
-        return _TokenizedChunk(chunk.index, {s: self._encode(t) for s, t in texts.items()})
+        tokens = {split: self._encode(split_texts) for split, split_texts in texts.items()}
+        unknown = sum(int(np.count_nonzero(ids == self._unk_id)) for ids in tokens.values())
+        return _TokenizedChunk(chunk.index, tokens, unknown)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         ids = self._tokenizer.encode_documents(texts)
@@ -191,20 +220,22 @@ class _SplitWriter:
 
     def __init__(
         self,
-        out_dir: Path,
+        out: storage.Directory,
+        staging: Path,
         split: str,
         sample_len: int,
         dtype: np.dtype,
         samples_per_shard: int,
         resume: _Checkpoint,
     ) -> None:
-        self._out_dir = out_dir
+        self._out = out
+        self._staging = staging  # where the shard being written lies until complete
         self._split = split
         self._sample_len = sample_len
         self._samples_per_shard = samples_per_shard
         self.checkpoint = resume
         self._carry = np.empty(0, dtype)  # tokens short of a whole sample
-        self._tar: webdataset.TarWriter | None = None
+        self._tar: ShardTarWriter | None = None
         self._shard_samples = 0
 
     @property
@@ -235,37 +266,60 @@ class _SplitWriter:
             self._close_shard(self.checkpoint.position)
         return SplitInfo(shards=self.checkpoint.shards, dropped_tail_tokens=len(self._carry))
 
-    def _shard_path(self, partial: bool = False) -> Path:
-        name = f"{self._split}-{len(self.checkpoint.shards):06d}.tar"
-        return self._out_dir / (f".{name}.partial" if partial else name)
+    def _shard_name(self) -> str:
+        return f"{self._split}-{len(self.checkpoint.shards):06d}.tar"
+
+    def _partial_path(self) -> Path:
+        return self._staging / f".{self._shard_name()}.partial"
 
     def _write_sample(self, sample: np.ndarray) -> None:
         if self._tar is None:
-            self._tar = webdataset.TarWriter(
-                str(self._shard_path(partial=True)),
-                encoder=False,
-                mtime=0,  # an int: a float mtime makes tarfile add a PAX header
-                user="moeut",
-                group="moeut",
-            )
+            self._tar = ShardTarWriter(self._partial_path())
         index = sum(shard.samples for shard in self.checkpoint.shards) + self._shard_samples
-        self._tar.write({"__key__": f"{index:010d}", SAMPLE_FIELD: sample.tobytes()})
+        self._tar.write(f"{index:010d}.{SAMPLE_FIELD}", sample.tobytes())
         self._shard_samples += 1
 
     def _close_shard(self, position: _Position) -> None:
         assert self._tar is not None
         self._tar.close()
-        partial, final = self._shard_path(partial=True), self._shard_path()
+        partial = self._partial_path()
         shard = ShardInfo(
-            name=final.name,
+            name=self._shard_name(),
             samples=self._shard_samples,
             tokens=self._shard_samples * self._sample_len,
             sha256=file_sha256(partial),
         )
-        os.replace(partial, final)
+        self._out.put(partial, shard.name)
         self.checkpoint = _Checkpoint((*self.checkpoint.shards, shard), position)
         self._tar = None
         self._shard_samples = 0
+
+
+@dataclass
+class _UnknownTokens:
+    """`<unk>` tokens among the tokens of a build: text lost to training and generation."""
+
+    unknown: int = 0
+    tokens: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.unknown / self.tokens if self.tokens else 0.0
+
+    def log(self, warn_rate: float) -> None:
+        line = f"{self.unknown} of {self.tokens} tokens are <unk> ({self.rate:.4%})"
+        if self.rate > warn_rate:
+            logger.warning(
+                "%s, above %.4f%%: that text cannot come back out of the tokenizer; train it "
+                "with byte fallback (the default of `moeut prep tokenizer`)",
+                line,
+                warn_rate * 100,
+            )
+        else:
+            logger.info(line)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"unknown": self.unknown, "tokens": self.tokens}
 
 
 def _chunks(documents: Iterator[Document], starts: dict[str, _Position]) -> Iterator[_Chunk]:
@@ -280,19 +334,20 @@ def _chunks(documents: Iterator[Document], starts: dict[str, _Position]) -> Iter
 
 
 def _load_progress(
-    out_dir: Path, settings: dict[str, Any], splits: Sequence[str]
+    out: storage.Directory, settings: dict[str, Any], splits: Sequence[str]
 ) -> dict[str, _Checkpoint]:
     """Checkpoints of an interrupted build of the same settings, or fresh ones."""
-    progress_path = out_dir / PROGRESS_NAME
-    if not progress_path.exists():
-        if any(out_dir.glob("*.tar")):
+    out_dir = out.location
+    progress_path = out.url(PROGRESS_NAME)
+    if not out.exists(PROGRESS_NAME):
+        if out.names(".tar"):
             raise BadInputError(
                 f"{out_dir} holds shards but no {PROGRESS_NAME} or {MANIFEST_NAME}; "
                 "build into an empty directory"
             )
         return {split: _Checkpoint() for split in splits}
     try:
-        progress = json.loads(progress_path.read_text())
+        progress = json.loads(out.read_bytes(PROGRESS_NAME))
         _require_same_settings(out_dir, progress["settings"], settings)
         return {split: _Checkpoint.from_dict(progress["splits"][split]) for split in splits}
     except BadInputError:
@@ -303,12 +358,12 @@ def _load_progress(
         ) from error
 
 
-def _damaged_build(out_dir: Path, problem: str) -> BadInputError:
+def _damaged_build(out_dir: str, problem: str) -> BadInputError:
     """The error for a build directory whose records cannot be trusted: only a rebuild helps."""
     return BadInputError(f"{problem}; delete {out_dir} and build again")
 
 
-def _require_same_settings(out_dir: Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:
+def _require_same_settings(out_dir: str, found: dict[str, Any], wanted: dict[str, Any]) -> None:
     differing = sorted(k for k in wanted.keys() | found.keys() if found.get(k) != wanted.get(k))
     if differing:
         details = "; ".join(
@@ -320,9 +375,22 @@ def _require_same_settings(out_dir: Path, found: dict[str, Any], wanted: dict[st
         )
 
 
-def _check_arguments(out_dir: Path, seq_len: int, workers: int, val_fraction: float) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BadInputError(f"{out_dir} is not a directory; give a directory for the shards")
+def _output(out_dir: str | Path) -> storage.Directory:
+    """The shard directory to write, created if local."""
+    try:
+        storage.check_location(str(out_dir))
+        out = storage.Directory(out_dir)
+    except ValueError as error:  # a read-only location, or one with a password
+        raise BadInputError(str(error)) from error
+    try:
+        out.create()
+    except NotADirectoryError as error:
+        message = f"{out_dir} is not a directory; give a directory for the shards"
+        raise BadInputError(message) from error
+    return out
+
+
+def _check_arguments(seq_len: int, workers: int, val_fraction: float) -> None:
     if seq_len < 1:
         raise BadInputError(f"seq_len must be positive, got {seq_len}")
     if workers < 1:
@@ -349,12 +417,12 @@ def _require_training_samples(train: SplitInfo, sample_len: int, report: ReadRep
         )
 
 
-def _remove_build(out_dir: Path, splits: Iterable[SplitInfo]) -> None:
+def _remove_build(out: storage.Directory, splits: Iterable[SplitInfo]) -> None:
     """Delete the shards and the progress record of an unfinished build."""
     for split in splits:
         for shard in split.shards:
-            (out_dir / shard.name).unlink()
-    (out_dir / PROGRESS_NAME).unlink()
+            out.remove(shard.name)
+    out.remove(PROGRESS_NAME)
 
 
 def build_shards(
@@ -368,7 +436,9 @@ def build_shards(
     workers: int = 1,
     text_field: str = "text",
     text_unit: TextUnit = "file",
+    text_extensions: Sequence[str] = (),
     max_bad_records: int | None = 1000,
+    unknown_warn_rate: float = 1e-4,
     progress: bool = True,
     progress_every_seconds: float = 60.0,
 ) -> Manifest:
@@ -378,11 +448,13 @@ def build_shards(
     rest to `train`. `shard_bytes` is the target size of a shard. Reruns of an interrupted build
     continue it; a rerun of a finished one returns its manifest. Returns the manifest.
     `progress`: a bar on a terminal, else a line every `progress_every_seconds`.
+    `text_extensions` are read as plain text besides the known formats. The share of `<unk>`
+    tokens (in the documents tokenised by this call) is reported, with a warning above
+    `unknown_warn_rate`.
     """
-    out_dir = Path(out_dir)
-    _check_arguments(out_dir, seq_len, workers, val_fraction)
+    _check_arguments(seq_len, workers, val_fraction)
     tokenizer = _load_tokenizer(Path(tokenizer_path))
-    sources = resolve_inputs(inputs, text_field)
+    sources = resolve_inputs(inputs, text_field, text_extensions)
     dtype = token_dtype(tokenizer.vocab_size)
     sample_len = seq_len + 1
     settings = {
@@ -398,26 +470,28 @@ def build_shards(
         # Which documents fill a chunk; builds that counted empty ones resume elsewhere.
         "empty_documents": "skipped",
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / MANIFEST_NAME).exists():
+    out = _output(out_dir)
+    if out.exists(MANIFEST_NAME):
         try:
-            manifest = read_manifest(out_dir)
+            manifest = read_manifest(out.location)
         except ValueError as error:
-            raise _damaged_build(out_dir, str(error)) from error
-        _require_same_settings(out_dir, manifest.build, settings)
+            raise _damaged_build(out.location, str(error)) from error
+        _require_same_settings(out.location, manifest.build, settings)
         return manifest
-
     split_names = (TRAIN, VALIDATION) if val_fraction > 0 else (TRAIN,)
-    checkpoints = _load_progress(out_dir, settings, split_names)
-    progress_path = out_dir / PROGRESS_NAME
+    checkpoints = _load_progress(out, settings, split_names)
 
     def save_progress() -> None:
         states = {split: writer.checkpoint.to_dict() for split, writer in writers.items()}
-        write_json_atomically(progress_path, {"settings": settings, "splits": states})
+        record = json.dumps({"settings": settings, "splits": states}, indent=1)
+        out.write_bytes(PROGRESS_NAME, record.encode())
 
+    # A shard is written locally and moved into place (renamed, or uploaded) once complete.
+    scratch = tempfile.TemporaryDirectory(prefix="moeut-shards-")
+    staging = out.staging_area(Path(scratch.name))
     writers = {
         split: _SplitWriter(
-            out_dir, split, sample_len, dtype, settings["samples_per_shard"], checkpoint
+            out, staging, split, sample_len, dtype, settings["samples_per_shard"], checkpoint
         )
         for split, checkpoint in checkpoints.items()
     }
@@ -426,7 +500,9 @@ def build_shards(
     documents = iter_documents(sources, report, text_field=text_field, text_unit=text_unit)
     chunks = _chunks(documents, {split: c.position for split, c in checkpoints.items()})
     tokens_done = sum(writer.tokens_done for writer in writers.values())
+    unknown = _UnknownTokens()
     with (
+        scratch,
         _tokenized(chunks, workers, (tokenizer.path, val_fraction, dtype)) as tokenized,
         Progress(
             total=None,
@@ -439,19 +515,21 @@ def build_shards(
     ):
         for chunk in tokenized:
             completed = False
+            unknown.unknown += chunk.unknown_tokens
             for split, tokens in chunk.tokens.items():
                 completed |= writers[split].add(chunk.index, tokens)
+                unknown.tokens += len(tokens)
                 bar.update(len(tokens))
             if completed:
                 save_progress()
 
-    splits = {split: writer.finish() for split, writer in writers.items()}
+        splits = {split: writer.finish() for split, writer in writers.items()}
     try:
         require_documents(report, text_field)
         _require_training_samples(splits[TRAIN], sample_len, report)
     except BadInputError:
         # A build left behind would refuse the corrected rerun as one with other settings.
-        _remove_build(out_dir, splits.values())
+        _remove_build(out, splits.values())
         raise
     manifest = Manifest(
         seq_len=seq_len,
@@ -462,9 +540,10 @@ def build_shards(
         splits=splits,
         sources=tuple(str(source.path) for source in sources),
         build=settings,
-        input_report=report.to_dict(),
+        input_report={**report.to_dict(), "unknown_tokens": unknown.to_dict()},
     )
-    write_manifest(out_dir, manifest)
-    progress_path.unlink()
+    write_manifest(out.location, manifest)  # last: it marks the build complete
+    out.remove(PROGRESS_NAME)
     logger.info(report.summary())
+    unknown.log(unknown_warn_rate)
     return manifest

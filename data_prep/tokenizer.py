@@ -1,4 +1,10 @@
-"""SentencePiece tokenizer training on a corpus, with the paper's settings as defaults."""
+"""SentencePiece tokenizer training on a corpus, with the paper's settings as defaults.
+
+Byte fallback is on by default: a character outside the vocabulary (a rare digit, letter or
+symbol, or any character of a script the sample missed) is encoded as its UTF-8 bytes rather
+than as `<unk>`, so every text comes back out of the tokenizer as it went in. Its 256 byte pieces
+are part of the vocabulary, which must therefore hold them and the corpus's characters.
+"""
 
 from __future__ import annotations
 
@@ -69,11 +75,12 @@ def train_tokenizer(
     vocab_size: int = 8000,
     model_type: Literal["bpe", "unigram"] = "bpe",
     split_digits: bool = True,
-    byte_fallback: bool = False,
+    byte_fallback: bool = True,
     max_sentences: int = 2_000_000,
     character_coverage: float = 0.9995,
     text_field: str = "text",
     text_unit: TextUnit = "file",
+    text_extensions: Sequence[str] = (),
     max_bad_records: int | None = 1000,
     seed: int = 0,
     threads: int | None = None,
@@ -86,7 +93,7 @@ def train_tokenizer(
     """
     out_path = Path(out_path)
     _check_arguments(out_path, vocab_size)
-    sources = resolve_inputs(inputs, text_field)
+    sources = resolve_inputs(inputs, text_field, text_extensions)
     report = ReadReport(max_bad_records=max_bad_records)
     documents = iter_documents(sources, report, text_field=text_field, text_unit=text_unit)
     model = io.BytesIO()

@@ -1,8 +1,10 @@
 """The `moeut` command: one subcommand per feature module.
 
-Each feature module exposes `register(subparsers)`, which adds its subcommand and sets
-`handler` on the parsed namespace; heavy imports stay inside the handlers so that `moeut --help`
-is fast. Every subcommand gets `--log-level` and a help that shows each option's default.
+Each feature module exposes `register(subparsers)`, which adds its subcommands and sets
+`handler` on the parsed namespace. A command imports only its own module (`moeut prep` reads
+its first byte without torch being imported), and heavy imports stay inside the handlers so
+that `moeut --help` is fast. Every subcommand gets `--log-level` and a help that shows each
+option's default.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ import sys
 
 from moeut_dist import logs
 
-# Feature modules, in the order their subcommands are listed.
-_COMMAND_MODULES = (
-    "moeut_dist.demo",
-    "data_prep.cli",
-    "moeut_dist.convert",
-    "moeut_dist.eval_cli",
-    "moeut_dist.analysis",
-    "moeut_dist.train.cli",
-    "moeut_dist.plot_cli",
-)
+# The feature module of each subcommand, in the order the subcommands are listed.
+_COMMAND_MODULES = {
+    "demo": "moeut_dist.demo",
+    "prep": "data_prep.cli",
+    "convert": "moeut_dist.convert",
+    "generate": "moeut_dist.eval_cli",
+    "eval": "moeut_dist.eval_cli",
+    "analyze": "moeut_dist.analysis",
+    "train": "moeut_dist.train.cli",
+    "export": "moeut_dist.train.cli",
+    "plot": "moeut_dist.plot_cli",
+}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -62,21 +66,26 @@ class CommandParser(argparse.ArgumentParser):
         super().set_defaults(**kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `command` alone (its module's subcommands), or of every command."""
     parser = CommandParser(prog="moeut", description=__doc__.splitlines()[0])
     version = importlib.metadata.version("moeut-dist")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
     subparsers = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", help="`moeut COMMAND --help` for its own"
     )
-    for module_name in _COMMAND_MODULES:
+    modules = dict.fromkeys(_COMMAND_MODULES.values())  # each once, in order
+    if command in _COMMAND_MODULES:
+        modules = {_COMMAND_MODULES[command]: None}
+    for module_name in modules:
         importlib.import_module(module_name).register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logs.configure()  # already while parsing: `train --help` imports the training modules
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     logs.configure(args.log_level)
     return int(args.handler(args) or 0)
 

@@ -26,18 +26,22 @@ def stream_text(
 
     SentencePiece decodes a word's leading space only inside a text, so the tokens are decoded
     after the prompt's; text ending in an incomplete character (a byte piece of a longer UTF-8
-    sequence, decoded as U+FFFD) is held back until the character completes.
+    sequence, decoded as U+FFFD) is held back until the character completes, or until the end,
+    where bytes that never formed a character come out as U+FFFD, as in the whole decode.
     """
     ids = list(prompt_ids)
     emitted = tokenizer.decode(ids)
     for token in tokens:
         if token == tokenizer.eod_id:
-            return
+            break
         ids.append(token)
         text = tokenizer.decode(ids)
         if len(text) > len(emitted) and text.startswith(emitted) and not text.endswith("\ufffd"):
             yield text[len(emitted) :]
             emitted = text
+    text = tokenizer.decode(ids)
+    if len(text) > len(emitted) and text.startswith(emitted):
+        yield text[len(emitted) :]
 
 
 def device_or_default(requested: str | None) -> torch.device:

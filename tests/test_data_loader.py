@@ -31,7 +31,7 @@ SEQ_LEN = 16
 def tokenizer(tmp_path_factory) -> Tokenizer:
     folder = tmp_path_factory.mktemp("tokenizer")
     corpus = write_jsonl(folder / "corpus.jsonl", synthetic_documents(200, seed=3))
-    return train_tokenizer([corpus], folder / "tok.model", vocab_size=300)
+    return train_tokenizer([corpus], folder / "tok.model", vocab_size=400)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_resume_skips_consumed_shards_without_reading_them(shard_dir, tokenizer,
         loader,
         "read_shard",
         lambda path, *args, **kwargs: (
-            reads.append(path.name) or real_read_shard(path, *args, **kwargs)
+            reads.append(Path(path).name) or real_read_shard(path, *args, **kwargs)
         ),
     )
     interrupted = _loader(shard_dir, tokenizer, batch_size=8)
@@ -324,7 +324,7 @@ def test_damaged_manifest_is_a_value_error_naming_it_and_the_problem(
 
 def test_other_tokenizer_is_refused_naming_both_hashes(shard_dir, tokenizer, tmp_path):
     corpus = write_jsonl(tmp_path / "other.jsonl", synthetic_documents(50, seed=9))
-    other = train_tokenizer([corpus], tmp_path / "other.model", vocab_size=280)
+    other = train_tokenizer([corpus], tmp_path / "other.model", vocab_size=380)
     with pytest.raises(ManifestMismatchError) as error:
         TokenLoader(shard_dir, seq_len=SEQ_LEN, tokenizer=other, batch_size=4)
     assert tokenizer.sha256 in str(error.value) and other.sha256 in str(error.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import logging
 import os
 import random
 import signal
@@ -21,7 +22,7 @@ import zstandard
 
 from data_prep import cli
 from data_prep.readers import BadInputError, ReadReport, iter_documents, resolve_inputs
-from data_prep.shards import build_shards, is_validation_document
+from data_prep.shards import ShardTarWriter, build_shards, is_validation_document
 from data_prep.synthetic import synthetic_documents, write_jsonl
 from data_prep.tokenizer import train_tokenizer
 from moeut_dist.data import Tokenizer, read_manifest, read_shard
@@ -565,3 +566,86 @@ def test_cli_refuses_unusable_output_paths_in_one_line(tmp_path, corpus, tokeniz
         error = capsys.readouterr().err
         assert error.startswith(f"moeut prep {command[0]}: ") and problem in error
         assert error.count("\n") == 1
+
+
+def test_shard_tar_writer_writes_what_webdataset_writes(tmp_path):
+    import webdataset
+
+    samples = [(f"{i:010d}.tokens", bytes(range(i, i + 37))) for i in range(30)]
+    reference = webdataset.TarWriter(
+        str(tmp_path / "webdataset.tar"), encoder=False, mtime=0, user="moeut", group="moeut"
+    )
+    ours = ShardTarWriter(tmp_path / "ours.tar")
+    for name, data in samples:
+        key, field = name.split(".")
+        reference.write({"__key__": key, field: data})
+        ours.write(name, data)
+    reference.close()
+    ours.close()
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "webdataset.tar").read_bytes()
+
+
+def test_files_of_given_extensions_are_read_as_plain_text(tmp_path):
+    (tmp_path / "code").mkdir()
+    for name in ("a.py", "b.c", "c.txt", "d.csv"):
+        (tmp_path / "code" / name).write_text(f"contents of {name}\n")
+    assert [s.path.name for s in resolve_inputs([tmp_path / "code"])] == ["c.txt"]
+    sources = resolve_inputs([tmp_path / "code"], text_extensions=["py,.c"])
+    assert [(s.path.name, s.format) for s in sources] == [
+        ("a.py", "text"),
+        ("b.c", "text"),
+        ("c.txt", "text"),
+    ]
+    with pytest.raises(BadInputError, match=r"a\.py: unknown input format .*--ext py\)"):
+        resolve_inputs([tmp_path / "code" / "a.py"])
+
+
+@pytest.mark.parametrize(
+    ("unit", "expected"),
+    [
+        ("paragraph", ["good one", "bad \ufffd line\nnext line", "last"]),
+        ("line", ["good one", "bad \ufffd line", "next line", "last"]),
+        ("file", ["good one\n\nbad \ufffd line\nnext line\n\nlast\n"]),
+    ],
+)
+def test_undecodable_bytes_are_counted_per_document_never_spliced(tmp_path, unit, expected):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"good one\n\nbad \xff line\nnext line\n\nlast\n")
+    report = ReadReport()
+    documents = list(iter_documents(resolve_inputs([path]), report, text_unit=unit))
+    assert [d.text for d in documents] == expected
+    assert (report.undecodable_documents, report.undecodable_bytes) == (1, 1)
+    assert "1 bytes that are not UTF-8 in 1 documents read as U+FFFD" in report.summary()
+
+
+def test_default_tokenizer_represents_every_character(tmp_path, corpus, tokenizer):
+    """Byte fallback: characters the training text never had come back out, none as <unk>."""
+    text = 'Zebra #42 = "ΩΣ" — 猫 🙂 \\x7f'
+    assert tokenizer.unk_id not in tokenizer.encode(text)
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    without = train_tokenizer(
+        corpus, tmp_path / "no-fallback.model", vocab_size=400, byte_fallback=False
+    )
+    assert without.unk_id in without.encode(text)
+
+
+def test_shard_build_reports_the_unknown_token_rate(tmp_path, corpus, tokenizer, caplog):
+    caplog.set_level(logging.INFO, logger="data_prep.shards")
+    strange = write_jsonl(tmp_path / "strange.jsonl", ["猫猫猫 🙂🙂 ΩΣ"] * 20)
+    build_shards(
+        [strange], tmp_path / "ours", tokenizer.path, SEQ_LEN, val_fraction=0, progress=False
+    )
+    assert any(r.getMessage().startswith("0 of ") for r in caplog.records)
+    caplog.clear()
+    without = train_tokenizer(
+        corpus, tmp_path / "no-fallback.model", vocab_size=400, byte_fallback=False
+    )
+    manifest = build_shards(
+        [strange], tmp_path / "theirs", without.path, 4, val_fraction=0, progress=False
+    )
+    unknown = manifest.input_report["unknown_tokens"]
+    assert unknown["unknown"] > 0
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage().startswith(
+        f"{unknown['unknown']} of {unknown['tokens']} tokens are <unk>"
+    )

@@ -23,14 +23,14 @@ def test_demo_pipeline_on_generated_text(tmp_path, capsys):
         documents = synthetic_documents(60, seed=index, words_per_document=(20, 80))
         (corpus / f"text{index}.txt").write_text("\n\n".join(documents) + "\n")
     settings = DemoSettings(
-        work_dir=tmp_path / "work", corpus=corpus, vocab_size=300, seq_len=32, steps=30,
+        work_dir=tmp_path / "work", corpus=corpus, vocab_size=400, seq_len=32, steps=30,
         val_fraction=0.1, prompt="ba",
     )  # fmt: skip
 
     run_demo(settings)
     printed = capsys.readouterr().out
     model = load_pretrained(settings.model_dir)
-    assert model.config.vocab_size == 300
+    assert model.config.vocab_size == 400
     assert (settings.work_dir / "loss.png").stat().st_size > 10_000
     before, after = (
         float(line.split("perplexity")[1].split(",")[0])

@@ -55,7 +55,7 @@ def corpus(tmp_path_factory, documents):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory, corpus):
-    return train_tokenizer([corpus], tmp_path_factory.mktemp("tok") / "tok.model", vocab_size=300)
+    return train_tokenizer([corpus], tmp_path_factory.mktemp("tok") / "tok.model", vocab_size=600)
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +186,15 @@ def test_generation_streams_the_decoded_continuation(model_dir, loaded, capsys):
     assert "".join(pieces) == continuation and len(pieces) > 1
 
 
+def test_streamed_text_ends_with_the_bytes_that_never_formed_a_character(tokenizer):
+    prompt_ids = [tokenizer.eod_id, *tokenizer.encode("Ba")]
+    cat = tokenizer.encode("猫")[-3:]  # three byte pieces (byte fallback): one character
+    assert "".join(stream_text(tokenizer, prompt_ids, cat)).endswith("猫")
+    cut = "".join(stream_text(tokenizer, prompt_ids, cat[:2]))
+    whole = tokenizer.decode(prompt_ids + cat[:2])
+    assert cut == whole[len(tokenizer.decode(prompt_ids)) :] and cut.endswith("\ufffd")
+
+
 def test_generation_with_a_padded_vocabulary_produces_only_the_tokenizer_pieces(
     padded_model_dir, capsys
 ):
@@ -262,7 +271,7 @@ def test_eval_names_a_missing_model_directory(tmp_path, capsys):
 
 
 def test_eval_refuses_shards_of_another_tokenizer(model_dir, corpus, shards, tmp_path, capsys):
-    other = train_tokenizer([corpus], tmp_path / "other.model", vocab_size=280)
+    other = train_tokenizer([corpus], tmp_path / "other.model", vocab_size=380)
     other_dir = tmp_path / "model"
     shutil.copytree(model_dir, other_dir)
     shutil.copyfile(other.path, other_dir / "tokenizer.model")

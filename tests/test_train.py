@@ -77,9 +77,9 @@ def _train(config: dict, path) -> None:
 
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory):
-    """A model directory of the runs' model (`run_config`, 300 pieces), with other weights."""
+    """A model directory of the runs' model (`run_config`, 400 pieces), with other weights."""
     torch.manual_seed(99)
-    model = MoEUTLM(profiles.get("tiny", vocab_size=300, kernel="torch"))
+    model = MoEUTLM(profiles.get("tiny", vocab_size=400, kernel="torch"))
     return save_pretrained(model, tmp_path_factory.mktemp("other_model"))
 
 
@@ -102,7 +102,7 @@ def test_config_reads_yaml_and_dotted_overrides(corpus, tmp_path):
     assert config.model.overrides["d_model"] == 32
     assert config.schedule.steps == 6 and config.optim.betas == (0.9, 0.999)
     plan = check_run(config, world_size=2)
-    assert (plan.model.vocab_size, plan.data_parallel, plan.grad_accumulation) == (300, 2, 2)
+    assert (plan.model.vocab_size, plan.data_parallel, plan.grad_accumulation) == (400, 2, 2)
     assert load_config(None, ["data.shard_dir=x", "data.tokenizer=y"]).optim.lr == 2.5e-4
 
 
@@ -124,7 +124,7 @@ def test_config_reads_yaml_and_dotted_overrides(corpus, tmp_path):
         (["data.seq_len=64"], 1, "built with seq_len 32"),
         (["data.shard_dir=/nonexistent"], 1, "manifest.json not found"),
         (["data.tokenizer=/nonexistent.model"], 1, "does not exist"),
-        (["model.vocab_size=256"], 1, "smaller than the tokenizer's 300"),
+        (["model.vocab_size=256"], 1, "smaller than the tokenizer's 400"),
         (["optim.lr=-1"], 1, "optim.lr must be a finite number ≥ 0, got -1.0"),
         (["optim.lr=nan"], 1, "optim.lr must be a finite number ≥ 0, got nan"),
         (["optim.betas=[0.9, 1.5]"], 1, "optim.betas must be two numbers in [0, 1)"),
@@ -233,7 +233,7 @@ def test_init_from_needs_a_model_directory_of_the_same_model(
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model.vocab_size=320"], "holds a model with vocab_size = 300, the run's model has "),
+        (["model.vocab_size=420"], "holds a model with vocab_size = 400, the run's model has "),
         (["model.experts_per_token=2"], "experts_per_token = 4, the run's model has experts_"),
     ],
 )
@@ -461,7 +461,7 @@ def test_run_logs_metrics_and_keeps_the_last_checkpoints(uninterrupted, corpus, 
         assert all(0.5 < h <= 1.0 for h in record["expert_entropy"])
         assert record["ep_bytes_sent"] == 0.0  # one process: nothing leaves it
     assert [step for step, _ in uninterrupted.val] == [3, 6]
-    assert all(0 < loss < math.log(300) + 1 for _, loss in uninterrupted.val)
+    assert all(0 < loss < math.log(400) + 1 for _, loss in uninterrupted.val)
 
 
 def test_stopped_and_resumed_run_is_bit_identical(uninterrupted, corpus, tmp_path):

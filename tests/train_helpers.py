@@ -32,12 +32,12 @@ class Corpus:
 
 
 def make_corpus(directory: Path) -> Corpus:
-    """Synthetic documents → SentencePiece (300 pieces) → shards of 33-token samples."""
+    """Synthetic documents → SentencePiece (400 pieces) → shards of 33-token samples."""
     source = write_jsonl(
         directory / "corpus.jsonl", synthetic_documents(300, seed=0, words_per_document=(20, 150))
     )
     tokenizer = directory / "tok.model"
-    train_tokenizer([source], tokenizer, vocab_size=300)
+    train_tokenizer([source], tokenizer, vocab_size=400)
     shard_dir = directory / "shards"
     build_shards(
         [source], shard_dir, tokenizer, SEQ_LEN, shard_bytes=30_000, val_fraction=0.1,
@@ -136,7 +136,7 @@ def run_result(config_path: Path) -> RunResult:
     steps = [r["step"] for r in records]
     assert steps == sorted(set(steps)), f"steps logged more than once or out of order: {steps}"
     latest = latest_checkpoint(config.out_path / "checkpoints")
-    weights = read_full_state_dict(latest / "engine", config.model.build(300))
+    weights = read_full_state_dict(latest / "engine", config.model.build(400))
     return RunResult(
         [(r["step"], r["loss"], r["reg_loss"]) for r in records],
         [(r["step"], r["loss"]) for r in read_run_metrics(config.out_dir, "val")],

@@ -1,24 +1,28 @@
-"""Tokenised shards at run time: the tokenizer, shard manifests and the streaming loader."""
+"""Tokenised shards at run time: the tokenizer, shard manifests, storage and the streaming
+loader. Names are imported on first use (PEP 562): the loader needs torch, the data tools do
+not."""
 
-from moeut_dist.data.loader import ShardError, TokenLoader, read_shard
-from moeut_dist.data.manifest import (
-    Manifest,
-    ManifestMismatchError,
-    ShardInfo,
-    SplitInfo,
-    read_manifest,
-)
-from moeut_dist.data.tokenizer import Tokenizer, file_sha256
+import importlib
+from typing import Any
 
-__all__ = [
-    "Manifest",
-    "ManifestMismatchError",
-    "ShardError",
-    "ShardInfo",
-    "SplitInfo",
-    "TokenLoader",
-    "Tokenizer",
-    "file_sha256",
-    "read_manifest",
-    "read_shard",
-]
+# Exported name -> the module that defines it.
+_EXPORTS = {
+    "Manifest": "moeut_dist.data.manifest",
+    "ManifestMismatchError": "moeut_dist.data.manifest",
+    "ShardError": "moeut_dist.data.loader",
+    "ShardInfo": "moeut_dist.data.manifest",
+    "SplitInfo": "moeut_dist.data.manifest",
+    "TokenLoader": "moeut_dist.data.loader",
+    "Tokenizer": "moeut_dist.data.tokenizer",
+    "file_sha256": "moeut_dist.data.tokenizer",
+    "read_manifest": "moeut_dist.data.manifest",
+    "read_shard": "moeut_dist.data.loader",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'moeut_dist.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

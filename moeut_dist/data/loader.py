@@ -18,6 +18,11 @@ micro-batches fall in (one shard in memory at a time), so every worker reads eve
 epoch, using its share of the samples: sequential reads of a few MB per shard, far below what a
 training step consumes in compute. A restored loader starts at its place; whole shards before
 it are skipped using the manifest's counts, unread.
+
+Shards are read wherever they live (`storage`: a path, file://, http(s)://, s3://, pipe:),
+streamed. A transient failure, or a remote shard that arrives damaged, is read again from its
+start (with back-off, counted in `read_retries`); samples come out only of a shard read whole
+and checked, so a retry repeats or skips none.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch
 import webdataset
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from moeut_dist.data import storage
 from moeut_dist.data.manifest import SAMPLE_FIELD, ShardInfo, read_manifest
 from moeut_dist.data.tokenizer import Tokenizer, file_sha256
 
@@ -47,7 +53,14 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ShardError(RuntimeError):
-    """A shard that cannot be read as the manifest describes it; the message names its path."""
+    """A shard that cannot be read as the manifest describes it; the message names its URL.
+
+    `transient`: reading it again may succeed (a remote read cut off or garbled on its way).
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class _HashingReader:
@@ -70,7 +83,7 @@ class _HashingReader:
 
 
 def read_shard(
-    path: Path,
+    url: str | Path,
     samples: int,
     sample_len: int,
     dtype: np.dtype,
@@ -80,38 +93,54 @@ def read_shard(
 ) -> np.ndarray:
     """A shard's samples in stored order, `[samples, sample_len]`, checked against the manifest.
 
+    `url` is a path or any location `storage` reads; the shard is streamed, never stored whole.
     Every id must be below `vocab_size`: a flipped bit or another tokenizer's shard fails here,
     naming the shard, instead of as an index error inside the embedding. `sha256`, the
     manifest's hash of the file, catches any other change; it is computed from the bytes read
-    for the samples, so checking it costs no second read.
+    for the samples, so checking it costs no second read. A remote shard that is not what the
+    manifest says may have been damaged on its way: that error is `transient`.
     """
+    url = str(url)
+    remote = not storage.is_local(url)
     rows = np.empty((samples, sample_len), dtype)
     sample_bytes = sample_len * dtype.itemsize
     count = 0
     try:
-        with open(path, "rb") as file:
+        with storage.open_read(url) as file:
             reader = _HashingReader(file)
             for member in webdataset.tariterators.tar_file_iterator(reader):
                 if count == samples:
-                    raise ShardError(f"{path}: holds more than the manifest's {samples} samples")
+                    raise ShardError(
+                        f"{url}: holds more than the manifest's {samples} samples", transient=remote
+                    )
                 data = member["data"]
                 if not member["fname"].endswith(f".{SAMPLE_FIELD}") or len(data) != sample_bytes:
                     raise ShardError(
-                        f"{path}: member {member['fname']} is not a {sample_bytes}-byte sample"
+                        f"{url}: member {member['fname']} is not a {sample_bytes}-byte sample",
+                        transient=remote,
                     )
                 rows[count] = np.frombuffer(data, dtype)
                 count += 1
             found_sha256 = reader.sha256_of_whole_file()
+    except storage.StorageError as error:
+        raise ShardError(f"unreadable shard: {error}", transient=error.transient) from error
     except (OSError, tarfile.TarError) as error:
-        raise ShardError(f"{path}: unreadable shard ({error})") from error
+        raise ShardError(f"{url}: unreadable shard ({error})", transient=remote) from error
     if count != samples:
-        raise ShardError(f"{path}: holds {count} samples, the manifest says {samples} (truncated?)")
+        raise ShardError(
+            f"{url}: holds {count} samples, the manifest says {samples} (truncated?)",
+            transient=remote,
+        )
     if rows.size and (largest := rows.max()) >= vocab_size:
         raise ShardError(
-            f"{path}: token id {largest} is not below the manifest's vocab_size {vocab_size}"
+            f"{url}: token id {largest} is not below the manifest's vocab_size {vocab_size}",
+            transient=remote,
         )
     if found_sha256 != sha256:
-        raise ShardError(f"{path}: sha256 {found_sha256} is not the manifest's {sha256} (corrupt)")
+        raise ShardError(
+            f"{url}: sha256 {found_sha256} is not the manifest's {sha256} (corrupt)",
+            transient=remote,
+        )
     return rows
 
 
@@ -147,15 +176,17 @@ class _ShardReader:
 
     def __init__(
         self,
-        shard_dir: Path,
+        location: str,
         shards: Sequence[ShardInfo],
         sample_len: int,
         dtype: np.dtype,
         vocab_size: int,
         seed: int,
         skip_corrupt: bool,
+        retry: storage.RetryPolicy,
     ) -> None:
-        self._shard_dir = shard_dir
+        self._location = location
+        self._retry = retry
         self._shards = shards
         self._sample_len = sample_len
         self._dtype = dtype
@@ -180,15 +211,26 @@ class _ShardReader:
         return self._cached[1]
 
     def _read(self, shard: ShardInfo) -> np.ndarray | None:
-        try:
+        """The shard's samples in stored order, read again after transient failures; None when
+        it cannot be read and corrupt shards are skipped."""
+        url = storage.join(self._location, shard.name)
+
+        def read() -> np.ndarray:
             return read_shard(
-                self._shard_dir / shard.name,
+                url,
                 shard.samples,
                 self._sample_len,
                 self._dtype,
                 vocab_size=self._vocab_size,
                 sha256=shard.sha256,
             )
+
+        def count_retry(error: Exception) -> None:
+            self.counters["read_retries"] += 1
+            warnings.warn(f"reading again: {error}", RuntimeWarning, stacklevel=2)
+
+        try:
+            return storage.with_retries(read, self._retry, count_retry, errors=(ShardError,))
         except ShardError as error:
             if not self._skip_corrupt:
                 raise
@@ -279,7 +321,9 @@ class TokenLoader:
     rank; the model's inputs are `batch[:, :-1]` and its targets `batch[:, 1:]`.
 
     Args:
-        shard_dir: a directory written by `data_prep.shards.build_shards`.
+        shard_dir: a directory written by `data_prep.shards.build_shards`: a path or a URL
+            (`moeut_dist.data.storage`: file://, http(s)://, s3:// and other fsspec
+            protocols, pipe:COMMAND).
         seq_len: the run's context length; must equal the shards'.
         tokenizer: the run's tokenizer (a model path, a loaded `Tokenizer`, or its sha256);
             must be the one the shards were built with.
@@ -294,7 +338,9 @@ class TokenLoader:
         skip_corrupt: skip a corrupt shard (unreadable, or not what the manifest describes,
             its sha256 included) with a warning and count it in `counters()`, instead of
             raising `ShardError` (a worker process's is raised here with its own message);
-            batches then lack its samples.
+            batches then lack its samples. A shard is unreadable after `retry`'s attempts at
+            transient failures (each counted in `read_retries`); a permanent one (not found,
+            forbidden) is not tried again.
 
     Iterating continues from the current position, so `state_dict()` / `load_state_dict()`
     resume an endless stream exactly: the restored loader yields the batches the original one
@@ -319,6 +365,7 @@ class TokenLoader:
         seed: int = 0,
         epochs: int | None = None,
         skip_corrupt: bool = False,
+        retry: storage.RetryPolicy | None = None,
     ) -> None:
         if batch_size < 1 or num_workers < 0 or seed < 0 or (epochs is not None and epochs < 1):
             raise ValueError(
@@ -327,7 +374,8 @@ class TokenLoader:
             )
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank {dp_rank} is not in 0..{dp_world_size - 1}")
-        self.shard_dir = Path(shard_dir)
+        storage.check_location(str(shard_dir))
+        self.shard_dir = str(shard_dir)
         self.manifest = read_manifest(self.shard_dir)
         self.manifest.check_compatible(
             seq_len=seq_len, tokenizer_sha256=_tokenizer_sha256(tokenizer)
@@ -347,6 +395,7 @@ class TokenLoader:
         self._rank, self._ranks, self._batch_size = dp_rank, dp_world_size, batch_size
         self._num_workers = num_workers
         self._skip_corrupt = skip_corrupt
+        self._retry = retry or storage.RetryPolicy()
         self._position = 0
         self._counters = dict.fromkeys(COUNTERS, 0)
 
@@ -374,6 +423,7 @@ class TokenLoader:
             self.manifest.vocab_size,
             self._order["seed"],
             self._skip_corrupt,
+            self._retry,
         )
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -411,6 +461,8 @@ class TokenLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a position saved by a loader of the same sequence (split, seed,
         epochs), under any layout."""
+        if "sources" in state:
+            raise ValueError("the saved run mixed data.sources, this one reads data.shard_dir")
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(
                 f"loader state format {state.get('format')!r} is not this version's {_STATE_FORMAT}"

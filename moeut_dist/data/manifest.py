@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from moeut_dist.atomic_files import write_json_atomically
+from moeut_dist.data import storage
 from moeut_dist.dataclass_dict import from_dict, to_dict
 
 MANIFEST_NAME = "manifest.json"
@@ -110,17 +110,27 @@ class Manifest:
 
 
 def write_manifest(shard_dir: str | Path, manifest: Manifest) -> None:
-    write_json_atomically(Path(shard_dir) / MANIFEST_NAME, manifest.to_dict())
+    """Write the manifest, which marks the build in `shard_dir` complete (`storage.Directory`:
+    a local path or a writable store)."""
+    content = json.dumps(manifest.to_dict(), indent=1).encode()
+    storage.Directory(shard_dir).write_bytes(MANIFEST_NAME, content)
 
 
 def read_manifest(shard_dir: str | Path) -> Manifest:
-    """The manifest of a complete shard directory."""
-    path = Path(shard_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: {shard_dir} is not a shard directory or its build has not finished"
-        )
+    """The manifest of a complete shard directory, wherever it lives (`storage`)."""
+    url = storage.join(shard_dir, MANIFEST_NAME)
     try:
-        return Manifest.from_dict(json.loads(path.read_bytes()))
+        content = storage.with_retries(
+            lambda: storage.read_bytes(url), storage.RetryPolicy(), on_retry=lambda error: None
+        )
+    except storage.StorageError as error:
+        if error.not_found:
+            raise FileNotFoundError(
+                f"{url} not found: {shard_dir} is not a shard directory or its build has not "
+                "finished"
+            ) from error
+        raise
+    try:
+        return Manifest.from_dict(json.loads(content))
     except ValueError as error:  # invalid JSON, UTF-8 or contents
-        raise ValueError(f"{path} is damaged: {error}") from error
+        raise ValueError(f"{url} is damaged: {error}") from error

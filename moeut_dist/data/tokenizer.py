@@ -55,6 +55,11 @@ class Tokenizer:
         return self._processor.get_piece_size()
 
     @property
+    def unk_id(self) -> int:
+        """The id of `<unk>`: what text outside the vocabulary becomes without byte fallback."""
+        return self._processor.unk_id()
+
+    @property
     def eod_id(self) -> int:
         return self._processor.eos_id()
 

@@ -28,7 +28,9 @@ from moeut_dist import arch
 from moeut_dist.arch import ModelConfig
 from moeut_dist.checksums import CHECKSUMS_FILE, verify_checksums
 from moeut_dist.config import ConfigError
-from moeut_dist.data import ManifestMismatchError, Tokenizer, read_manifest
+from moeut_dist.data import ManifestMismatchError, Tokenizer, read_manifest, storage
+from moeut_dist.data.mixture import Source
+from moeut_dist.data.storage import RetryPolicy
 from moeut_dist.dataclass_dict import DictConvertible, coerce
 from moeut_dist.export import CONFIG_FILE, WEIGHTS_FILE, read_config
 from moeut_dist.parallel.layout import ParallelConfig
@@ -85,14 +87,41 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
+class SourceSection(DictConvertible):
+    """One corpus of a mixture: its samples make up `weight / sum of weights` of each batch."""
+
+    name: str = ""
+    shard_dir: str = ""
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class DataSection(DictConvertible):
-    shard_dir: str = ""  # written by `moeut prep shards`
+    # Written by `moeut prep shards`: a path or URL (file://, http(s)://, s3://, pipe:CMD).
+    shard_dir: str = ""
+    # A mixture of several shard directories, instead of `shard_dir`; every source must be
+    # built with `tokenizer` and `seq_len`. Only the weights may change when a run resumes.
+    sources: list[SourceSection] = field(default_factory=list)
     tokenizer: str = ""  # the SentencePiece model the shards were built with
     seq_len: int = 1024
     global_batch_size: int = 64  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 16  # sequences per forward on one rank; the rest is accumulation
     num_workers: int = 1  # dataloader worker processes per rank
-    skip_corrupt_shards: bool = False
+    skip_corrupt_shards: bool = False  # skip (and count) shards that cannot be read
+    read_attempts: int = 5  # tries of a shard read that fails transiently (network errors)
+    retry_backoff_seconds: float = 1.0  # wait after the first failure, doubling up to 30 s
+
+    def shard_dirs(self) -> dict[str, str]:
+        """Each shard directory by the name of its config key (`data.sources[web]`)."""
+        if not self.sources:
+            return {"data.shard_dir": self.shard_dir}
+        return {f"data.sources[{s.name}]": s.shard_dir for s in self.sources}
+
+    def mixture(self) -> list[Source]:
+        return [Source(s.name, s.shard_dir, s.weight) for s in self.sources]
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.read_attempts, self.retry_backoff_seconds)
 
 
 @dataclass(frozen=True)
@@ -259,10 +288,31 @@ class TrainConfig(DictConvertible):
             )
         if not self.logging.progress_every_seconds > 0:
             raise ConfigError("logging.progress_every_seconds must be positive")
-        if not self.data.shard_dir or not self.data.tokenizer:
-            raise ConfigError("data.shard_dir and data.tokenizer are required")
+        if self.data.read_attempts < 1 or not self.data.retry_backoff_seconds >= 0:
+            raise ConfigError("data.read_attempts must be positive, retry_backoff_seconds ≥ 0")
+        if not (self.data.shard_dir or self.data.sources) or not self.data.tokenizer:
+            raise ConfigError("data.shard_dir (or data.sources) and data.tokenizer are required")
         if self.out_path.exists() and not self.out_path.is_dir():
             raise ConfigError(f"out_dir: {self.out_dir} exists and is not a directory")
+        self._check_sources()
+
+    def _check_sources(self) -> None:
+        sources = self.data.sources
+        if not sources:
+            return
+        if self.data.shard_dir:
+            raise ConfigError("give data.shard_dir or data.sources, not both")
+        names = [source.name for source in sources]
+        if "" in names or len(set(names)) != len(names):
+            raise ConfigError(f"data.sources need distinct, non-empty names; got {names}")
+        for source in sources:
+            if not source.shard_dir:
+                raise ConfigError(f"data.sources[{source.name}].shard_dir is required")
+            if not (math.isfinite(source.weight) and source.weight > 0):
+                raise ConfigError(
+                    f"data.sources[{source.name}].weight must be a finite number > 0, "
+                    f"got {source.weight}"
+                )
 
     @property
     def bf16(self) -> bool:
@@ -398,6 +448,56 @@ def check_init_from(directory: str, model: ModelConfig) -> None:
             )
 
 
+def _check_shards(
+    where: str, shard_dir: str, tokenizer: Tokenizer, config: TrainConfig, data_parallel: int
+) -> None:
+    """The shard directory `shard_dir` (the config key `where`) is complete, built for the run's
+    tokenizer and seq_len, and holds enough samples for training and validation."""
+    data = config.data
+    try:
+        storage.check_location(shard_dir)
+        manifest = read_manifest(shard_dir)
+    except (OSError, ValueError) as error:  # OSError: missing, or the store cannot be read
+        raise ConfigError(f"{where}: {error}") from error
+    try:
+        manifest.check_compatible(seq_len=data.seq_len, tokenizer_sha256=tokenizer.sha256)
+    except ManifestMismatchError as error:
+        raise ConfigError(f"{where}: {error}") from error
+    # Locally, a missing shard is found now; elsewhere looking costs a request per shard, so
+    # it is found, named, when read.
+    missing = [
+        shard.name
+        for split in manifest.splits.values()
+        for shard in split.shards
+        if storage.is_local(shard_dir)
+        and not (storage.local_path(shard_dir) / shard.name).is_file()
+    ]
+    if missing:
+        raise ConfigError(f"{where}: shard(s) listed in the manifest are missing: {missing}")
+    if "train" not in manifest.splits:
+        raise ConfigError(f"{where}: the shards have no 'train' split ({shard_dir})")
+    slots = data_parallel * max(data.num_workers, 1)
+    if manifest.split("train").samples < slots:
+        raise ConfigError(
+            f"{where}: the train split has {manifest.split('train').samples} samples, fewer "
+            f"than the {slots} data-parallel ranks × workers reading it"
+        )
+    if config.eval.every:
+        if "val" not in manifest.splits:
+            raise ConfigError(
+                f"{where}: eval.every > 0 but the shards have no 'val' split; set eval.every=0"
+            )
+        # Every rank must get a full micro-batch (the smallest share is val // ranks samples),
+        # else validation could never run.
+        val_samples = manifest.split("val").samples
+        if val_samples // data_parallel < data.micro_batch_size:
+            raise ConfigError(
+                f"{where}: the val split has {val_samples} samples, less than one micro-batch "
+                f"({data.micro_batch_size}) for each of the {data_parallel} data-parallel ranks; "
+                "set eval.every=0 or build the shards with a larger val_fraction"
+            )
+
+
 def check_run(config: TrainConfig, world_size: int) -> RunPlan:
     """Check everything a run needs before it starts, naming what is wrong."""
     data = config.data
@@ -406,26 +506,9 @@ def check_run(config: TrainConfig, world_size: int) -> RunPlan:
     if not Path(data.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer: {data.tokenizer} does not exist")
     try:
-        manifest = read_manifest(data.shard_dir)
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(f"data.shard_dir: {error}") from error
-    try:
         tokenizer = Tokenizer(data.tokenizer)
     except ValueError as error:
         raise ConfigError(f"data.tokenizer: {error}") from error
-    try:
-        manifest.check_compatible(seq_len=data.seq_len, tokenizer_sha256=tokenizer.sha256)
-    except ManifestMismatchError as error:
-        raise ConfigError(f"data: {error}") from error
-    missing = [
-        shard.name
-        for split in manifest.splits.values()
-        for shard in split.shards
-        if not (Path(data.shard_dir) / shard.name).is_file()
-    ]
-    if missing:
-        raise ConfigError(f"data.shard_dir: shard(s) listed in the manifest are missing: {missing}")
-
     model = config.model.build(tokenizer.vocab_size)
     config.parallel.validate(model, world_size)
     data_parallel = config.parallel.data(world_size)
@@ -435,24 +518,6 @@ def check_run(config: TrainConfig, world_size: int) -> RunPlan:
             f"data.global_batch_size {data.global_batch_size} is not a multiple of "
             f"micro_batch_size {data.micro_batch_size} × data-parallel size {data_parallel}"
         )
-    if "train" not in manifest.splits:
-        raise ConfigError(f"data.shard_dir: the shards have no 'train' split ({data.shard_dir})")
-    slots = data_parallel * max(data.num_workers, 1)
-    if manifest.split("train").samples < slots:
-        raise ConfigError(
-            f"the train split has {manifest.split('train').samples} samples, fewer than the "
-            f"{slots} data-parallel ranks × workers reading it"
-        )
-    if config.eval.every:
-        if "val" not in manifest.splits:
-            raise ConfigError("eval.every > 0 but the shards have no 'val' split; set eval.every=0")
-        # Every rank must get a full micro-batch (the smallest share is val // ranks samples),
-        # else validation could never run.
-        val_samples = manifest.split("val").samples
-        if val_samples // data_parallel < data.micro_batch_size:
-            raise ConfigError(
-                f"the val split has {val_samples} samples, less than one micro-batch "
-                f"({data.micro_batch_size}) for each of the {data_parallel} data-parallel ranks; "
-                "set eval.every=0 or build the shards with a larger val_fraction"
-            )
+    for where, shard_dir in data.shard_dirs().items():
+        _check_shards(where, shard_dir, tokenizer, config, data_parallel)
     return RunPlan(model, data_parallel, data.global_batch_size // per_step)

@@ -32,6 +32,7 @@ from megatron.core import parallel_state
 from moeut_dist import arch
 from moeut_dist.config import ConfigError
 from moeut_dist.data import TokenLoader
+from moeut_dist.data.mixture import MixtureLoader
 from moeut_dist.export import WEIGHTS_FILE
 from moeut_dist.logs import stdout_on_rank0_only
 from moeut_dist.model import perplexity
@@ -100,10 +101,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_loader(config: TrainConfig, split: str, epochs: int | None) -> TokenLoader:
+def make_loader(
+    config: TrainConfig, split: str, epochs: int | None, shard_dir: str | None = None
+) -> TokenLoader:
+    """The loader of one split of `shard_dir` (default: `data.shard_dir`) for this rank."""
     data = config.data
     return TokenLoader(
-        data.shard_dir,
+        shard_dir or data.shard_dir,
         seq_len=data.seq_len,
         tokenizer=data.tokenizer,
         batch_size=data.micro_batch_size,
@@ -114,7 +118,59 @@ def make_loader(config: TrainConfig, split: str, epochs: int | None) -> TokenLoa
         seed=config.seed,
         epochs=epochs,
         skip_corrupt=data.skip_corrupt_shards,
+        retry=data.retry_policy(),
     )
+
+
+def make_train_loader(config: TrainConfig, plan: RunPlan) -> TokenLoader | MixtureLoader:
+    """This rank's training batches: from `data.shard_dir`, or mixed from `data.sources`."""
+    data = config.data
+    if not data.sources:
+        return make_loader(config, "train", epochs=None)
+    return MixtureLoader(
+        data.mixture(),
+        seq_len=data.seq_len,
+        tokenizer=data.tokenizer,
+        batch_size=data.micro_batch_size,
+        samples_per_step=data.micro_batch_size * plan.grad_accumulation,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_world_size=parallel_state.get_data_parallel_world_size(),
+        num_workers=data.num_workers,
+        seed=config.seed,
+        skip_corrupt=data.skip_corrupt_shards,
+        retry=data.retry_policy(),
+    )
+
+
+def validation_sets(config: TrainConfig) -> dict[str, ValidationBatches]:
+    """The validation batches of `data.shard_dir` (named ""), or of each source."""
+    if not config.data.sources:
+        return {"": ValidationBatches(config)}
+    return {s.name: ValidationBatches(config, s.shard_dir) for s in config.data.sources}
+
+
+def validation_record(
+    engine,
+    config: TrainConfig,
+    validation: dict[str, ValidationBatches],
+    monitor: RoutingMonitor | None,
+) -> dict | None:
+    """Validation loss and perplexity; for a mixture, of each source (`loss/NAME`) and their
+    weighted mean (`loss`). None if some rank has no full batch of some source."""
+    losses = {}
+    for name, batches in validation.items():
+        loss = validation_loss(engine, config, batches, monitor)
+        if loss is None:
+            return None
+        losses[name] = loss
+    if not config.data.sources:
+        return {"loss": losses[""], "perplexity": perplexity(losses[""])}
+    weights = {source.name: source.weight for source in config.data.sources}
+    mean = sum(weights[name] * loss for name, loss in losses.items()) / sum(weights.values())
+    record = {"loss": mean, "perplexity": perplexity(mean)}
+    for name, loss in losses.items():
+        record |= {f"loss/{name}": loss, f"perplexity/{name}": perplexity(loss)}
+    return record
 
 
 @dataclass
@@ -150,8 +206,8 @@ class ValidationBatches:
     """The validation split's loader, made once at the start of the run (so a manifest changed
     under a running job cannot stop it), rewound to the split's start for every pass."""
 
-    def __init__(self, config: TrainConfig) -> None:
-        self.loader = make_loader(config, "val", epochs=1)
+    def __init__(self, config: TrainConfig, shard_dir: str | None = None) -> None:
+        self.loader = make_loader(config, "val", 1, shard_dir)
         self._start = self.loader.state_dict()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -197,8 +253,8 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
     init_from = config.init_from if resume is None else None
     if init_from is not None:
         check_init_from(init_from, plan.model)
-    loader = make_loader(config, "train", epochs=None)
-    validation = ValidationBatches(config) if config.eval.every else None
+    loader = make_train_loader(config, plan)
+    validation = validation_sets(config) if config.eval.every else None
     state = TrainerState(step=0, loader=loader.state_dict())
     if resume is not None:
         state = resume.state
@@ -241,6 +297,11 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         if resume.layout_change is not None:
             event["layout_changed"] = dict(zip(("from", "to"), resume.layout_change, strict=True))
         metrics.write("event", state.step, event)
+    if isinstance(loader, MixtureLoader) and loader.weight_changes:
+        changes = {
+            name: {"before": old, "now": new} for name, (old, new) in loader.weight_changes.items()
+        }
+        metrics.write("event", state.step, {"source_weights_changed": changes})
     if init_from is not None:
         metrics.write("event", state.step, {"initialised_from": init_from})
     metrics.write("model", state.step, summary.to_dict())
@@ -302,6 +363,8 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         if state.step % config.logging.every == 0 or session_ends:
             record = _train_record(engine, interval, lr, flops_per_step, peak)
             record.update(data_fault_counts(loader, engine.device))
+            if isinstance(loader, MixtureLoader):
+                record.update(_source_tokens(loader, config))
             if monitor is not None:
                 record.update(monitor.collect())
             metrics.write("train", state.step, record)
@@ -310,9 +373,9 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         # record's tokens/s, FLOPs/s and MFU.
         paused = time.perf_counter()
         if config.eval.every and (state.step % config.eval.every == 0 or run_ends):
-            val = validation_loss(engine, config, validation, monitor)
+            val = validation_record(engine, config, validation, monitor)
             if val is not None:
-                metrics.write("val", state.step, {"loss": val, "perplexity": perplexity(val)})
+                metrics.write("val", state.step, val)
         if state.step % config.checkpoint.every == 0 or session_ends:
             checkpoints.save(engine, state)
         interval.started += time.perf_counter() - paused
@@ -339,13 +402,18 @@ def device_peak_flops(config: TrainConfig) -> float | None:
     return peak
 
 
-def data_fault_counts(loader: TokenLoader, device: torch.device) -> dict[str, int]:
+def data_fault_counts(loader: TokenLoader | MixtureLoader, device: torch.device) -> dict[str, int]:
     """The run's data faults so far (`TokenLoader.counters`) over all data-parallel ranks, as
     `data/<counter>` (a collective; tensor-parallel ranks read the same data, counted once)."""
     local = loader.counters()
     counts = torch.tensor(list(local.values()), dtype=torch.int64, device=device)
     dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     return {f"data/{name}": count for name, count in zip(local, counts.tolist(), strict=True)}
+
+
+def _source_tokens(loader: MixtureLoader, config: TrainConfig) -> dict[str, int]:
+    """Each source's training tokens so far, over all ranks (`tokens/NAME`)."""
+    return {f"tokens/{name}": n * config.data.seq_len for name, n in loader.samples.items()}
 
 
 def _train_record(engine, interval: Interval, lr: float, flops_per_step, peak: float | None):
