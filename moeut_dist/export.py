@@ -98,7 +98,7 @@ def write_model_dir(
     out = Path(out_dir).resolve()  # through a symbolic link, which then names the new directory
     staging, retired = _hidden_sibling(out, "partial"), _hidden_sibling(out, "old")
     _finish_interrupted_replacement(out, retired)
-    _check_replaceable(out, is_own_file)
+    check_replaceable(out, is_own_file)
     shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier write
     staging.mkdir(parents=True)
     try:
@@ -128,9 +128,13 @@ def _finish_interrupted_replacement(out: Path, retired: Path) -> None:
             retired.rename(out)
 
 
-def _check_replaceable(out: Path, is_own_file: Callable[[str], bool]) -> None:
-    """`out` may be replaced: it holds nothing but model files (the user's own files, say an
-    evaluation report, would be deleted with it), and its parent lets a sibling be renamed in."""
+def check_replaceable(
+    out_dir: str | os.PathLike, is_own_file: Callable[[str], bool] = is_model_dir_file
+) -> None:
+    """`out_dir` may be replaced: it holds nothing but model files (the user's own files, say an
+    evaluation report, would be deleted with it), and its parent lets a sibling be renamed in.
+    `write_model_dir` checks it; callers with expensive work to do first check it before."""
+    out = Path(out_dir).resolve()
     if not out.exists():
         return
     if not out.is_dir():
@@ -259,9 +263,10 @@ def write_safetensors_streaming(
 def safetensors_specs(path: Path) -> TensorSpecs:
     """Names, shapes and dtypes of a safetensors file's tensors, from its header alone."""
     with safe_open(path, framework="pt") as file:
+        slices = {name: file.get_slice(name) for name in list(file.keys())}
         return {
-            name: (tuple(file.get_slice(name).get_shape()), _DTYPES_BY_NAME[file.get_slice(name).get_dtype()])
-            for name in file.keys()
+            name: (tuple(piece.get_shape()), _DTYPES_BY_NAME[piece.get_dtype()])
+            for name, piece in slices.items()
         }
 
 

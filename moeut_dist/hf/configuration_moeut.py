@@ -25,7 +25,9 @@ class MoEUTHFConfig(PreTrainedConfig):
     def to_moeut(self) -> MoEUTConfig:
         """Our config; an unknown or missing field is refused by `MoEUTConfig`."""
         names = [field.name for field in dataclasses.fields(MoEUTConfig)]
-        return MoEUTConfig.from_dict({name: getattr(self, name) for name in names if hasattr(self, name)})
+        return MoEUTConfig.from_dict(
+            {name: getattr(self, name) for name in names if hasattr(self, name)}
+        )
 
     @property
     def num_hidden_layers(self) -> int:

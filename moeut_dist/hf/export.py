@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from moeut_dist.cli_errors import require_extra
 from moeut_dist.config import ConfigError, MoEUTConfig
 from moeut_dist.data import Tokenizer
 from moeut_dist.export import (
@@ -30,6 +32,7 @@ from moeut_dist.export import (
     WEIGHTS_FILE,
     ModelDirectoryError,
     TensorSpecs,
+    check_replaceable,
     expected_state_dict,
     read_config,
     safetensors_specs,
@@ -64,15 +67,6 @@ def is_hf_dir_file(name: str) -> bool:
     )
 
 
-def _require_hf_extra() -> None:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise ModuleNotFoundError(
-            "Hugging Face export needs transformers: pip install 'moeut-dist[hf]'"
-        ) from None
-
-
 # --- ours → transformers ---------------------------------------------------------------
 
 
@@ -83,7 +77,7 @@ def export_hf(
 ) -> Path:
     """Write the transformers directory of the model directory `model_dir` (see the module
     docstring); everything is checked before anything is written."""
-    _require_hf_extra()
+    require_extra("transformers", "hf", "a transformers directory")
     model_dir = Path(model_dir)
     if not (model_dir / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{model_dir} has no {WEIGHTS_FILE}: not a moeut model directory")
@@ -112,6 +106,26 @@ def export_hf(
         write_sources(directory)
 
     return write_model_dir(out_dir, write, is_hf_dir_file)
+
+
+def export_hf_via(
+    out_dir: str | os.PathLike,
+    write_ours: Callable[[Path], object],
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """`export_hf` of the model directory that `write_ours(directory)` writes first (from a
+    checkpoint, say), in a temporary directory beside `out_dir`."""
+    require_extra("transformers", "hf", "a transformers directory")
+    out = Path(out_dir)
+    check_replaceable(out, is_hf_dir_file)  # before the work, not only after it
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=f".{out.name}.") as tmp:
+        write_ours(Path(tmp) / "model")
+        return export_hf(Path(tmp) / "model", out, max_shard_bytes)
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
 
 
 def _check_weights(specs: TensorSpecs, config: MoEUTConfig) -> torch.dtype:

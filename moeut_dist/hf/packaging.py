@@ -98,7 +98,9 @@ def package_sources() -> dict[str, str]:
         source = _source_path(module).read_text()
         imports = _our_imports(ast.parse(source), module)
         pending += [node.module for node in imports]
-        header = f"# {module} of moeut-dist, packaged for transformers (moeut_dist/hf/packaging.py)\n"
+        header = (
+            f"# {module} of moeut-dist, packaged for transformers (moeut_dist/hf/packaging.py)\n"
+        )
         files[f"{flat_name(module)}.py"] = header + _rewrite(source, imports)
     return files
 

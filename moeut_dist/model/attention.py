@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeut_dist.kernels import moe_linear
 from moeut_dist.config import MoEUTConfig
+from moeut_dist.kernels import moe_linear
 from moeut_dist.model.moe import linear_in_fp32, top_k_sigmoid_gates
 from moeut_dist.model.rope import RotaryEmbedding
 

@@ -8,8 +8,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from moeut_dist.kernels import Backend, moe_mlp
 from moeut_dist.config import MoEUTConfig
+from moeut_dist.kernels import Backend, moe_mlp
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,9 @@ class MoEUTHarnessLM(LM):
                 stop_token=self.tokenizer.eod_id,
                 vocab_size=self.tokenizer.vocab_size,
             )
-            outputs.append(_until(stream_text(self.tokenizer, prompt, (t.item() for t in steps)), until))
+            outputs.append(
+                _until(stream_text(self.tokenizer, prompt, (t.item() for t in steps)), until)
+            )
         return outputs
 
 
@@ -129,7 +131,9 @@ def local_task_config(name: str, data_file: str | Path) -> dict[str, Any]:
     reading the JSONL file `data_file`."""
     template = TASK_TEMPLATES / f"moeut_{name}.yaml"
     if not template.is_file():
-        known = sorted(p.name.removeprefix("moeut_").removesuffix(".yaml") for p in TASK_TEMPLATES.iterdir())
+        known = sorted(
+            p.name.removeprefix("moeut_").removesuffix(".yaml") for p in TASK_TEMPLATES.iterdir()
+        )
         raise ValueError(f"no lm-eval template for task {name!r}; known: {', '.join(known)}")
     data_file = Path(data_file)
     if not data_file.is_file():
@@ -143,7 +147,8 @@ def resolve_tasks(
     specs: Sequence[str], include_paths: Sequence[str] = ()
 ) -> tuple[list[str | dict[str, Any]], Any]:
     """lm-eval task arguments and the task manager for `specs`, each `NAME=FILE` (one of our
-    six tasks on a local file) or an lm-eval task or group name; unknown names are refused."""
+    six tasks on a local file), a task YAML file, or an lm-eval task or group name; unknown
+    names are refused."""
     from lm_eval.tasks import TaskManager
 
     tasks: list[str | dict[str, Any]] = []
@@ -152,8 +157,10 @@ def resolve_tasks(
         name, separator, path = spec.partition("=")
         if separator:
             tasks.append(local_task_config(name, path))
+        elif Path(spec).is_file():
+            tasks.append(spec)
         else:
-            names.append(name)
+            names.append(spec)
     # Indexing lm-eval's own few thousand tasks takes a while: only when one is named.
     manager = TaskManager(
         include_path=[str(TASK_TEMPLATES), *include_paths], include_defaults=bool(names)
