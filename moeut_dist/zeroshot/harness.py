@@ -174,8 +174,11 @@ def resolve_tasks(
 def run_lm_eval(
     model: MoEUTLM, tokenizer: Tokenizer, tasks: Sequence[str | dict[str, Any]], manager: Any,
     num_fewshot: int | None = None, limit: int | float | None = None, batch_size: int = 16,
+    bootstrap_iters: int = 100_000,
 ) -> dict[str, Any]:  # fmt: skip
-    """lm-eval's `simple_evaluate` through the adapter; its results, per-item samples included."""
+    """lm-eval's `simple_evaluate` through the adapter; its results, per-item samples included.
+    `bootstrap_iters` (lm-eval's default) resample the metrics without a closed-form standard
+    error, such as perplexity; 0 skips them."""
     from lm_eval import simple_evaluate
 
     return simple_evaluate(
@@ -185,6 +188,7 @@ def run_lm_eval(
         limit=limit,
         task_manager=manager,
         log_samples=True,
+        bootstrap_iters=bootstrap_iters,
     )
 
 
