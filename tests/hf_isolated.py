@@ -40,6 +40,9 @@ def main(hf_dir: str, request_path: str, out_path: str) -> None:
     with torch.no_grad():
         results["logits"] = model(tokens).logits
         results["loss"] = model(tokens, labels=tokens).loss
+        # The cache by hand, under the argument's older name: the last position's logits again.
+        prefix = model(tokens[:, :-1], use_cache=True)
+        results["incremental"] = model(tokens[:, -1:], past_key_values=prefix.cache).logits
 
     greedy = {"do_sample": False, "max_new_tokens": request["max_new_tokens"]}
     prompt = tokenizer(request["prompt"], return_tensors="pt")

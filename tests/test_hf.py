@@ -26,7 +26,13 @@ from moeut_dist.hf.export import INDEX_FILE, export_hf
 from moeut_dist.model import lm_loss
 from moeut_dist.train import loop
 from moeut_dist.train.config import load_config
-from moeut_dist.zeroshot import builtin_sample, get_task, model_logits, read_task_file
+from moeut_dist.zeroshot import (
+    builtin_sample,
+    evaluate_task,
+    get_task,
+    model_logits,
+    read_task_file,
+)
 from moeut_dist.zeroshot.scorer import score_continuations
 from tests.train_helpers import make_corpus, run_config, write_config
 
@@ -144,6 +150,7 @@ def test_the_export_loads_with_torch_and_transformers_alone(isolated, model_dir)
     error = (results["logits"] - expected).abs().max() / expected.abs().max()
     assert error <= 1e-5
     torch.testing.assert_close(results["loss"], lm_loss(expected[:, :-1], tokens[:, 1:]))
+    torch.testing.assert_close(results["incremental"], expected[:, -1:])
     with torch.no_grad():  # the same computation in bf16
         expected_bf16 = reference.to(torch.bfloat16)(tokens).logits.float()
     torch.testing.assert_close(results["bf16_logits"], expected_bf16)
@@ -221,6 +228,22 @@ def test_ours_to_transformers_and_back_is_bit_identical(model_dir, sharded_hf_di
         (model_dir / "config.json").read_text()
     )
     assert (back / TOKENIZER_FILE).read_bytes() == (model_dir / TOKENIZER_FILE).read_bytes()
+
+
+def test_an_authors_checkpoint_converts_to_a_transformers_directory(model_dir, tmp_path):
+    from moeut_dist.convert import to_official_state_dict
+
+    torch.save(to_official_state_dict(load_pretrained(model_dir)), tmp_path / "official.pt")
+    out = tmp_path / "hf"
+    args = ["convert", "--from-official", str(tmp_path / "official.pt"), "--profile", "tiny"]
+    assert (
+        moeut([*args, "--out", str(out), "--hf", "--tokenizer", str(model_dir / TOKENIZER_FILE)])
+        == 0
+    )
+    exported = load_file(out / WEIGHTS_FILE)
+    for name, tensor in load_file(model_dir / WEIGHTS_FILE).items():
+        assert torch.equal(exported[f"model.{name}"], tensor), name
+    assert (out / "tokenizer.json").is_file() and (out / "modeling_moeut.py").is_file()
 
 
 def test_a_bf16_model_directory_goes_there_and_back_in_bf16(model_dir, tmp_path):
@@ -358,11 +381,11 @@ def assert_agree(results, model, tokenizer, tasks) -> None:
         task = get_task(task_name)
         items = read_task_file(task_name, builtin_sample(task_name))
         if task.scoring == "choice":
-            accuracy = sum(
-                max(range(len(s)), key=s.__getitem__) == item.gold
-                for s, item in zip(ours, items, strict=True)
-            ) / len(items)
-            assert results["results"][f"moeut_{task_name}"]["acc,none"] == pytest.approx(accuracy)
+            metrics = evaluate_task(task, items, model_logits(model), tokenizer).metrics
+            reported = results["results"][f"moeut_{task_name}"]
+            assert reported["acc,none"] == pytest.approx(metrics["acc"])
+            if "acc_norm,none" in reported:
+                assert reported["acc_norm,none"] == pytest.approx(metrics["acc_norm"])
 
 
 def test_lm_eval_through_the_adapter_agrees_with_our_scorer(model_dir, harness_env):

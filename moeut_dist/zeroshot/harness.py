@@ -5,14 +5,16 @@ The adapter scores with our zero-shot scorer (`score_continuations`) and generat
 KV-cache sampler, on the conventions of our training stream: every sequence starts with the
 end-of-document id, and context and continuation are tokenised separately (SentencePiece drops
 the continuation's leading space into its word-boundary mark), so on the same items both give
-the same per-choice log-likelihoods. Where the two must still differ:
+the same per-choice log-likelihoods, hence the same `acc` and `acc_norm` (both divide by the
+candidate's length in characters, without the delimiter). Where the two must still differ:
 
-- lm-eval's `acc_norm` divides by the continuation's length in characters including its
-  delimiter (" "); ours without it, which can rank candidates of different lengths differently.
 - LAMBADA: lm-eval's perplexity is exp of the mean log-likelihood per text, ours per target
-  token.
+  token (its `acc`, every target token greedy, is ours).
 - lm-eval's own task definitions format some items differently from our readers (hellaswag's
   context, for one); `lm_eval_tasks/` holds the paper's six tasks as our readers form them.
+- lm-eval's `hf` model (on an `--hf` export) tokenises context and continuation together and
+  then splits them; for SentencePiece that is the same wherever the continuation starts a new
+  word, as in all six tasks. It prepends `</s>` only with `add_bos_token=True`.
 
 `moeut_dist/zeroshot/lm_eval_tasks/` are task YAMLs reading local JSONL files (`dataset_path:
 json`), so everything runs offline.
