@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "data_prep.cli",
     "moeut_dist.convert",
     "moeut_dist.eval_cli",
+    "moeut_dist.analysis",
     "moeut_dist.train.cli",
 )
 

@@ -87,6 +87,8 @@ def export_hf(
             "tokenizer (save the model with its SentencePiece model)"
         )
     config = read_config(model_dir)
+    if not isinstance(config, MoEUTConfig):
+        raise ConfigError(f"{model_dir} holds a {type(config).__name__} model; --hf exports MoEUTs")
     tokenizer = Tokenizer(model_dir / TOKENIZER_FILE)
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelDirectoryError(

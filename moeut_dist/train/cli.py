@@ -17,9 +17,11 @@ from moeut_dist.cli_errors import reports_bad_input
 def _run(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
 
+    from moeut_dist.checksums import ChecksumError
     from moeut_dist.config import ConfigError
     from moeut_dist.data import ShardError
-    from moeut_dist.train.checkpoint import CheckpointError
+    from moeut_dist.parallel.engine import UnsafeCheckpointFileError
+    from moeut_dist.train.checkpoint import CheckpointError, DiskFullError
     from moeut_dist.train.config import load_config
     from moeut_dist.train.loop import NonFiniteLossError, train
 
@@ -32,13 +34,14 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"moeut train: invalid configuration: {error}", file=sys.stderr)
         return 2
-    except CheckpointError as error:
+    except (CheckpointError, UnsafeCheckpointFileError) as error:
         print(f"moeut train: cannot resume: {error}", file=sys.stderr)
         return 2
-    except (ShardError, SafetensorError) as error:  # a damaged shard or init_from weights file
+    # A damaged shard, or init_from weights file.
+    except (ShardError, SafetensorError, ChecksumError) as error:
         print(f"moeut train: {error}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as error:
+    except (NonFiniteLossError, DiskFullError) as error:
         print(f"moeut train: {error}", file=sys.stderr)
         return 1
     return 0
@@ -54,8 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help="YAML run config (launch/configs/ has examples)")
     parser.add_argument(
         "--resume",
-        help="'auto' (default): continue from the latest complete checkpoint if there is one; "
-        "'never'; or a checkpoint directory",
+        help="'auto' (default): continue from the latest complete checkpoint if there is one, "
+        "stopping if a file of it is corrupt; 'latest-intact': the same, falling back to the "
+        "newest intact checkpoint; 'never'; or a checkpoint directory",
     )
     parser.add_argument(
         "overrides",

@@ -24,11 +24,12 @@ import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 
-from moeut_dist import profiles
-from moeut_dist.config import ConfigError, MoEUTConfig
+from moeut_dist import arch
+from moeut_dist.arch import ModelConfig
+from moeut_dist.checksums import CHECKSUMS_FILE, verify_checksums
+from moeut_dist.config import ConfigError
 from moeut_dist.data import ManifestMismatchError, Tokenizer, read_manifest
 from moeut_dist.export import CONFIG_FILE, WEIGHTS_FILE, read_config
-from moeut_dist.parallel.engine import OptimizerSettings
 from moeut_dist.parallel.layout import ParallelConfig
 
 
@@ -105,14 +106,22 @@ class _Section:
         return dataclasses.asdict(self)
 
 
+def _model_fields(arch_name: str) -> dict[str, Any]:
+    """The config fields (with their types) of the architecture `arch_name`."""
+    return typing.get_type_hints(arch.get(arch_name).config_class)
+
+
 @dataclass(frozen=True)
 class ModelSection:
-    """A profile name plus any `MoEUTConfig` fields that replace the profile's.
+    """An architecture, one of its profiles, and any of its config's fields replacing the
+    profile's.
 
-    In YAML the fields sit next to `profile` (`model: {profile: moeut-44m, kernel: torch}`).
-    `vocab_size` defaults to the tokenizer's.
+    In YAML the fields sit next to `arch` and `profile`
+    (`model: {arch: dense, profile: dense-44m, dropout: 0.1}`). `vocab_size` defaults to the
+    tokenizer's.
     """
 
+    arch: str = "moeut"  # a name in `moeut_dist.arch.ARCHITECTURES`: moeut, dense
     profile: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -120,29 +129,31 @@ class ModelSection:
     def from_dict(cls, values: Any, where: str = "model.") -> ModelSection:
         if not isinstance(values, dict):
             raise ConfigError(f"model must be a mapping, got {values!r}")
-        overrides = {k: v for k, v in values.items() if k != "profile"}
-        hints = typing.get_type_hints(MoEUTConfig)
+        arch_name = _coerce(str, values.get("arch", cls.arch), where + "arch")
+        hints = _model_fields(arch_name)
+        overrides = {k: v for k, v in values.items() if k not in ("arch", "profile")}
         unknown = sorted(set(overrides) - set(hints))
         if unknown:
             raise ConfigError(
-                f"unknown key(s) {[where + k for k in unknown]}; model keys are 'profile' and "
-                f"the MoEUTConfig fields {sorted(hints)}"
+                f"unknown key(s) {[where + k for k in unknown]} for model.arch {arch_name}; "
+                f"model keys are 'arch', 'profile' and the {arch_name} config fields "
+                f"{sorted(hints)}"
             )
         overrides = {k: _coerce(hints[k], v, where + k) for k, v in overrides.items()}
         profile = _coerce(str, values.get("profile", cls.profile), where + "profile")
-        return cls(profile, overrides)
+        return cls(arch_name, profile, overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile, **self.overrides}
+        return {"arch": self.arch, "profile": self.profile, **self.overrides}
 
-    def build(self, tokenizer_vocab_size: int) -> MoEUTConfig:
+    def build(self, tokenizer_vocab_size: int) -> ModelConfig:
         values = {"vocab_size": tokenizer_vocab_size, **self.overrides}
         if values["vocab_size"] < tokenizer_vocab_size:
             raise ConfigError(
                 f"model.vocab_size {values['vocab_size']} is smaller than the tokenizer's "
                 f"{tokenizer_vocab_size} pieces"
             )
-        return profiles.get(self.profile, **values)
+        return arch.get(self.arch).profile(self.profile, **values)
 
 
 @dataclass(frozen=True)
@@ -157,7 +168,15 @@ class DataSection(_Section):
 
 
 @dataclass(frozen=True)
-class OptimSection(_Section, OptimizerSettings):
+class OptimSection(_Section):
+    """AdamW as in the paper's recipe (the learning-rate schedule is `ScheduleSection`)."""
+
+    lr: float = 2.5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 0.25  # the global gradient norm's bound; 0: no clipping
+
     def __post_init__(self) -> None:
         beta1, beta2 = self.betas
         requirements = [
@@ -182,16 +201,41 @@ class OptimSection(_Section, OptimizerSettings):
 
 @dataclass(frozen=True)
 class ScheduleSection(_Section):
-    steps: int = 100_000  # optimizer steps of the whole run (the cosine's length)
+    """Linear warm-up, then `cosine` (down to `min_lr_ratio` at the last step, the paper's) or
+    `wsd`: warm-up, stable at the full rate, and a final decay of `decay_steps` steps to
+    `min_lr_ratio` in the shape `decay_shape`."""
+
+    kind: Literal["cosine", "wsd"] = "cosine"
+    steps: int = 100_000  # optimizer steps of the whole run
     warmup_steps: int = 4000
-    min_lr_ratio: float = 0.1  # the cosine ends at min_lr_ratio × lr
+    min_lr_ratio: float = 0.1  # the rate of the last step, × lr
+    decay_steps: int = 0  # wsd only: the decay's length, ending at the last step
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"  # wsd only; sqrt: 1 − √progress
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"schedule.steps must be positive, got {self.steps}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError("schedule.warmup_steps must be in 0..schedule.steps")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("schedule.min_lr_ratio must be in [0, 1]")
+        if self.kind == "cosine" and self.decay_steps:
+            raise ConfigError("schedule.decay_steps is the wsd decay's length; set kind: wsd")
+        if not 0 <= self.decay_steps <= self.steps - self.warmup_steps:
+            raise ConfigError(
+                f"schedule.decay_steps must be in 0..steps − warmup_steps "
+                f"({self.steps - self.warmup_steps}), got {self.decay_steps}"
+            )
 
 
 @dataclass(frozen=True)
 class CheckpointSection(_Section):
     every: int = 1000  # steps; the last step is always saved
     keep: int = 3  # complete checkpoints kept, newest first
-    resume: str = "auto"  # "auto": the latest complete one if any; "never"; or a step directory
+    # "auto": the latest complete one if any, stopping if a file of it is corrupt;
+    # "latest-intact": the same, falling back to the newest intact one; "never"; or a step
+    # directory.
+    resume: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -241,7 +285,6 @@ class TrainConfig(_Section):
             "data.seq_len": self.data.seq_len,
             "data.global_batch_size": self.data.global_batch_size,
             "data.micro_batch_size": self.data.micro_batch_size,
-            "schedule.steps": self.schedule.steps,
             "checkpoint.every": self.checkpoint.every,
             "checkpoint.keep": self.checkpoint.keep,
             "eval.batches": self.eval.batches,
@@ -255,14 +298,12 @@ class TrainConfig(_Section):
             raise ConfigError(f"seed must be in 0..2**32 - 1, got {self.seed}")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
             raise ConfigError(f"stop_after_steps must be positive, got {self.stop_after_steps}")
-        if not 0 <= self.schedule.warmup_steps <= self.schedule.steps:
-            raise ConfigError("schedule.warmup_steps must be in 0..schedule.steps")
-        if not 0.0 <= self.schedule.min_lr_ratio <= 1.0:
-            raise ConfigError("schedule.min_lr_ratio must be in [0, 1]")
         if self.eval.every < 0 or self.data.num_workers < 0:
             raise ConfigError("eval.every and data.num_workers must not be negative")
         if not self.data.shard_dir or not self.data.tokenizer:
             raise ConfigError("data.shard_dir and data.tokenizer are required")
+        if self.out_path.exists() and not self.out_path.is_dir():
+            raise ConfigError(f"out_dir: {self.out_dir} exists and is not a directory")
 
     @property
     def bf16(self) -> bool:
@@ -287,7 +328,10 @@ def _annotation(path: list[str]) -> Any:
     section: Any = TrainConfig
     for part in path:
         if section is ModelSection:
-            hints = {"profile": str, **typing.get_type_hints(MoEUTConfig)}
+            # Any architecture's field: the type only decides how the text is parsed.
+            hints = {"arch": str, "profile": str}
+            for name in arch.ARCHITECTURES:
+                hints |= _model_fields(name)
         elif dataclasses.is_dataclass(section):
             hints = typing.get_type_hints(section)
         else:
@@ -353,7 +397,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 class RunPlan:
     """What a validated config means on this world: the model and the batch arithmetic."""
 
-    model: MoEUTConfig
+    model: ModelConfig
     data_parallel: int
     grad_accumulation: int
 
@@ -365,14 +409,16 @@ _TRAINING_ONLY_FIELDS = frozenset(
 )
 
 
-def check_init_from(directory: str, model: MoEUTConfig) -> None:
-    """`directory` is a model directory of the same model, or a ConfigError naming the first
-    differing `MoEUTConfig` field."""
+def check_init_from(directory: str, model: ModelConfig) -> None:
+    """`directory` is a model directory of the same model, or a ConfigError naming the
+    architecture or the first differing config field."""
     path = Path(directory)
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / required).is_file():
             raise ConfigError(f"init_from: {path} has no {required}; not a model directory")
     try:
+        if (path / CHECKSUMS_FILE).exists():  # the weights too: each rank reads slices of them
+            verify_checksums(path)
         saved = read_config(path)
     except ValueError as error:
         raise ConfigError(f"init_from: {error}") from error
@@ -381,9 +427,12 @@ def check_init_from(directory: str, model: MoEUTConfig) -> None:
             pass  # opening checks the header against the file's size
     except SafetensorError as error:
         raise ConfigError(f"init_from: {path / WEIGHTS_FILE} is damaged ({error})") from error
-    compared = [
-        f.name for f in dataclasses.fields(MoEUTConfig) if f.name not in _TRAINING_ONLY_FIELDS
-    ]
+    ours_arch, theirs_arch = arch.of(model).name, arch.of(saved).name
+    if ours_arch != theirs_arch:
+        raise ConfigError(
+            f"init_from: {path} holds a {theirs_arch} model, the run's model is {ours_arch}"
+        )
+    compared = [f.name for f in dataclasses.fields(model) if f.name not in _TRAINING_ONLY_FIELDS]
     for name in compared:
         ours, theirs = getattr(model, name), getattr(saved, name)
         if ours != theirs:

@@ -22,12 +22,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
+from moeut_dist import arch
 from moeut_dist.config import ConfigError
 from moeut_dist.data import TokenLoader
 from moeut_dist.export import WEIGHTS_FILE
@@ -37,7 +39,7 @@ from moeut_dist.parallel.engine import create_engine, load_initial_weights
 from moeut_dist.parallel.layout import init_distributed, initialize
 from moeut_dist.train.checkpoint import CheckpointError, CheckpointManager, TrainerState
 from moeut_dist.train.config import RunPlan, TrainConfig, check_init_from, check_run
-from moeut_dist.train.metrics import MetricsWriter, RoutingMonitor, training_flops_per_token
+from moeut_dist.train.metrics import MetricsWriter, RoutingMonitor
 from moeut_dist.train.schedule import lr_multiplier
 
 
@@ -78,7 +80,9 @@ def distributed_session() -> Iterator[None]:
     finally:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
-        if dist.is_initialized():
+        if deepspeed.comm.is_initialized():  # also drops DeepSpeed's groups of this world
+            deepspeed.comm.destroy_process_group()
+        elif dist.is_initialized():
             dist.destroy_process_group()
         for name in standalone:
             del os.environ[name]
@@ -136,13 +140,26 @@ def train_step(engine, batches: Iterator[torch.Tensor], plan: RunPlan) -> tuple[
     return lm, reg
 
 
+class ValidationBatches:
+    """The validation split's loader, made once at the start of the run (so a manifest changed
+    under a running job cannot stop it), rewound to the split's start for every pass."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.loader = make_loader(config, "val", epochs=1)
+        self._start = self.loader.state_dict()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self.loader.load_state_dict(self._start)
+        return iter(self.loader)
+
+
 @torch.no_grad()
-def validation_loss(engine, config: TrainConfig, monitor: RoutingMonitor | None) -> float | None:
+def validation_loss(
+    engine, config: TrainConfig, validation: ValidationBatches, monitor: RoutingMonitor | None
+) -> float | None:
     """Mean LM loss over the first `eval.batches` micro-batches of each rank's share of the
     validation split (the same ones every pass); None if some rank has no full batch."""
-    full = (
-        b for b in make_loader(config, "val", epochs=1) if len(b) == config.data.micro_batch_size
-    )
+    full = (b for b in validation if len(b) == config.data.micro_batch_size)
     batches = list(itertools.islice(full, config.eval.batches))
     # Every rank must run the same number of forwards (they hold collectives); a rank may have
     # fewer batches than its manifest share when corrupt shards are skipped.
@@ -175,6 +192,7 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
     if init_from is not None:
         check_init_from(init_from, plan.model)
     loader = make_loader(config, "train", epochs=None)
+    validation = ValidationBatches(config) if config.eval.every else None
     state = TrainerState(step=0, loader=loader.state_dict())
     if resume is not None:
         state = resume.state
@@ -182,8 +200,11 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
             loader.load_state_dict(state.loader)
         except ValueError as error:  # data settings changed since the checkpoint
             raise CheckpointError(f"{resume.directory}: {error}") from error
+    spec = arch.of(plan.model)
+    summary = spec.summary(plan.model, config.data.seq_len)
     model = build_model(plan.model, config.parallel, seed=config.seed)
-    monitor = RoutingMonitor(model) if config.logging.expert_usage else None
+    has_experts = spec.n_experts(plan.model) > 0
+    monitor = RoutingMonitor(model) if config.logging.expert_usage and has_experts else None
     engine = create_engine(
         model,
         config.parallel,
@@ -197,21 +218,29 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
     seed_everything(config.seed)
     if resume is not None:
         checkpoints.load(engine, resume)
+        if resume.layout_change is not None:  # the RNG states were another layout's ranks'
+            seed_everything((config.seed + state.step) % 2**32)
 
     resumed_step = state.step if resume is not None else None
     metrics = MetricsWriter(config.out_path, config.logging.tensorboard, resumed_step)
     if resume is not None:
-        metrics.write("event", state.step, {"resumed_from": str(resume.directory)})
+        event: dict = {"resumed_from": str(resume.directory)}
+        if resume.layout_change is not None:
+            event["layout_changed"] = dict(zip(("from", "to"), resume.layout_change, strict=True))
+        metrics.write("event", state.step, event)
     if init_from is not None:
         metrics.write("event", state.step, {"initialised_from": init_from})
+    metrics.write("model", state.step, summary.to_dict())
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        print(f"model {summary.describe()}", flush=True)
 
     end_step = config.schedule.steps
     if config.stop_after_steps is not None:
         end_step = min(end_step, state.step + config.stop_after_steps)
-    flops_per_step = training_flops_per_token(plan.model, config.data.seq_len) * (
+    flops_per_step = summary.training_flops_per_token * (
         config.data.global_batch_size * config.data.seq_len
     )
-    rank0 = dist.get_rank() == 0
     progress = tqdm(
         total=config.schedule.steps,
         initial=state.step,
@@ -251,6 +280,7 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         run_ends = state.step == config.schedule.steps
         if state.step % config.logging.every == 0 or session_ends:
             record = _train_record(engine, config, interval, lr, flops_per_step)
+            record.update(data_fault_counts(loader, engine.device))
             if monitor is not None:
                 record.update(monitor.collect())
             metrics.write("train", state.step, record)
@@ -259,7 +289,7 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         # record's tokens/s, FLOPs/s and MFU.
         paused = time.perf_counter()
         if config.eval.every and (state.step % config.eval.every == 0 or run_ends):
-            val = validation_loss(engine, config, monitor)
+            val = validation_loss(engine, config, validation, monitor)
             if val is not None:
                 metrics.write("val", state.step, {"loss": val, "perplexity": perplexity(val)})
         if state.step % config.checkpoint.every == 0 or session_ends:
@@ -267,6 +297,15 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         interval.started += time.perf_counter() - paused
     progress.close()
     metrics.close()
+
+
+def data_fault_counts(loader: TokenLoader, device: torch.device) -> dict[str, int]:
+    """The run's data faults so far (`TokenLoader.counters`) over all data-parallel ranks, as
+    `data/<counter>` (a collective; tensor-parallel ranks read the same data, counted once)."""
+    local = loader.counters()
+    counts = torch.tensor(list(local.values()), dtype=torch.int64, device=device)
+    dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    return {f"data/{name}": count for name, count in zip(local, counts.tolist(), strict=True)}
 
 
 def _train_record(engine, config: TrainConfig, interval: Interval, lr: float, flops_per_step):

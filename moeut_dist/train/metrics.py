@@ -1,8 +1,7 @@
-"""What a run reports: model FLOPs, expert usage, expert-parallel traffic, and the writers.
+"""What a run reports: expert usage, expert-parallel traffic, and the writers.
 
-FLOPs count what MoEUT computes per token, not its parameter count: attention projections, the
-selected V/O experts (`ka` per head), the selectors, causal attention scores, the k selected
-σ-MoE experts, and the LM head. A backward costs two forwards; recomputation for activation
+Model FLOPs come from the model's architecture (`moeut_dist.arch`, `ModelSummary`): 2 × the
+paper's MACs per token, a backward costing two forwards; recomputation for activation
 checkpointing is not model work and is not counted (the usual MFU convention).
 """
 
@@ -21,34 +20,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from moeut_dist.atomic_files import write_atomically
-from moeut_dist.config import MoEUTConfig
 from moeut_dist.model import MoEUTLM
 from moeut_dist.plots import read_metrics
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def forward_flops_per_token(config: MoEUTConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of a length-`seq_len` sequence (multiply-add = 2 FLOPs)."""
-    d, h, dh = config.d_model, config.n_heads, config.head_dim
-    if config.att_n_experts > 1:
-        value_and_output = 2 * (2 * d * dh * config.att_experts_per_head * h)
-        selectors = 2 * (2 * d * h * config.att_n_experts)  # sel_v and sel_o
-    else:
-        value_and_output = 2 * (2 * d * h * dh)
-        selectors = 2 * d * h  # the output gate
-    query_key = 2 * (2 * d * h * dh)
-    # Causal: on average a token attends to (seq_len + 1) / 2 positions, for scores and values.
-    scores = 2 * (2 * h * dh) * (seq_len + 1) / 2
-    expert_selection = 2 * d * config.n_experts
-    experts = config.experts_per_token * 2 * (2 * d * config.expert_size)
-    layer = query_key + value_and_output + selectors + scores + expert_selection + experts
-    return config.n_layers * layer + 2 * d * config.vocab_size
-
-
-def training_flops_per_token(config: MoEUTConfig, seq_len: int) -> float:
-    return 3 * forward_flops_per_token(config, seq_len)
 
 
 class _CountingDispatcher:
@@ -132,8 +107,11 @@ class RoutingMonitor:
 class MetricsWriter:
     """JSONL records (one per line, flushed) and TensorBoard scalars, written by rank 0.
 
+    Records are valid JSON: a value that is not a finite number (a NaN loss) is written as
+    `null`, and the record's `nonfinite` field names it with its value ({"loss": "nan"}).
     On resume from step s, records after s (written by the interrupted session, about to be
-    produced again) are dropped, so the log holds each step once. A run that starts from
+    produced again) are cut off the file in place, so the log holds each step once and a
+    disk left full by the interrupted session has room for the resume. A run that starts from
     scratch where an earlier one logged keeps those logs as `metrics.1.jsonl` and
     `tensorboard.1/` (`.2`, …).
     """
@@ -151,8 +129,7 @@ class MetricsWriter:
                 if earlier.exists():
                     os.replace(earlier, _free_name(earlier))
         elif self.path.is_file():
-            kept = _records_up_to(self.path, resumed_step)
-            write_atomically(self.path, lambda p: p.write_text(kept))
+            _truncate_after(self.path, resumed_step)
         self.file = open(self.path, "a")  # noqa: SIM115 -- open for the writer's lifetime
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -163,11 +140,13 @@ class MetricsWriter:
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        record = {"kind": kind, "step": step, **_finite_json(values)}
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
         if self.tensorboard is None:
             return
         for name, value in values.items():
+            # TensorBoard plots NaN and Inf as such.
             if isinstance(value, int | float) and not isinstance(value, bool):
                 self.tensorboard.add_scalar(f"{kind}/{name}", value, step)
         for layer, entropy in enumerate(values.get("expert_entropy", [])):
@@ -185,17 +164,34 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
-def _records_up_to(path: Path, step: int) -> str:
-    """The lines of a metrics file whose step is at most `step`."""
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by the crash
-            continue
-        if record["step"] <= step:
-            kept.append(line + "\n")
-    return "".join(kept)
+def _finite_json(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with non-finite numbers as None, named with their value under `nonfinite`."""
+    nonfinite = {
+        name: str(value).lower()  # "nan", "inf", "-inf"
+        for name, value in values.items()
+        if isinstance(value, float) and not math.isfinite(value)
+    }
+    if not nonfinite:
+        return values
+    return {**{k: None if k in nonfinite else v for k, v in values.items()}, "nonfinite": nonfinite}
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Cut a metrics file after its last whole record of a step up to `step`, in place (no
+    copy, so no free space is needed). Records are in step order; a line cut short by a crash
+    ends the part kept."""
+    kept = 0
+    with open(path, "rb+") as file:
+        for line in file:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break
+            if not line.endswith(b"\n") or record["step"] > step:
+                break
+            kept += len(line)
+        file.truncate(kept)
+        os.fsync(file.fileno())
 
 
 def _free_name(path: Path) -> Path:
@@ -205,5 +201,6 @@ def _free_name(path: Path) -> Path:
 
 
 def read_run_metrics(out_dir: str | Path, kind: str = "train") -> list[dict[str, Any]]:
-    """The records of one kind ("train", "val", "event") from a run's metrics file, in order."""
+    """The records of one kind ("train", "val", "event", "model") from a run's metrics file,
+    in order."""
     return [r for r in read_metrics(Path(out_dir) / METRICS_FILE) if r["kind"] == kind]
