@@ -231,7 +231,7 @@ def test_ours_to_transformers_and_back_is_bit_identical(model_dir, sharded_hf_di
 
 
 def test_an_authors_checkpoint_converts_to_a_transformers_directory(model_dir, tmp_path):
-    from moeut_dist.convert import to_official_state_dict
+    from moeut_dist.arch.moeut import to_official_state_dict
 
     torch.save(to_official_state_dict(load_pretrained(model_dir)), tmp_path / "official.pt")
     out = tmp_path / "hf"
