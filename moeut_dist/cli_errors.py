@@ -10,10 +10,21 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import sys
 from collections.abc import Callable
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+class MissingExtraError(RuntimeError):
+    """An optional integration whose package is not installed."""
+
+
+def require_extra(module: str, extra: str, feature: str) -> None:
+    """Raise `MissingExtraError` naming the `pip install` to run if `module` is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtraError(f"{feature} needs {module}: pip install 'moeut-dist[{extra}]'")
 
 
 def reports_bad_input(command: str) -> Callable[[Handler], Handler]:
@@ -37,10 +48,10 @@ def reports_bad_input(command: str) -> Callable[[Handler], Handler]:
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
     """The errors that mean "the input is wrong": ValueError (ConfigError and the other checks'
-    errors derive from it), OSError (missing or unreadable files), and the readers' own types
-    for damaged files."""
+    errors derive from it), OSError (missing or unreadable files), the readers' own types for
+    damaged files, and a missing optional extra."""
     from safetensors import SafetensorError
 
     from moeut_dist.data import ShardError
 
-    return (ValueError, OSError, SafetensorError, ShardError)
+    return (ValueError, OSError, SafetensorError, ShardError, MissingExtraError)

@@ -86,9 +86,9 @@ class MoEUTConfig(DictConvertible):
 
     @classmethod
     def from_profile(cls, name: str, **overrides: Any) -> MoEUTConfig:
-        from moeut_dist import profiles
+        from moeut_dist.profiles import get as profile
 
-        return profiles.get(name, **overrides)
+        return profile(name, **overrides)
 
 
 @dataclass(frozen=True)

@@ -64,27 +64,55 @@ def load_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "convert", help="import a checkpoint of the authors' MoEUT code into a model directory"
+        "convert",
+        help="import a checkpoint of the authors' MoEUT code, or a transformers directory, into "
+        "a model directory",
     )
-    parser.add_argument("--from-official", required=True, metavar="CKPT", help="their .pt file")
-    parser.add_argument(
-        "--profile", required=True, help="the profile the checkpoint was trained as"
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-official", metavar="CKPT", help="their .pt file")
+    source.add_argument(
+        "--from-hf", metavar="DIR", help="a transformers directory written by --hf, or fine-tuned"
     )
+    parser.add_argument("--profile", help="the profile the authors' checkpoint was trained as")
     parser.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
     parser.add_argument("--tokenizer", help="SentencePiece model to store beside the weights")
+    parser.add_argument(
+        "--hf", action="store_true",
+        help="write a Hugging Face transformers directory instead (needs the [hf] extra)",
+    )  # fmt: skip
     parser.set_defaults(handler=_convert_command)
 
 
 @reports_bad_input("convert")
 def _convert_command(args: argparse.Namespace) -> int:
-    from moeut_dist.export import save_pretrained
+    if args.from_hf is not None:
+        from moeut_dist.hf.export import import_hf
 
+        if args.hf or args.profile or args.tokenizer:
+            raise ValueError("--from-hf takes the config and tokenizer from DIR, and writes ours")
+        out = import_hf(args.from_hf, args.out)
+        print(f"wrote {out}")
+        return 0
+    if args.profile is None:
+        raise ValueError("--from-official needs --profile, the profile it was trained as")
+    if args.hf and args.tokenizer is None:
+        raise ValueError("--hf needs --tokenizer: a transformers directory holds its tokenizer")
     tensors = load_official_checkpoint(args.from_official)
     if "embedding.weight" not in tensors:
         raise ValueError(f"{args.from_official}: no 'embedding.weight'; not a MoEUTLM checkpoint")
     vocab_size = tensors["embedding.weight"].shape[0]
     config = MoEUTConfig.from_profile(args.profile, vocab_size=vocab_size)
     model = from_official_state_dict(tensors, config)
-    out = save_pretrained(model, args.out, args.tokenizer)
+    out = _save(model, args.out, args.tokenizer, args.hf)
     print(f"wrote {out} ({args.profile}, vocab {vocab_size})")
     return 0
+
+
+def _save(model: MoEUTLM, out: str, tokenizer: str | None, hf: bool) -> object:
+    from moeut_dist.export import save_pretrained
+
+    if not hf:
+        return save_pretrained(model, out, tokenizer)
+    from moeut_dist.hf.export import export_hf_via
+
+    return export_hf_via(out, lambda directory: save_pretrained(model, directory, tokenizer))

@@ -134,13 +134,14 @@ def _eval_command(args: argparse.Namespace) -> int:
     task_files = list(args.task)
     if args.builtin_tasks:
         task_files += [(name, str(builtin_sample(name))) for name in TASKS]
-    if args.shards is None and not task_files:
-        raise ValueError("nothing to evaluate: give --shards, --task or --builtin-tasks")
+    if args.shards is None and not task_files and args.lm_eval is None:
+        raise ValueError("nothing to evaluate: give --shards, --task, --builtin-tasks or --lm-eval")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = device_or_default(args.device)
     # Read every task file before the model runs, so a malformed line fails fast.
     tasks = [(get_task(name), read_task_file(name, path), path) for name, path in task_files]
+    harness_tasks = _lm_eval_tasks(args) if args.lm_eval is not None else None
     model, tokenizer = load_model_and_tokenizer(args.model_dir, device)
     for task, items, _ in tasks:
         _refuse_candidates_without_tokens(task.name, items, tokenizer)
@@ -167,10 +168,50 @@ def _eval_command(args: argparse.Namespace) -> int:
         )
         metrics = ", ".join(f"{name} {value:.4f}" for name, value in result.metrics.items())
         print(f"{task.name}: {metrics} ({result.items} items, {path})")
+    if harness_tasks is not None:
+        report["lm_eval"] = _run_lm_eval(args, model, tokenizer, *harness_tasks)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     return 0
+
+
+def _lm_eval_tasks(args: argparse.Namespace) -> tuple[list, Any]:
+    """lm-eval's tasks and task manager for `--lm-eval`, unknown names refused."""
+    from moeut_dist.cli_errors import require_extra
+
+    require_extra("lm_eval", "eval", "--lm-eval")
+    from moeut_dist.zeroshot.harness import resolve_tasks
+
+    specs = [spec.strip() for spec in args.lm_eval.split(",") if spec.strip()]
+    if not specs:
+        raise ValueError("--lm-eval needs at least one task")
+    for name, value in (("--num-fewshot", args.num_fewshot), ("--limit", args.limit)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    return resolve_tasks(specs)
+
+
+def _run_lm_eval(
+    args: argparse.Namespace, model: torch.nn.Module, tokenizer: Tokenizer, tasks: list,
+    manager: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Run lm-eval, print its table and write its results beside the model."""
+    from pathlib import Path
+
+    from lm_eval.utils import make_table
+
+    from moeut_dist.atomic_files import write_atomically
+    from moeut_dist.zeroshot.harness import RESULTS_FILE, run_lm_eval, write_results
+
+    results = run_lm_eval(
+        model, tokenizer, tasks, manager, args.num_fewshot, args.limit, args.batch_size
+    )
+    print(make_table(results))
+    path = Path(args.model_dir) / RESULTS_FILE
+    write_atomically(path, lambda tmp: write_results(results, tmp))
+    print(f"lm-eval results: {path}")
+    return results["results"]
 
 
 def _refuse_candidates_without_tokens(
@@ -221,6 +262,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--builtin-tasks", action="store_true", help="also score the built-in task samples"
     )
+    evaluate.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="comma-separated lm-evaluation-harness tasks (needs the [eval] extra): lm-eval task "
+        "names, task YAML files, or NAME=FILE for our six tasks on a local JSONL",
+    )
+    evaluate.add_argument("--num-fewshot", type=int, help="lm-eval: examples in each prompt")
+    evaluate.add_argument("--limit", type=int, help="lm-eval: items per task at most")
     evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     evaluate.add_argument("--json", help="also write the results to this JSON file")
     evaluate.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -92,7 +92,15 @@ def _describe(tensor: torch.Tensor) -> str:
     return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
 
 
-def write_model_dir(out_dir: str | os.PathLike, write_files: Callable[[Path], object]) -> Path:
+def is_model_dir_file(name: str) -> bool:
+    return name in MODEL_DIR_FILES
+
+
+def write_model_dir(
+    out_dir: str | os.PathLike,
+    write_files: Callable[[Path], object],
+    is_own_file: Callable[[str], bool] = is_model_dir_file,
+) -> Path:
     """Write a model directory whole: `write_files(directory)` fills a new hidden sibling of
     `out_dir`, which replaces `out_dir` once it is complete.
 
@@ -100,13 +108,14 @@ def write_model_dir(out_dir: str | os.PathLike, write_files: Callable[[Path], ob
     directory or the new one, never a mix or a half-written file. Replacing takes two renames
     (Linux cannot swap two directories at once): if a crash falls between them, the old
     directory waits under a hidden name and the next write to `out_dir` puts it back first.
-    An existing `out_dir` must be a model directory or empty: anything else is refused before
-    anything is written, so an unrelated folder is never deleted.
+    An existing `out_dir` must be empty or hold only files that `is_own_file` names as the kind
+    of directory written (by default ours): anything else is refused before anything is
+    written, so an unrelated folder is never deleted.
     """
     out = Path(out_dir).resolve()  # through a symbolic link, which then names the new directory
     staging, retired = _hidden_sibling(out, "partial"), _hidden_sibling(out, "old")
     _finish_interrupted_replacement(out, retired)
-    _check_replaceable(out)
+    check_replaceable(out, is_own_file)
     shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier write
     staging.mkdir(parents=True)
     try:
@@ -136,14 +145,18 @@ def _finish_interrupted_replacement(out: Path, retired: Path) -> None:
             retired.rename(out)
 
 
-def _check_replaceable(out: Path) -> None:
-    """`out` may be replaced: it holds nothing but model files (the user's own files, say an
-    evaluation report, would be deleted with it), and its parent lets a sibling be renamed in."""
+def check_replaceable(
+    out_dir: str | os.PathLike, is_own_file: Callable[[str], bool] = is_model_dir_file
+) -> None:
+    """`out_dir` may be replaced: it holds nothing but model files (the user's own files, say an
+    evaluation report, would be deleted with it), and its parent lets a sibling be renamed in.
+    `write_model_dir` checks it; callers with expensive work to do first check it before."""
+    out = Path(out_dir).resolve()
     if not out.exists():
         return
     if not out.is_dir():
         raise ModelDirectoryError(f"{out} exists and is not a directory; refusing to replace it")
-    others = sorted(p.name for p in out.iterdir() if p.name not in MODEL_DIR_FILES)
+    others = sorted(p.name for p in out.iterdir() if not is_own_file(p.name))
     if others:
         raise ModelDirectoryError(
             f"{out} holds files that are not a model directory's ({', '.join(others[:5])}); "
@@ -156,7 +169,7 @@ def _check_replaceable(out: Path) -> None:
         )
 
 
-def _write_model_files(
+def write_model_files(
     directory: Path, config: ModelConfig, write_weights: Callable[[Path], object],
     tokenizer_path: str | os.PathLike | None, add_files: Callable[[Path], object] | None = None,
 ) -> None:  # fmt: skip
@@ -177,7 +190,7 @@ def save_pretrained(
     weights = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     return write_model_dir(
         out_dir,
-        lambda directory: _write_model_files(
+        lambda directory: write_model_files(
             directory, model.config, lambda p: save_file(weights, str(p)), tokenizer_path
         ),
     )
@@ -234,15 +247,18 @@ _DTYPES_BY_NAME = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors_streaming(
-    path: Path, specs: TensorSpecs, tensors: Iterable[tuple[str, torch.Tensor]]
-) -> None:
+    path: Path, specs: TensorSpecs, tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+) -> None:  # fmt: skip
     """Write a safetensors file whose tensors arrive one at a time, in the order of `specs`.
 
     The header (names, dtypes, shapes, byte offsets) comes from `specs` up front, so no more than
     one tensor is ever held; each arriving tensor must match its spec, and every spec must get
-    its tensor. Written in place: the file is whole only if this returns.
+    its tensor. `metadata` is the format's string-to-string `__metadata__`. Written in place:
+    the file is whole only if this returns.
     """
-    header, offset = {}, 0
+    header: dict[str, object] = {} if metadata is None else {"__metadata__": metadata}
+    offset = 0
     for name, (shape, dtype) in specs.items():
         size = torch.Size(shape).numel() * dtype.itemsize
         header[name] = {
@@ -267,6 +283,16 @@ def write_safetensors_streaming(
             out.write(tensor.contiguous().flatten().view(torch.uint8).numpy().data)
         if (missing := next(expected, None)) is not None:
             raise CheckpointMismatchError(f"the tensors ended before {missing[0]!r}")
+
+
+def safetensors_specs(path: Path) -> TensorSpecs:
+    """Names, shapes and dtypes of a safetensors file's tensors, from its header alone."""
+    with safe_open(path, framework="pt") as file:
+        slices = {name: file.get_slice(name) for name in list(file.keys())}
+        return {
+            name: (tuple(piece.get_shape()), _DTYPES_BY_NAME[piece.get_dtype()])
+            for name, piece in slices.items()
+        }
 
 
 def _full_specs(checkpoint_dir: Path, config: ModelConfig) -> TensorSpecs:
@@ -308,7 +334,7 @@ def export_shards(
     tensors = iter_full_tensors(checkpoint_dir, config)
     return write_model_dir(
         out_dir,
-        lambda directory: _write_model_files(
+        lambda directory: write_model_files(
             directory,
             config,
             lambda p: write_safetensors_streaming(p, specs, tensors),

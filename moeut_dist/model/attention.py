@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeut_dist import kernels
 from moeut_dist.config import MoEUTConfig
+from moeut_dist.kernels import moe_linear
 from moeut_dist.model.moe import linear_in_fp32, top_k_sigmoid_gates
 from moeut_dist.model.rope import RotaryEmbedding
 
@@ -130,7 +130,7 @@ class SwitchHead(nn.Module):
         batch, time, d = v_src.shape
         flat_experts = experts.reshape(batch * time, self.n_heads, -1)
         slots, token_rows, token_head_rows = _head_pairs(flat_experts, self.n_experts)
-        out = kernels.moe_linear(
+        out = moe_linear(
             v_src.reshape(-1, d),
             self.v,
             gates.flatten(),
@@ -149,7 +149,7 @@ class SwitchHead(nn.Module):
         batch, time = heads.shape[:2]
         flat_experts = experts.reshape(batch * time, self.n_heads, -1)
         slots, token_rows, token_head_rows = _head_pairs(flat_experts, self.n_experts)
-        out = kernels.moe_linear(
+        out = moe_linear(
             heads.reshape(-1, self.head_dim),
             self.o,
             gates.flatten(),

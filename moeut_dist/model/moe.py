@@ -8,8 +8,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from moeut_dist import kernels
 from moeut_dist.config import MoEUTConfig
+from moeut_dist.kernels import Backend, moe_mlp
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ class ExpertDispatcher(Protocol):
 
 
 class LocalDispatcher:
-    def __init__(self, backend: kernels.Backend = "auto") -> None:
+    def __init__(self, backend: Backend = "auto") -> None:
         self.backend = backend
 
     def __call__(
@@ -71,7 +71,7 @@ class LocalDispatcher:
     ) -> torch.Tensor:
         n_tokens, k = experts.shape
         rows = torch.arange(n_tokens, device=x.device).repeat_interleave(k)
-        return kernels.moe_mlp(
+        return moe_mlp(
             x, keys, values, gates.flatten(), experts.flatten(), rows, backend=self.backend
         )
 

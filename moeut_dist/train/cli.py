@@ -206,11 +206,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     exporter = subparsers.add_parser(
         "export", help="consolidate a training checkpoint into one model directory"
     )
-    exporter.add_argument("checkpoint", help="run directory, its checkpoints/, or one checkpoint")
+    exporter.add_argument(
+        "checkpoint",
+        help="run directory, its checkpoints/, or one checkpoint; with --hf also a model directory",
+    )
     exporter.add_argument("out_dir", help="model directory to write")
     exporter.add_argument(
         "--official", action="store_true",
         help="also write the authors' checkpoint format (official_model.pt)",
+    )  # fmt: skip
+    exporter.add_argument(
+        "--hf", action="store_true",
+        help="write a Hugging Face transformers directory (needs the [hf] extra)",
     )  # fmt: skip
     exporter.set_defaults(handler=_export)
 
@@ -219,6 +226,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     from moeut_dist.train.consolidate import export_checkpoint
 
+    if args.hf:
+        from moeut_dist.hf.export import export_hf, export_hf_via, is_model_dir
+
+        if args.official:
+            raise ValueError("--official writes our model directory, --hf a transformers one")
+        if is_model_dir(args.checkpoint):
+            out = export_hf(args.checkpoint, args.out_dir)
+        else:
+            out = export_hf_via(args.out_dir, lambda ours: export_checkpoint(args.checkpoint, ours))
+        print(f"wrote {out}: a transformers directory (trust_remote_code=True)")
+        return 0
     out = export_checkpoint(args.checkpoint, args.out_dir, args.official)
     print(f"wrote {out}: model.safetensors, config.json, tokenizer.model")
     return 0
