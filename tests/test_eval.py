@@ -275,6 +275,7 @@ def test_eval_refuses_shards_of_another_tokenizer(model_dir, corpus, shards, tmp
     other_dir = tmp_path / "model"
     shutil.copytree(model_dir, other_dir)
     shutil.copyfile(other.path, other_dir / "tokenizer.model")
+    record_checksums(other_dir)  # a model directory of that tokenizer, not a damaged one
     error = refused(capsys, "eval", str(other_dir), "--shards", str(shards))
     assert f"tokenizer has sha256 {other.sha256}" in error
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from moeut_dist import MoEUTConfig, MoEUTLM
 from moeut_dist.arch.moeut import to_official_state_dict
+from moeut_dist.checksums import record_checksums
 from moeut_dist.cli import main as moeut
 from moeut_dist.convert import from_official_state_dict
 from moeut_dist.export import (
@@ -112,6 +113,7 @@ def test_model_directory_mismatch_names_the_tensor(model, tmp_path):
     save_pretrained(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "expert_size": 16}))
+    record_checksums(tmp_path)  # as if it had been written so: the loader names the mismatch
     with pytest.raises(CheckpointMismatchError, match=r"transformer\.layers\.0\.ffn\.keys"):
         load_pretrained(tmp_path)
 
@@ -192,6 +194,7 @@ def test_model_directory_without_a_tensor_is_refused_naming_it(model, tmp_path):
     weights = load_file(out / "model.safetensors")
     del weights["embedding.weight"]
     save_file(weights, out / "model.safetensors")
+    record_checksums(out)
     with pytest.raises(CheckpointMismatchError, match=r"missing tensor 'embedding\.weight'"):
         load_pretrained(out)
 
