@@ -28,7 +28,7 @@ def tokenizer(tmp_path_factory):
     documents = synthetic_documents(60, seed=1, words_per_document=(20, 80))
     corpus = write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", documents)
     tokenizer = train_tokenizer(
-        [corpus], tmp_path_factory.mktemp("tok") / "tok.model", vocab_size=300
+        [corpus], tmp_path_factory.mktemp("tok") / "tok.model", vocab_size=400
     )
     return corpus, tokenizer
 

@@ -276,11 +276,11 @@ def test_corrupt_model_directory_is_named_by_load_pretrained_and_init_from(
 
 @pytest.fixture(scope="module")
 def other_corpus(tmp_path_factory):
-    """Shards of another tokenizer with the same number of pieces (300)."""
+    """Shards of another tokenizer with the same number of pieces (400)."""
     directory = tmp_path_factory.mktemp("other_corpus")
     source = write_jsonl(directory / "corpus.jsonl", synthetic_documents(120, seed=7))
     tokenizer = directory / "tok.model"
-    train_tokenizer([source], tokenizer, vocab_size=300)
+    train_tokenizer([source], tokenizer, vocab_size=400)
     build_shards(
         [source], directory / "shards", tokenizer, SEQ_LEN, shard_bytes=30_000,
         val_fraction=0.1, progress=False,
