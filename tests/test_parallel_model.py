@@ -10,6 +10,7 @@ from megatron.core import parallel_state
 from moeut_dist.config import ConfigError
 from moeut_dist.model.moe import LocalDispatcher
 from moeut_dist.parallel.build import build_model, gather_full, parallel_lm_loss
+from moeut_dist.parallel.collectives import data_parallel_mean
 from moeut_dist.parallel.expert_parallel import (
     ExpertParallelDispatcher,
     ExpertPartition,
@@ -142,8 +143,9 @@ def _check_layout_matches_one_process(layout: ParallelConfig) -> None:
     loss = parallel_lm_loss(model, data_parallel_share(tokens))
     loss.total.backward()
     what = f"{layout}"
-    torch.testing.assert_close(loss.lm, lm.detach().float(), msg=lambda m: f"{what} lm: {m}")
-    torch.testing.assert_close(loss.reg, reg.detach().float(), msg=lambda m: f"{what} reg: {m}")
+    logged = data_parallel_mean(torch.stack([loss.lm, loss.reg]))
+    torch.testing.assert_close(logged[0], lm.detach().float(), msg=lambda m: f"{what} lm: {m}")
+    torch.testing.assert_close(logged[1], reg.detach().float(), msg=lambda m: f"{what} reg: {m}")
     grads = gather_full(_reduced_gradients(model), config)
     assert_close_dicts(grads, expected_grads, rtol=1e-6, atol=1e-9, what=f"{what} grad")
     torch.set_default_dtype(torch.float32)

@@ -3,13 +3,14 @@
 megatron-core's gather/scatter mappings allocate their outputs on `torch.cuda.current_device()`,
 so they fail on CPU (gloo); these allocate on the input's device. Its all-reduce based mappings
 (`copy_to_tensor_model_parallel_region`, `reduce_from_tensor_model_parallel_region`) are
-device-agnostic and used directly.
+device-agnostic and used directly. `data_parallel_mean` reduces logged values.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 
 def _all_gather_first_dim(x: torch.Tensor, group) -> torch.Tensor:
@@ -90,3 +91,11 @@ def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
 def all_to_all(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group):
     """Uneven all-to-all along dim 0 (rows grouped by destination); the gradient travels back."""
     return _AllToAll.apply(x, send_counts, recv_counts, group)
+
+
+def data_parallel_mean(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise mean of `x` over the data-parallel ranks (every rank gets it)."""
+    group = parallel_state.get_data_parallel_group()
+    mean = x.clone()
+    dist.all_reduce(mean, group=group)
+    return mean.div_(dist.get_world_size(group))
