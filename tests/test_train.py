@@ -28,6 +28,7 @@ from moeut_dist.config import ConfigError, MoEUTConfig
 from moeut_dist.data import read_manifest
 from moeut_dist.export import WEIGHTS_FILE, load_pretrained, save_pretrained
 from moeut_dist.model import MoEUTLM
+from moeut_dist.model.flops import forward_flops_per_token
 from moeut_dist.parallel.build import ParallelLoss, build_model, parallel_lm_loss
 from moeut_dist.parallel.engine import (
     OptimizerSettings,
@@ -45,7 +46,7 @@ from moeut_dist.train.checkpoint import (
 )
 from moeut_dist.train.config import ScheduleSection, check_init_from, check_run, load_config
 from moeut_dist.train.consolidate import export_checkpoint
-from moeut_dist.train.metrics import forward_flops_per_token, read_run_metrics
+from moeut_dist.train.metrics import read_run_metrics
 from moeut_dist.train.schedule import lr_multiplier
 from tests.distributed_utils import run_distributed
 from tests.train_helpers import (

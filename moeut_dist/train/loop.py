@@ -32,13 +32,14 @@ from moeut_dist.config import ConfigError
 from moeut_dist.data import TokenLoader
 from moeut_dist.export import WEIGHTS_FILE
 from moeut_dist.model import perplexity
+from moeut_dist.model.flops import training_flops_per_token
 from moeut_dist.parallel.build import build_model, parallel_lm_loss
 from moeut_dist.parallel.collectives import data_parallel_mean
 from moeut_dist.parallel.engine import create_engine, load_initial_weights
 from moeut_dist.parallel.layout import init_distributed, initialize
 from moeut_dist.train.checkpoint import CheckpointError, CheckpointManager, TrainerState
 from moeut_dist.train.config import RunPlan, TrainConfig, check_init_from, check_run
-from moeut_dist.train.metrics import MetricsWriter, RoutingMonitor, training_flops_per_token
+from moeut_dist.train.metrics import MetricsWriter, RoutingMonitor
 from moeut_dist.train.schedule import lr_multiplier
 
 

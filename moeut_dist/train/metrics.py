@@ -1,10 +1,5 @@
-"""What a run reports: model FLOPs, expert usage, expert-parallel traffic, and the writers.
-
-FLOPs count what MoEUT computes per token, not its parameter count: attention projections, the
-selected V/O experts (`ka` per head), the selectors, causal attention scores, the k selected
-σ-MoE experts, and the LM head. A backward costs two forwards; recomputation for activation
-checkpointing is not model work and is not counted (the usual MFU convention).
-"""
+"""What a run reports: expert usage, expert-parallel traffic, and the writers (the model FLOPs
+behind FLOPs/s and MFU are `model.flops`)."""
 
 from __future__ import annotations
 
@@ -22,33 +17,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from moeut_dist.atomic_files import write_atomically
-from moeut_dist.config import MoEUTConfig
 from moeut_dist.model import MoEUTLM
 from moeut_dist.plots import read_metrics
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def forward_flops_per_token(config: MoEUTConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of a length-`seq_len` sequence (multiply-add = 2 FLOPs)."""
-    d, h, dh = config.d_model, config.n_heads, config.head_dim
-    if config.att_n_experts > 1:
-        value_and_output = 2 * (2 * d * dh * config.att_experts_per_head * h)
-        selectors = 2 * (2 * d * h * config.att_n_experts)  # sel_v and sel_o
-    else:
-        value_and_output = 2 * (2 * d * h * dh)
-        selectors = 2 * d * h  # the output gate
-    query_key = 2 * (2 * d * h * dh)
-    # Causal: on average a token attends to (seq_len + 1) / 2 positions, for scores and values.
-    scores = 2 * (2 * h * dh) * (seq_len + 1) / 2
-    expert_selection = 2 * d * config.n_experts
-    experts = config.experts_per_token * 2 * (2 * d * config.expert_size)
-    layer = query_key + value_and_output + selectors + scores + expert_selection + experts
-    return config.n_layers * layer + 2 * d * config.vocab_size
-
-
-def training_flops_per_token(config: MoEUTConfig, seq_len: int) -> float:
-    return 3 * forward_flops_per_token(config, seq_len)
 
 
 class RoutingMonitor:
