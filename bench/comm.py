@@ -67,8 +67,9 @@ def _timed_steps(ep: int, steps: int) -> float:
     from megatron.core import parallel_state
 
     from moeut_dist.parallel.build import build_model, parallel_lm_loss
-    from moeut_dist.parallel.engine import OptimizerSettings, create_engine
+    from moeut_dist.parallel.engine import create_engine
     from moeut_dist.parallel.layout import ParallelConfig, initialize
+    from moeut_dist.train.config import OptimSection
 
     config = MoEUTConfig.from_profile(
         "tiny", d_model=128, n_experts=64, experts_per_token=8, expert_size=64, kernel="torch"
@@ -76,7 +77,7 @@ def _timed_steps(ep: int, steps: int) -> float:
     layout = ParallelConfig(expert=ep, zero_stage=1)
     initialize(layout, config)
     model = build_model(config, layout)
-    engine = create_engine(model, layout, OptimizerSettings(), micro_batch_size=4)
+    engine = create_engine(model, layout, OptimSection(), micro_batch_size=4)
     dp = parallel_state.get_data_parallel_rank()
     generator = torch.Generator().manual_seed(dp)
     durations = []

@@ -28,9 +28,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from moeut_dist import DenseLM, MoEUTConfig, MoEUTLM, profiles
+from moeut_dist import DenseLM, MoEUTConfig, MoEUTLM, arch, profiles
 from moeut_dist.model import lm_loss
-from moeut_dist.model.flops import dense_forward_flops_per_token, forward_flops_per_token
 
 LR, GRAD_CLIP = 2.5e-4, 0.25
 
@@ -159,12 +158,11 @@ def gpu(steps: int, peak_tflops: float, batch: int, seq_len: int) -> None:
     cases: list[tuple[str, Callable[[], torch.nn.Module], float]] = []
     for kernel in ("triton", "torch"):
         config = MoEUTConfig.from_profile("moeut-244m", kernel=kernel)
-        flops = 3 * forward_flops_per_token(config, seq_len)
+        flops = arch.of(config).summary(config, seq_len).training_flops_per_token
         cases.append((f"moeut-244m ({kernel})", lambda c=config: MoEUTLM(c), flops))
     dense = profiles.get_dense("dense-244m")
-    cases.append(
-        ("dense-244m", lambda: DenseLM(dense), 3 * dense_forward_flops_per_token(dense, seq_len))
-    )
+    dense_flops = arch.of(dense).summary(dense, seq_len).training_flops_per_token
+    cases.append(("dense-244m", lambda: DenseLM(dense), dense_flops))
     for name, build, flops_per_token in cases:
         torch.manual_seed(0)
         model = build().to(device).train()

@@ -82,6 +82,7 @@ def _run_shards(args: argparse.Namespace) -> int:
         text_unit=args.text_unit,
         max_bad_records=_bad_record_budget(args),
         progress=not args.no_progress,
+        progress_every_seconds=args.progress_every_seconds,
     )
     for name, split in manifest.splits.items():
         print(f"{name}: {len(split.shards)} shards, {split.samples} samples, {split.tokens} tokens")
@@ -91,13 +92,17 @@ def _run_shards(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `prep tokenizer` and `prep shards` to the `moeut` command."""
     prep = subparsers.add_parser("prep", help="prepare a corpus: tokenizer, token shards")
-    steps = prep.add_subparsers(dest="prep_step", required=True, metavar="STEP")
+    steps = prep.add_subparsers(
+        dest="prep_step", required=True, metavar="STEP", help="what to prepare"
+    )
 
     tokenizer = steps.add_parser("tokenizer", help="train a SentencePiece tokenizer")
     _add_input_arguments(tokenizer)
     tokenizer.add_argument("--out", required=True, help="model file to write")
-    tokenizer.add_argument("--vocab-size", type=int, default=8000)
-    tokenizer.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    tokenizer.add_argument("--vocab-size", type=int, default=8000, help="pieces in the vocabulary")
+    tokenizer.add_argument(
+        "--model-type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece algorithm"
+    )
     tokenizer.add_argument(
         "--no-split-digits",
         dest="split_digits",
@@ -108,18 +113,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tokenizer.add_argument(
         "--max-sentences", type=int, default=2_000_000, help="lines sampled for training"
     )
-    tokenizer.add_argument("--seed", type=int, default=0)
+    tokenizer.add_argument("--seed", type=int, default=0, help="for sampling the training lines")
     tokenizer.set_defaults(handler=_run_tokenizer)
 
     shards = steps.add_parser("shards", help="tokenise into webdataset shards")
     _add_input_arguments(shards)
     shards.add_argument("--tokenizer", required=True, help="SentencePiece model file")
     shards.add_argument("--out", required=True, help="shard directory")
-    shards.add_argument("--seq-len", type=int, required=True)
+    shards.add_argument(
+        "--seq-len", type=int, required=True, help="tokens per sample (each stores seq_len + 1)"
+    )
     shards.add_argument("--shard-size", type=parse_size, default="256MB", help="target shard size")
     shards.add_argument(
         "--val-fraction", type=float, default=0.005, help="documents held out for validation"
     )
     shards.add_argument("--workers", type=int, default=1, help="tokeniser processes")
-    shards.add_argument("--no-progress", action="store_true", help="no progress bar")
+    shards.add_argument(
+        "--no-progress", action="store_true", help="no progress bar or progress lines"
+    )
+    shards.add_argument(
+        "--progress-every-seconds",
+        type=float,
+        default=60.0,
+        help="without a terminal: seconds between progress lines",
+    )
     shards.set_defaults(handler=_run_shards)

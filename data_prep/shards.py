@@ -26,19 +26,18 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import multiprocessing
 import os
-import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import webdataset
-from tqdm import tqdm
 
 from data_prep.readers import (
     BadInputError,
@@ -62,6 +61,10 @@ from moeut_dist.data.manifest import (
     write_manifest,
 )
 from moeut_dist.data.tokenizer import Tokenizer, file_sha256
+from moeut_dist.dataclass_dict import from_dict, to_dict
+from moeut_dist.progress import Progress
+
+logger = logging.getLogger(__name__)
 
 TRAIN, VALIDATION = "train", "val"
 DOCUMENTS_PER_CHUNK = 256
@@ -176,14 +179,11 @@ class _Checkpoint:
     position: _Position = _Position(0, 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return to_dict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> _Checkpoint:
-        return cls(
-            shards=tuple(ShardInfo(**shard) for shard in values["shards"]),
-            position=_Position(**values["position"]),
-        )
+    def from_dict(cls, values: Any) -> _Checkpoint:
+        return from_dict(cls, values, complete=True)  # written whole by `save_progress`
 
 
 class _SplitWriter:
@@ -370,12 +370,14 @@ def build_shards(
     text_unit: TextUnit = "file",
     max_bad_records: int | None = 1000,
     progress: bool = True,
+    progress_every_seconds: float = 60.0,
 ) -> Manifest:
     """Tokenise `inputs` into webdataset shards of `seq_len + 1`-token samples in `out_dir`.
 
     `val_fraction` of the documents (chosen by a hash of their text) go to the `val` split, the
     rest to `train`. `shard_bytes` is the target size of a shard. Reruns of an interrupted build
     continue it; a rerun of a finished one returns its manifest. Returns the manifest.
+    `progress`: a bar on a terminal, else a line every `progress_every_seconds`.
     """
     out_dir = Path(out_dir)
     _check_arguments(out_dir, seq_len, workers, val_fraction)
@@ -426,7 +428,14 @@ def build_shards(
     tokens_done = sum(writer.tokens_done for writer in writers.values())
     with (
         _tokenized(chunks, workers, (tokenizer.path, val_fraction, dtype)) as tokenized,
-        tqdm(initial=tokens_done, unit="tok", unit_scale=True, disable=not progress) as bar,
+        Progress(
+            total=None,
+            initial=tokens_done,
+            unit="tok",
+            enabled=progress,
+            every_steps=None,
+            every_seconds=progress_every_seconds,
+        ) as bar,
     ):
         for chunk in tokenized:
             completed = False
@@ -457,5 +466,5 @@ def build_shards(
     )
     write_manifest(out_dir, manifest)
     progress_path.unlink()
-    print(report.summary(), file=sys.stderr)
+    logger.info(report.summary())
     return manifest

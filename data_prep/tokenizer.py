@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
@@ -25,6 +25,8 @@ from moeut_dist.data.tokenizer import Tokenizer
 # SentencePiece's special pieces (<unk>, <s>, </s>), the word boundary (▁) and one character:
 # below this no corpus can be trained on, and SentencePiece says so without saying why.
 _MIN_VOCAB_SIZE = 5
+
+logger = logging.getLogger(__name__)
 
 
 def _sentences(documents: Iterator[str], failures: list[Exception]) -> Iterator[str]:
@@ -112,7 +114,7 @@ def train_tokenizer(
             f"SentencePiece cannot train on {report.documents} documents: "
             f"{_sentencepiece_reason(error)}"
         ) from error
-    print(report.summary(), file=sys.stderr)
+    logger.info(report.summary())
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(out_path, lambda p: p.write_bytes(model.getvalue()))
     return Tokenizer(out_path)

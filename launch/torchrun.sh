@@ -16,7 +16,10 @@ shift
 NNODES=${NNODES:-1}
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(python -c 'import torch; print(torch.cuda.device_count() or 1)')}
 MAX_RESTARTS=${MAX_RESTARTS:-3}
-# Restarted workers must not read the previous attempt's addresses (pytorch/pytorch#135712).
+# Restarted workers must not read the previous attempt's addresses from a rendezvous store
+# shared across attempts (pytorch/pytorch#135712). On one node the trainer keeps the attempts
+# apart itself; agents on several nodes count restarts apart, so there the store must not be
+# shared.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 if [[ -n ${RDZV_ENDPOINT:-} ]]; then

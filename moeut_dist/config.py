@@ -6,40 +6,14 @@ impossible model is rejected before any weight is allocated.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import Any, Literal
+
+from moeut_dist.dataclass_dict import ConfigError, DictConvertible
+
+__all__ = ["ConfigError", "DenseConfig", "MoEUTConfig"]
 
 KernelBackend = Literal["auto", "torch", "triton"]
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a valid model or run."""
-
-
-def _check_keys(cls: type, values: dict[str, Any]) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown {cls.__name__} key(s) {unknown}; known keys are {sorted(known)}"
-        )
-
-
-class _DictConfig:
-    """Round trip through plain dicts (JSON/YAML) with unknown keys rejected by name."""
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Self:
-        _check_keys(cls, values)
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> Self:
-        _check_keys(type(self), changes)
-        return dataclasses.replace(self, **changes)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -48,7 +22,7 @@ def _require(condition: bool, message: str) -> None:
 
 
 @dataclass(frozen=True)
-class MoEUTConfig(_DictConfig):
+class MoEUTConfig(DictConvertible):
     vocab_size: int
     d_model: int  # d
     n_layers: int  # L, total depth
@@ -120,30 +94,28 @@ class MoEUTConfig(_DictConfig):
 
 
 @dataclass(frozen=True)
-class DenseConfig(_DictConfig):
-    """The paper's pre-LN RoPE Transformer baseline."""
+class DenseConfig(DictConvertible):
+    """The paper's pre-LN RoPE Transformer baseline, in the authors' published shapes.
+
+    Attention projects d → `n_heads · head_dim` → d, which need not be d (dense-44M: 10 heads of
+    width 41 in a model of width 412).
+    """
 
     vocab_size: int
     d_model: int
     n_layers: int
     n_heads: int
-    d_ff: int
+    head_dim: int
+    d_ff: int  # feed-forward width: int(d · ff_mult) in the profiles
     dropout: float = 0.0
     rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff"):
             _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         _require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
-        _require(
-            self.d_model % self.n_heads == 0,
-            f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})",
-        )
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
     @property
     def rotary_dim(self) -> int:
+        """Channels of each head rotated by RoPE: half the head, rounded down to even."""
         return (self.head_dim // 2) // 2 * 2

@@ -48,12 +48,6 @@ def from_official_state_dict(state_dict: dict, config: MoEUTConfig) -> MoEUTLM:
     return model
 
 
-def to_official_state_dict(model: MoEUTLM) -> dict[str, torch.Tensor]:
-    """The authors' key layout; loads into their `MoEUTLM` with `strict=False` (their code also
-    expects its stored RoPE frequencies, which it recomputes identically at construction)."""
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-
-
 def load_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of an authors' checkpoint file, read without executing pickled code."""
     try:

@@ -6,14 +6,19 @@ the modern-spelling editions (`*_gut.txt`: every play, the sonnets and the poems
 the `*_gut_f.txt` files are the same plays again in First Folio spelling, which would put
 near-copies of a play on both sides of a train/validation split, and `metadata.txt` is not a
 text of the works.
+
+Code: CPython's standard-library sources on this machine (`python_stdlib_texts`), the paper's
+The Stack in miniature.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
 from pathlib import Path
@@ -67,3 +72,45 @@ def extract_texts(sdist: str | Path, out_dir: str | Path) -> Path:
     if not any(texts.iterdir()):
         raise RuntimeError(f"{sdist} holds no {_SDIST_TEXTS}*{_MODERN_EDITION_SUFFIX} files")
     return texts
+
+
+def python_stdlib_texts(out_dir: str | Path, max_bytes: int) -> Path:
+    """CPython's standard-library sources (this interpreter's), as a code corpus in miniature:
+    up to `max_bytes` of its `.py` files copied as `.txt` files into the folder `out_dir`
+    (made on the first call only; the corpus readers take plain text by extension).
+
+    Tests and vendored packages are left out. Files are taken in the order of the SHA-256 of
+    their relative paths, so that a size limit samples the whole library rather than the
+    modules of its first letters; files that are not UTF-8 are skipped.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.is_dir():
+        return out_dir
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    excluded = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+    sources = [
+        path
+        for path in stdlib.rglob("*.py")
+        if not excluded & set(path.relative_to(stdlib).parts[:-1])
+    ]
+    sources.sort(key=lambda p: hashlib.sha256(str(p.relative_to(stdlib)).encode()).hexdigest())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
+        texts = Path(scratch) / "texts"
+        texts.mkdir()
+        total = 0
+        for path in sources:
+            data = path.read_bytes()
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if total + len(data) > max_bytes:
+                break
+            total += len(data)
+            name = str(path.relative_to(stdlib)).replace(os.sep, "__")
+            (texts / f"{name}.txt").write_bytes(data)
+        if total == 0:
+            raise RuntimeError(f"no standard-library sources under {stdlib}")
+        os.replace(texts, out_dir)  # whole, so an interrupted copy is redone, not reused
+    return out_dir

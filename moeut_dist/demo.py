@@ -179,10 +179,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="Shakespeare → tokenizer → shards → 2-process MoEUT → export → sample"
     )
     defaults = DemoSettings()
-    parser.add_argument("--work-dir", type=Path, default=defaults.work_dir)
-    parser.add_argument("--cache-dir", type=Path, default=defaults.cache_dir)
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=defaults.work_dir,
+        help="tokenizer, shards, run, model directory and loss.png go here",
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=defaults.cache_dir, help="downloads (the corpus)"
+    )
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps")
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="tokenizer, data order and model seed"
+    )
     parser.set_defaults(handler=_demo_command)
 
 

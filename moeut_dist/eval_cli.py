@@ -40,7 +40,7 @@ def stream_text(
             emitted = text
 
 
-def _device(requested: str | None) -> torch.device:
+def device_or_default(requested: str | None) -> torch.device:
     """The device to run on: `requested`, checked to exist here, or CUDA when there is one."""
     import torch
 
@@ -72,7 +72,7 @@ def _generate_command(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, _device(args.device))
+    model, tokenizer = load_model_and_tokenizer(args.model_dir, device_or_default(args.device))
     write_generation(model, tokenizer, args.prompt, sampling, sys.stdout)
     return 0
 
@@ -134,7 +134,7 @@ def _eval_command(args: argparse.Namespace) -> int:
         raise ValueError("nothing to evaluate: give --shards, --task or --builtin-tasks")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = _device(args.device)
+    device = device_or_default(args.device)
     # Read every task file before the model runs, so a malformed line fails fast.
     tasks = [(get_task(name), read_task_file(name, path), path) for name, path in task_files]
     model, tokenizer = load_model_and_tokenizer(args.model_dir, device)
@@ -217,7 +217,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--builtin-tasks", action="store_true", help="also score the built-in task samples"
     )
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     evaluate.add_argument("--json", help="also write the results to this JSON file")
     evaluate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     evaluate.set_defaults(handler=_eval_command)

@@ -60,8 +60,8 @@ def load_model_and_tokenizer(
         raise FileNotFoundError(f"model directory {model_dir} not found")
     if not (model_dir / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"{model_dir} has no {TOKENIZER_FILE}: it was saved without one")
+    model = load_pretrained(model_dir, device)  # checks every file against its checksum
     tokenizer = Tokenizer(model_dir / TOKENIZER_FILE)
-    model = load_pretrained(model_dir, device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ModelDirectoryError(
             f"{model_dir}: the tokenizer has {tokenizer.vocab_size} pieces, more than the "

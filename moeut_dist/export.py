@@ -6,6 +6,10 @@ files with memory bounded by the largest tensor: the safetensors header is compu
 shards' headers, then each full tensor is assembled and streamed to disk in turn. Loading checks
 every tensor's name, shape and dtype against the config and names the first mismatch.
 
+A directory records the sha256 of each of its files (`checksums.json`); `load_pretrained`
+checks the weights as it reads them (one read) and the other files before, so a flipped bit is
+named instead of loaded. Directories written before the record existed load unchecked.
+
 Every writer goes through `write_model_dir`, which builds the directory beside its destination
 and moves it into place whole.
 """
@@ -21,18 +25,29 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
+from torch import nn
 
+from moeut_dist import arch
+from moeut_dist.arch import ModelConfig
 from moeut_dist.atomic_files import fsync_path
-from moeut_dist.config import ConfigError, MoEUTConfig
-from moeut_dist.model import MoEUTLM
+from moeut_dist.checksums import (
+    CHECKSUMS_FILE,
+    read_verified,
+    record_checksums,
+    recorded_checksums,
+    verify_checksums,
+)
+from moeut_dist.config import ConfigError
 from moeut_dist.parallel.shards import find_shard_files, iter_full_tensors, shard_rule
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 OFFICIAL_FILE = "official_model.pt"  # the authors' state-dict format (`moeut export --official`)
-MODEL_DIR_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, OFFICIAL_FILE})
+MODEL_DIR_FILES = frozenset(
+    {CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, OFFICIAL_FILE, CHECKSUMS_FILE}
+)
 
 TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -46,10 +61,12 @@ class ModelDirectoryError(ValueError):
     does not fit the model, or a destination that is not a model directory."""
 
 
-def expected_state_dict(config: MoEUTConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """`MoEUTLM(config)`'s tensors on the meta device (names, shapes, dtype; no memory)."""
+def expected_state_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of the model `config` describes, on the meta device (names, shapes, dtype;
+    no memory)."""
     with torch.device("meta"):
-        return {name: t.to(dtype) for name, t in MoEUTLM(config).state_dict().items()}
+        model = arch.of(config).model_class(config)
+        return {name: t.to(dtype) for name, t in model.state_dict().items()}
 
 
 def verify_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> None:
@@ -140,19 +157,21 @@ def _check_replaceable(out: Path) -> None:
 
 
 def _write_model_files(
-    directory: Path, config: MoEUTConfig, write_weights: Callable[[Path], object],
+    directory: Path, config: ModelConfig, write_weights: Callable[[Path], object],
     tokenizer_path: str | os.PathLike | None, add_files: Callable[[Path], object] | None = None,
 ) -> None:  # fmt: skip
     write_weights(directory / WEIGHTS_FILE)
-    (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    values = {"arch": arch.of(config).name, **config.to_dict()}
+    (directory / CONFIG_FILE).write_text(json.dumps(values, indent=2) + "\n")
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
     if add_files is not None:
         add_files(directory)
+    record_checksums(directory)
 
 
 def save_pretrained(
-    model: MoEUTLM, out_dir: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None
+    model: nn.Module, out_dir: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None
 ) -> Path:
     """Write the model directory of a single-process model (see `write_model_dir`)."""
     weights = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
@@ -164,8 +183,9 @@ def save_pretrained(
     )
 
 
-def read_config(model_dir: str | os.PathLike) -> MoEUTConfig:
-    """The config of a model directory; a `ConfigError` naming the file if it is damaged."""
+def read_config(model_dir: str | os.PathLike) -> ModelConfig:
+    """The config of a model directory (its `arch`, "moeut" if it names none, and that
+    architecture's fields); a `ConfigError` naming the file if it is damaged."""
     path = Path(model_dir) / CONFIG_FILE
     try:
         values = json.loads(path.read_bytes())
@@ -174,27 +194,32 @@ def read_config(model_dir: str | os.PathLike) -> MoEUTConfig:
     if not isinstance(values, dict):
         raise ConfigError(f"{path} holds a JSON {type(values).__name__}, not an object")
     try:
-        return MoEUTConfig.from_dict(values)
+        return arch.get(values.pop("arch", "moeut")).config_class.from_dict(values)
     except (ValueError, TypeError) as error:  # unknown keys; missing keys or wrong types
         raise ConfigError(f"{path}: {error}") from error
 
 
-def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> MoEUTLM:
+def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """The model saved in `model_dir`, in eval mode, with the saved dtype."""
     model_dir = Path(model_dir)
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if not (model_dir / required).is_file():
             raise FileNotFoundError(f"{model_dir} has no {required}: not a moeut model directory")
+    recorded = recorded_checksums(model_dir) if (model_dir / CHECKSUMS_FILE).exists() else {}
+    if recorded:
+        verify_checksums(model_dir, include=lambda name: name != WEIGHTS_FILE)
     config = read_config(model_dir)
+    path = model_dir / WEIGHTS_FILE
     try:
-        weights = load_file(str(model_dir / WEIGHTS_FILE), device=str(device))
+        data = read_verified(path, recorded[WEIGHTS_FILE]) if recorded else path.read_bytes()
+        weights = {name: t.to(device) for name, t in load(data).items()}
     except SafetensorError as error:
         raise ModelDirectoryError(f"{model_dir / WEIGHTS_FILE} is damaged: {error}") from error
     # A model is saved in one dtype: every tensor must share the first one's.
     dtype = next(iter(weights.values())).dtype if weights else torch.float32
     verify_state_dict(expected_state_dict(config, dtype), weights)
     with torch.device("meta"):
-        model = MoEUTLM(config)
+        model = arch.of(config).model_class(config)
     model.load_state_dict(weights, assign=True)
     return model.to(device).eval()
 
@@ -244,7 +269,7 @@ def write_safetensors_streaming(
             raise CheckpointMismatchError(f"the tensors ended before {missing[0]!r}")
 
 
-def _full_specs(checkpoint_dir: Path, config: MoEUTConfig) -> TensorSpecs:
+def _full_specs(checkpoint_dir: Path, config: ModelConfig) -> TensorSpecs:
     """Full shapes and dtypes from the shard files' headers alone (no tensor data is read)."""
     shards = find_shard_files(checkpoint_dir)
 
@@ -266,7 +291,7 @@ def _full_specs(checkpoint_dir: Path, config: MoEUTConfig) -> TensorSpecs:
 
 
 def export_shards(
-    checkpoint_dir: str | os.PathLike, config: MoEUTConfig, out_dir: str | os.PathLike,
+    checkpoint_dir: str | os.PathLike, config: ModelConfig, out_dir: str | os.PathLike,
     tokenizer_path: str | os.PathLike | None = None,
     add_files: Callable[[Path], object] | None = None,
 ) -> Path:  # fmt: skip

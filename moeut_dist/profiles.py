@@ -1,9 +1,10 @@
-"""Named model configurations: the paper's six MoEUTs, a tiny test model, dense baselines.
+"""Named model configurations: the paper's MoEUTs and dense baselines, and tiny test models.
 
-The paper's "727M" profile has 581.94M parameters with its published settings; it is named by
-what it is (`moeut-582m`). Dense baselines keep the MoEUT's width and depth; their feed-forward
-width is the paper's where the spec publishes it (244M: 4.014·d) and otherwise solved so that the
-parameter count matches.
+Both families take the authors' own training configurations (`moeut-spec.md`). `moeut-727m` is
+the model the paper trained (d = 1280, 727.42M parameters); `moeut-582m` is the profile the
+authors' public repository names "727M" (d = 1024, 581.94M parameters), a different, smaller
+model, kept under the count it has. The dense baselines have the published depth, heads, head
+width and feed-forward multiplier (FFN width `int(d · ff_mult)`); they are not solved to match.
 """
 
 from __future__ import annotations
@@ -20,14 +21,20 @@ _PAPER = {
     "moeut-126m": (768, 18, 4, 96, 254, 12, 10, 2),
     "moeut-244m": (1024, 18, 4, 128, 387, 16, 10, 2),
     "moeut-318m": (1024, 24, 4, 128, 338, 16, 10, 3),
-    "moeut-582m": (1024, 36, 5, 128, 467, 20, 13, 4),
+    "moeut-582m": (1024, 36, 5, 128, 467, 20, 13, 4),  # the public repository's "727M"
+    "moeut-727m": (1280, 36, 5, 128, 467, 20, 13, 4),
     "moeut-1b": (1536, 36, 6, 128, 565, 24, 12, 4),
 }
 
-_RENAMED = {"moeut-727m": "moeut-582m"}
-
-# The dense baselines' feed-forward width as a multiple of d, where the paper states it.
-_PAPER_DENSE_FFN = {"moeut-244m": 4.014}
+# name: (d, L, heads, head width, ff_mult) — the spec's dense table.
+_PAPER_DENSE = {
+    "dense-44m": (412, 16, 10, 41, 4.985),
+    "dense-126m": (768, 16, 16, 48, 4),
+    "dense-244m": (1024, 18, 16, 64, 4.014),
+    "dense-318m": (1024, 24, 16, 64, 4.014),
+    "dense-727m": (1280, 36, 20, 64, 4),
+    "dense-1b": (1536, 36, 24, 64, 4),
+}
 
 
 def _paper_profile(d: int, n_layers: int, h: int, dh: int, e: int, k: int, ea: int, g: int):
@@ -43,6 +50,17 @@ def _paper_profile(d: int, n_layers: int, h: int, dh: int, e: int, k: int, ea: i
         expert_size=128,
         att_n_experts=ea,
         att_experts_per_head=2,
+    )
+
+
+def _dense_profile(d: int, n_layers: int, heads: int, head_dim: int, ff_mult: float):
+    return dict(
+        vocab_size=PAPER_VOCAB_SIZE,
+        d_model=d,
+        n_layers=n_layers,
+        n_heads=heads,
+        head_dim=head_dim,
+        d_ff=int(d * ff_mult),
     )
 
 
@@ -62,59 +80,38 @@ _MOEUT["tiny"] = dict(
     att_experts_per_head=2,
 )
 
-
-def _dense_heads(d_model: int) -> int:
-    """The divisor of d_model giving the head width closest to 64."""
-    divisors = [h for h in range(1, d_model + 1) if d_model % h == 0]
-    return min(divisors, key=lambda h: abs(d_model / h - 64))
-
-
-def _matched_d_ff(config: MoEUTConfig) -> int:
-    """The feed-forward width that gives a dense model of this width and depth the MoEUT's count."""
-    d, n_layers, vocab = config.d_model, config.n_layers, config.vocab_size
-    outside_layers = 2 * vocab * d + vocab + 2 * d  # embedding, LM head (+bias), final norm
-    per_layer_fixed = 4 * d * d + 4 * d  # Q, K, V, O and two LayerNorms
-    per_layer = (moeut_parameter_count(config) - outside_layers) / n_layers
-    return round((per_layer - per_layer_fixed) / (2 * d))
-
-
-def _dense_baseline(moeut_name: str, config: MoEUTConfig) -> dict[str, Any]:
-    d, n_layers, vocab = config.d_model, config.n_layers, config.vocab_size
-    published = _PAPER_DENSE_FFN.get(moeut_name)
-    d_ff = round(published * d) if published else _matched_d_ff(config)
-    return dict(vocab_size=vocab, d_model=d, n_layers=n_layers, n_heads=_dense_heads(d), d_ff=d_ff)
-
-
-def moeut_parameter_count(config: MoEUTConfig) -> int:
-    """Exact parameter count of `MoEUTLM(config)` (embedding and LM head included)."""
-    d, h, dh, ea = config.d_model, config.n_heads, config.head_dim, config.att_n_experts
-    attention = 2 * d * h * dh + 2 * h * ea * d * dh + (2 if ea > 1 else 1) * h * ea * d
-    ffn = 2 * config.n_experts * d * config.expert_size + config.n_experts * d
-    layer = attention + ffn + 4 * d
-    return config.group_size * layer + 2 * config.vocab_size * d + config.vocab_size + 2 * d
+_DENSE: dict[str, dict[str, Any]] = {
+    name: _dense_profile(*row) for name, row in _PAPER_DENSE.items()
+}
+# The dense counterpart of `tiny`. Like dense-44M its heads do not span d (4 × 12 = 48 ≠ 64),
+# and its FFN width (211) does not divide by a tensor-parallel size of 2.
+_DENSE["dense-tiny"] = _dense_profile(64, 4, 4, 12, 3.3) | {"vocab_size": 256}
 
 
 def names() -> list[str]:
-    return sorted(_MOEUT) + sorted(f"dense-{n.removeprefix('moeut-')}" for n in _PAPER)
+    return sorted(_MOEUT) + sorted(_DENSE)
+
+
+def _lookup(table: dict[str, dict[str, Any]], kind: str, other: str, name: str) -> dict[str, Any]:
+    if name not in table:
+        hint = f" ({name!r} is a {other} profile)" if name in {**_MOEUT, **_DENSE} else ""
+        raise ConfigError(f"unknown {kind} profile {name!r}{hint}; choose one of {sorted(table)}")
+    return table[name]
 
 
 def get(name: str, **overrides: Any) -> MoEUTConfig:
     """The MoEUT profile `name`, with fields replaced by `overrides`."""
-    if name in _RENAMED:
-        raise ConfigError(
-            f"profile {name!r} is named {_RENAMED[name]!r} here, after its true parameter count"
-        )
-    if name not in _MOEUT:
-        raise ConfigError(f"unknown MoEUT profile {name!r}; choose one of {sorted(_MOEUT)}")
-    return MoEUTConfig.from_dict({**_MOEUT[name], **overrides})
+    return MoEUTConfig.from_dict({**_lookup(_MOEUT, "MoEUT", "dense", name), **overrides})
 
 
 def get_dense(name: str, **overrides: Any) -> DenseConfig:
-    """The dense baseline `dense-XXX`, parameter-matched to `moeut-XXX`."""
-    moeut_name = "moeut-" + name.removeprefix("dense-")
-    if not name.startswith("dense-") or moeut_name not in _PAPER:
-        choices = sorted(f"dense-{n.removeprefix('moeut-')}" for n in _PAPER)
-        raise ConfigError(f"unknown dense profile {name!r}; choose one of {choices}")
-    vocab = overrides.get("vocab_size", PAPER_VOCAB_SIZE)
-    baseline = _dense_baseline(moeut_name, get(moeut_name, vocab_size=vocab))
-    return DenseConfig.from_dict({**baseline, **overrides})
+    """The dense baseline profile `name` (`dense-44m` …), with fields replaced by `overrides`."""
+    return DenseConfig.from_dict({**_lookup(_DENSE, "dense", "MoEUT", name), **overrides})
+
+
+def moeut_names() -> list[str]:
+    return sorted(_MOEUT)
+
+
+def dense_names() -> list[str]:
+    return sorted(_DENSE)

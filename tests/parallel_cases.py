@@ -6,8 +6,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from moeut_dist import arch
+from moeut_dist.arch import ModelConfig
 from moeut_dist.config import MoEUTConfig
-from moeut_dist.model import MoEUTLM, lm_loss
+from moeut_dist.model import lm_loss
 
 SEED = 1234
 BATCH, SEQ = 4, 16  # global batch; divisible by data-parallel sizes 1, 2 and 4
@@ -18,7 +20,7 @@ def model_config(**overrides) -> MoEUTConfig:
     return MoEUTConfig.from_profile("tiny", n_experts=10, kernel="torch", **overrides)
 
 
-def batch(config: MoEUTConfig, step: int) -> torch.Tensor:
+def batch(config: ModelConfig, step: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(SEED + step)
     return torch.randint(config.vocab_size, (BATCH, SEQ + 1), generator=generator)
 
@@ -29,12 +31,14 @@ def data_parallel_share(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.chunk(dist.get_world_size(group))[dist.get_rank(group)]
 
 
-def reference_model(config: MoEUTConfig) -> MoEUTLM:
+def reference_model(config: ModelConfig) -> torch.nn.Module:
     torch.manual_seed(SEED)
-    return MoEUTLM(config)
+    return arch.of(config).model_class(config)
 
 
-def reference_loss(model: MoEUTLM, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_loss(
+    model: torch.nn.Module, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     output = model(tokens[:, :-1])
     return lm_loss(output.logits, tokens[:, 1:]), output.reg_loss
 

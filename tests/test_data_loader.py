@@ -97,9 +97,7 @@ def test_every_sample_once_per_epoch_across_2_ranks_and_2_workers(shard_dir, tok
             num_workers=2,
             epochs=1,
         )
-        batches = list(epoch)
-        assert sum(len(b) for b in batches) == epoch.samples_per_epoch
-        seen += _rows(batches)
+        seen += _rows(epoch)
     assert seen == expected
 
 
@@ -137,23 +135,10 @@ def test_resume_at_any_batch_equals_the_uninterrupted_sequence(
         assert all(a.equal(b) for a, b in zip(rest, reference[stop:], strict=True)), stop
 
 
-@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker")
-def test_resume_of_a_finite_pass_follows_the_workers_that_are_left(shard_dir, tokenizer):
-    """A worker whose slot is one sample shorter ends three batches (epochs) before the others,
-    which then alternate; a restore in those last rounds must alternate the same way."""
-    ranks, workers = 13, 3  # many ranks keep one rank's share, hence the test, small
-    total = sum(s.samples for s in read_manifest(shard_dir).split("train").shards)
-    slots = ranks * workers
-    lengths = [total * (s + 1) // slots - total * s // slots for s in range(slots)]
-
-    def two_outlast_one(rank: int) -> bool:
-        mine = lengths[rank * workers : (rank + 1) * workers]
-        return mine.count(max(mine)) == 2
-
-    rank = next(filter(two_outlast_one, range(ranks)))
-    options = dict(batch_size=1, dp_rank=rank, dp_world_size=ranks, num_workers=workers, epochs=3)
+def test_resume_of_a_finite_pass_ends_where_the_uninterrupted_one_does(shard_dir, tokenizer):
+    options = dict(batch_size=7, dp_rank=1, dp_world_size=3, num_workers=2, epochs=2)
     reference = list(_loader(shard_dir, tokenizer, **options))
-    for stop in range(len(reference) - 6, len(reference)):
+    for stop in (len(reference) - 2, len(reference) - 1):
         interrupted = _loader(shard_dir, tokenizer, **options)
         for _ in itertools.islice(interrupted, stop):
             pass
@@ -162,6 +147,47 @@ def test_resume_of_a_finite_pass_follows_the_workers_that_are_left(shard_dir, to
         rest = list(resumed)
         assert len(rest) == len(reference) - stop, stop
         assert all(a.equal(b) for a, b in zip(rest, reference[stop:], strict=True)), stop
+
+
+def _steps(layout: dict, steps: int, state: dict | None, shard_dir, tokenizer):
+    """Each step's global batch (every rank's micro-batches) under `layout` (ranks, workers,
+    micro-batch size, accumulation), starting from `state`; and the state after them."""
+    ranks, accumulation = layout["ranks"], layout["accumulation"]
+    loaders = []
+    for rank in range(ranks):
+        one = _loader(
+            shard_dir, tokenizer, batch_size=layout["batch"], dp_rank=rank,
+            dp_world_size=ranks, num_workers=layout["workers"],
+        )  # fmt: skip
+        if state is not None:
+            one.load_state_dict(json.loads(json.dumps(state)))
+        loaders.append(one)
+    streams = [iter(one) for one in loaders]
+    batches = [
+        _rows(next(stream) for stream in streams for _ in range(accumulation)) for _ in range(steps)
+    ]
+    states = [one.state_dict() for one in loaders]
+    assert all(s == states[0] for s in states)  # at a step boundary, one global position
+    return batches, states[0]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_position_continues_under_another_layout(shard_dir, tokenizer):
+    """A global batch of 24 samples on 2 ranks × 2 workers (micro-batch 3, 4 accumulated), then
+    on 1 rank (micro-batch 8, 3 accumulated) or 4 ranks (micro-batch 6): every step reads the
+    same samples as an uninterrupted run of any layout, the epoch boundary included (~900
+    samples: 40 steps cross it)."""
+    first = {"ranks": 2, "workers": 2, "batch": 3, "accumulation": 4}
+    others = [
+        {"ranks": 1, "workers": 0, "batch": 8, "accumulation": 3},
+        {"ranks": 4, "workers": 1, "batch": 6, "accumulation": 1},
+    ]
+    before, state = _steps(first, 36, None, shard_dir, tokenizer)
+    assert state["position"] == 36 * 24
+    for other in others:
+        after, _ = _steps(other, 6, state, shard_dir, tokenizer)
+        uninterrupted, _ = _steps(other, 42, None, shard_dir, tokenizer)
+        assert before + after == uninterrupted
 
 
 def test_resume_skips_consumed_shards_without_reading_them(shard_dir, tokenizer, monkeypatch):
@@ -186,10 +212,12 @@ def test_resume_skips_consumed_shards_without_reading_them(shard_dir, tokenizer,
     assert len(reads) <= 2  # the current shard and, if the batch needs more, the next
 
 
-def test_state_of_another_layout_is_refused(shard_dir, tokenizer):
+def test_state_of_another_data_order_is_refused(shard_dir, tokenizer):
     state = _loader(shard_dir, tokenizer, batch_size=4).state_dict()
-    with pytest.raises(ValueError, match="batch_size: 4 saved, 8 now"):
-        _loader(shard_dir, tokenizer, batch_size=8).load_state_dict(state)
+    with pytest.raises(ValueError, match="another data order \\(seed: 0 saved, 1 now\\)"):
+        _loader(shard_dir, tokenizer, batch_size=4, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="format 2 is not this version's 3"):
+        _loader(shard_dir, tokenizer, batch_size=4).load_state_dict({**state, "format": 2})
 
 
 def _truncate_a_shard(shard_dir: Path, tmp_path: Path) -> Path:
@@ -276,13 +304,13 @@ def _with(key: str, value):
     ("damage", "problem"),
     [
         ('{"format": "moeut-token-shards/1", "seq', "Unterminated string"),
-        ("[]", "the manifest has type list, expected dict"),
-        (_without_dropped_tail, "missing key splits.val.dropped_tail_tokens"),
-        (_with("seq_len", "16"), "seq_len has type str, expected int"),
-        (_with("splits", []), "splits has type list, expected dict"),
+        ("[]", "the top level must be a mapping, got \\[\\]"),
+        (_without_dropped_tail, "missing key\\(s\\) \\['splits.val.dropped_tail_tokens'\\]"),
+        (_with("seq_len", "16"), "seq_len must be int, got '16'"),
+        (_with("splits", []), "splits must be a mapping, got \\[\\]"),
         (_with("splits", {"train": {"shards": [{"name": "x"}], "dropped_tail_tokens": 0}}),
-         "missing key splits.train.shards\\[0\\].samples"),
-        (_with("extra", 1), "unknown key extra"),
+         "missing key\\(s\\) \\['splits.train.shards\\[0\\].samples'"),
+        (_with("extra", 1), "unknown key\\(s\\) \\['extra'\\]"),
         (_with("format", "other/1"), "unknown manifest format 'other/1'"),
     ],
 )  # fmt: skip

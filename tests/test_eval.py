@@ -18,6 +18,7 @@ from data_prep.shards import build_shards
 from data_prep.synthetic import synthetic_documents, write_jsonl
 from data_prep.tokenizer import train_tokenizer
 from moeut_dist import MoEUTConfig, MoEUTLM
+from moeut_dist.checksums import record_checksums
 from moeut_dist.cli import main as moeut
 from moeut_dist.data import read_manifest, read_shard
 from moeut_dist.eval_cli import stream_text
@@ -300,7 +301,7 @@ def _truncate(path) -> None:
     ("damage", "message"),
     [
         (lambda d: (d / "config.json").write_text("{"), "config.json is not valid JSON"),
-        (lambda d: _add_config_key(d / "config.json"), "unknown MoEUTConfig key(s) ['bogus']"),
+        (lambda d: _add_config_key(d / "config.json"), "config.json: unknown key(s) ['bogus']"),
         (lambda d: _truncate(d / "model.safetensors"), "model.safetensors is damaged"),
         (lambda d: (d / "tokenizer.model").write_text("{}"), "is not a SentencePiece model"),
     ],
@@ -308,6 +309,8 @@ def _truncate(path) -> None:
 def test_a_damaged_model_directory_is_named(model_dir, tmp_path, capsys, damage, message):
     damaged = shutil.copytree(model_dir, tmp_path / "model")
     damage(damaged)
+    assert " is corrupt: its sha256 is " in refused(capsys, "generate", str(damaged))
+    record_checksums(damaged)  # as if it had been written so: the readers name the damage
     assert message in refused(capsys, "generate", str(damaged))
 
 
@@ -364,6 +367,7 @@ def one_process_checkpoint(model_dir, tokenizer_path, directory):
     (directory / "config.yaml").write_text(yaml.safe_dump(run))
     shutil.copyfile(tokenizer_path, directory / "tokenizer.model")
     (directory / "done_rank00000").write_text("1")
+    record_checksums(directory)
     return directory
 
 
@@ -376,6 +380,7 @@ def test_export_replaces_the_whole_model_directory(model_dir, tokenizer, tmp_pat
     assert moeut(["export", str(checkpoint), str(out)]) == 0
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint", "exported"]
     assert sorted(path.name for path in out.iterdir()) == [
+        "checksums.json",
         "config.json",
         "model.safetensors",
         "tokenizer.model",

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeut_dist import MoEUTConfig, MoEUTLM
+from moeut_dist.arch.moeut import to_official_state_dict
 from moeut_dist.cli import main as moeut
-from moeut_dist.convert import from_official_state_dict, to_official_state_dict
+from moeut_dist.convert import from_official_state_dict
 from moeut_dist.export import (
     CheckpointMismatchError,
     load_pretrained,
@@ -215,7 +216,9 @@ def test_a_model_directory_is_replaced_whole(model, tmp_path):
     out = save_pretrained(model, tmp_path / "model", stand_in_tokenizer(tmp_path))
     (out / "official_model.pt").write_bytes(b"an earlier export's")
     save_pretrained(model, out)
-    assert sorted(path.name for path in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        "checksums.json", "config.json", "model.safetensors",
+    ]  # fmt: skip
 
 
 def test_a_failed_write_leaves_the_previous_model_directory(model, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeut_dist import ConfigError, DenseLM, MoEUTConfig, MoEUTLM, profiles
+from moeut_dist import ConfigError, DenseLM, MoEUTConfig, MoEUTLM, arch, profiles
 from moeut_dist.model import lm_loss
 from moeut_dist.model.attention import SwitchHead
 from moeut_dist.model.moe import SigmaMoE
@@ -53,47 +53,73 @@ def test_group_is_applied_in_order_and_repeated():
     assert calls == [0, 1, 0, 1, 0, 1]
 
 
-PAPER_PARAMETERS_M = {
+PAPER_PARAMETERS_M = {  # moeut-spec.md
     "moeut-44m": 44.35,
     "moeut-126m": 125.67,
     "moeut-244m": 243.33,
     "moeut-318m": 318.11,
-    "moeut-582m": 581.94,
+    "moeut-582m": 581.94,  # the authors' public-repository profile named "727M"
+    "moeut-727m": 727.42,
     "moeut-1b": 1040.32,
 }
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMETERS_M))
 def test_paper_profile_parameter_counts(name):
+    config = MoEUTConfig.from_profile(name, vocab_size=8000)
     with torch.device("meta"):
-        model = MoEUTLM(MoEUTConfig.from_profile(name, vocab_size=8000))
+        model = MoEUTLM(config)
     count = sum(p.numel() for p in model.parameters())
     assert abs(count / 1e6 - PAPER_PARAMETERS_M[name]) < 0.01
-    assert count == profiles.moeut_parameter_count(model.config)
+    summary = arch.of(config).summary(config, 1024)
+    assert summary.parameters == count
+    assert summary.active_parameters < count
 
 
-def test_dense_baselines_match_their_moeut():
-    config = profiles.get_dense("dense-244m")
-    assert (config.d_model, config.n_layers, config.n_heads) == (1024, 18, 16)
-    assert config.d_ff == round(4.014 * 1024)
+# name: (d, L, heads, head width, FFN width = int(d · ff_mult)), moeut-spec.md's dense table.
+PAPER_DENSE_SHAPES = {
+    "dense-44m": (412, 16, 10, 41, 2053),
+    "dense-126m": (768, 16, 16, 48, 3072),
+    "dense-244m": (1024, 18, 16, 64, 4110),
+    "dense-318m": (1024, 24, 16, 64, 4110),
+    "dense-727m": (1280, 36, 20, 64, 5120),
+    "dense-1b": (1536, 36, 24, 64, 6144),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_DENSE_SHAPES))
+def test_dense_baselines_have_the_published_shapes_and_match_their_moeut(name):
+    config = profiles.get_dense(name)
+    shape = (config.d_model, config.n_layers, config.n_heads, config.head_dim, config.d_ff)
+    assert shape == PAPER_DENSE_SHAPES[name]
     with torch.device("meta"):
-        count = sum(p.numel() for p in DenseLM(config).parameters())
-    assert abs(count / 243.33e6 - 1) < 1e-3
+        model = DenseLM(config)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == arch.of(config).summary(config, 1024).parameters
+    # Parameter-matched by the authors' choice of shapes, not by solving for a width.
+    matched = PAPER_PARAMETERS_M["moeut-" + name.removeprefix("dense-")]
+    assert abs(count / 1e6 / matched - 1) < 0.005
+    if name == "dense-44m":  # 10 heads of width 41: attention projects d → 410 → d
+        assert tuple(model.layers[0].attention.q.weight.shape) == (410, 412)
+        assert tuple(model.layers[0].attention.o.weight.shape) == (412, 410)
 
 
 def test_dense_baseline_layers_start_at_the_pre_ln_scale():
     config = profiles.get_dense("dense-44m", vocab_size=300)
     layer = DenseLM(config).layers[0]
-    for linear in (layer.attention.qkv, layer.attention.o, layer.ffn[0], layer.ffn[2]):
+    attention, ffn = layer.attention, layer.ffn
+    for linear in (attention.q, attention.k, attention.v, attention.o, ffn.up, ffn.down):
         expected = math.sqrt(2 / (config.n_layers * linear.in_features))
         assert linear.weight.std().item() == pytest.approx(expected, rel=0.02)
 
 
-def test_renamed_and_unknown_profiles_are_explained():
-    with pytest.raises(ConfigError, match="moeut-582m"):
-        MoEUTConfig.from_profile("moeut-727m")
+def test_unknown_profiles_and_profiles_of_the_other_architecture_are_explained():
     with pytest.raises(ConfigError, match="unknown MoEUT profile 'nope'"):
         MoEUTConfig.from_profile("nope")
+    with pytest.raises(ConfigError, match="'dense-44m' is a dense profile"):
+        MoEUTConfig.from_profile("dense-44m")
+    with pytest.raises(ConfigError, match="'moeut-44m' is a MoEUT profile"):
+        profiles.get_dense("moeut-44m")
 
 
 @pytest.mark.parametrize(
@@ -103,8 +129,8 @@ def test_renamed_and_unknown_profiles_are_explained():
         ({"experts_per_token": 17}, r"experts_per_token \(17\) exceeds n_experts \(16\)"),
         ({"att_experts_per_head": 5}, r"att_experts_per_head \(5\)"),
         ({"dropout": 1.5}, "dropout must be in"),
-        ({"kernel": "cuda"}, "unknown kernel"),
-        ({"d_modle": 3}, "unknown MoEUTConfig key"),
+        ({"kernel": "cuda"}, r"kernel must be one of \[.auto., .torch., .triton.\], got .cuda."),
+        ({"d_modle": 3}, r"unknown key\(s\) \[.d_modle.\]"),
     ],
 )
 def test_invalid_configs_are_rejected_by_name(changes, message):

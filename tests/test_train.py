@@ -8,7 +8,6 @@ import itertools
 import json
 import math
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -23,15 +22,18 @@ from deepspeed.utils import safe_get_full_fp32_param
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moeut_dist import profiles
+from moeut_dist import arch, profiles
+from moeut_dist.checksums import CHECKSUMS_FILE, record_checksums
+from moeut_dist.cli import main as moeut
 from moeut_dist.config import ConfigError, MoEUTConfig
 from moeut_dist.data import read_manifest
+from moeut_dist.evaluate import evaluate_shards, load_model_and_tokenizer
 from moeut_dist.export import WEIGHTS_FILE, load_pretrained, save_pretrained
-from moeut_dist.model import MoEUTLM
-from moeut_dist.model.flops import forward_flops_per_token
+from moeut_dist.generate import SamplingConfig, generate
+from moeut_dist.model import DenseLM, MoEUTLM
 from moeut_dist.parallel.build import ParallelLoss, build_model, parallel_lm_loss
 from moeut_dist.parallel.engine import (
-    OptimizerSettings,
+    UnsafeCheckpointFileError,
     create_engine,
     deepspeed_config,
     load_initial_weights,
@@ -44,7 +46,13 @@ from moeut_dist.train.checkpoint import (
     is_complete,
     latest_checkpoint,
 )
-from moeut_dist.train.config import ScheduleSection, check_init_from, check_run, load_config
+from moeut_dist.train.config import (
+    OptimSection,
+    ScheduleSection,
+    check_init_from,
+    check_run,
+    load_config,
+)
 from moeut_dist.train.consolidate import export_checkpoint
 from moeut_dist.train.metrics import read_run_metrics
 from moeut_dist.train.schedule import lr_multiplier
@@ -109,7 +117,8 @@ def test_config_reads_yaml_and_dotted_overrides(corpus, tmp_path):
         (["schedule.steps=2.5"], 1, "schedule.steps must be int"),
         (["seed=-1"], 1, "seed must be in 0..2**32 - 1, got -1"),
         (["precision=fp16"], 1, "precision must be one of ['auto', 'bf16', 'fp32']"),
-        (["model.profile=moeut-727m"], 1, "named 'moeut-582m'"),
+        (["model.profile=dense-44m"], 1, "'dense-44m' is a dense profile"),
+        (["model.arch=dense", "model.kernel=torch"], 1, "['model.kernel'] for model.arch dense"),
         (["parallel.expert=3"], 2, "world size 2 is not a multiple"),
         (["parallel.tensor=4"], 4, "does not divide n_heads"),
         (["data.global_batch_size=6"], 4, "not a multiple of micro_batch_size 2"),
@@ -181,6 +190,7 @@ def test_pruning_keeps_this_runs_newest_and_leaves_an_abandoned_runs_alone(tmp_p
         directory = root / f"step_{step:08d}"
         directory.mkdir(parents=True)
         (directory / "done_rank00000").write_text("1")
+        record_checksums(directory)
     manager = object.__new__(CheckpointManager)  # _prune needs only the root and `keep`
     manager.root, manager.keep = root, 2
     (root / "step_00000001").mkdir()  # a save that crashed
@@ -214,6 +224,9 @@ def test_init_from_needs_a_model_directory_of_the_same_model(
     shutil.copytree(other_model_dir, truncated)
     weights = (truncated / WEIGHTS_FILE).read_bytes()
     (truncated / WEIGHTS_FILE).write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ConfigError, match=r"model\.safetensors is corrupt: its sha256 is"):
+        check_init_from(truncated, _run_model(path))
+    (truncated / CHECKSUMS_FILE).unlink()  # as written before directories recorded checksums
     with pytest.raises(ConfigError, match=r"model\.safetensors is damaged \(.*incomplete"):
         check_init_from(truncated, _run_model(path))
 
@@ -277,20 +290,87 @@ def test_schedule_warms_up_then_follows_the_cosine_to_its_floor():
     assert values == sorted(values, reverse=True)
 
 
+@pytest.mark.parametrize(
+    ("kind", "shape", "expected"),
+    [
+        # steps 10, warm-up 2: 0.5, 1 | stable 1, 1, 1, 1 | decay over 4 steps to 0.1
+        ("wsd", "linear", [0.5, 1, 1, 1, 1, 1, 0.775, 0.55, 0.325, 0.1]),
+        ("wsd", "cosine", [0.5, 1, 1, 1, 1, 1, 0.1 + 0.9 * (0.5 + 0.5**1.5), 0.55, None, 0.1]),
+        ("wsd", "sqrt", [0.5, 1, 1, 1, 1, 1, 0.55, 1 - 0.9 * 0.5**0.5, None, 0.1]),
+    ],
+)
+def test_wsd_schedule_warms_up_holds_then_decays_to_its_floor_on_the_last_step(
+    kind, shape, expected
+):
+    schedule = ScheduleSection(
+        kind=kind, steps=10, warmup_steps=2, decay_steps=4, decay_shape=shape, min_lr_ratio=0.1
+    )
+    got = [lr_multiplier(step, schedule) for step in range(10)]
+    for step, want in enumerate(expected):
+        if want is not None:
+            assert got[step] == pytest.approx(want), f"step {step}: {got}"
+    assert got[6:] == sorted(got[6:], reverse=True)
+    # Edge cases: no warm-up starts stable at the full rate; one decay step is the floor itself;
+    # no decay at all stays at the full rate to the end.
+    no_warmup = ScheduleSection(kind="wsd", steps=4, warmup_steps=0, decay_steps=1)
+    assert [lr_multiplier(s, no_warmup) for s in range(4)] == [1, 1, 1, pytest.approx(0.1)]
+    constant = ScheduleSection(kind="wsd", steps=4, warmup_steps=1, decay_steps=0)
+    assert [lr_multiplier(s, constant) for s in range(4)] == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"decay_steps": 5}, "decay_steps is the wsd decay's length; set kind: wsd"),
+        ({"kind": "wsd", "decay_steps": 99}, "decay_steps must be in 0..steps − warmup_steps (90)"),
+        ({"kind": "step"}, "schedule.kind must be one of ['cosine', 'wsd']"),
+        ({"kind": "wsd", "decay_shape": "exp"}, "schedule.decay_shape must be one of"),
+    ],
+)
+def test_schedule_settings_out_of_range_are_refused(values, message):
+    with pytest.raises(ConfigError) as error:
+        ScheduleSection.from_dict({"steps": 100, "warmup_steps": 10, **values}, "schedule.")
+    assert message in str(error.value)
+
+
+def _forward_flops(config, seq_len: int = 1024) -> float:
+    return arch.of(config).summary(config, seq_len).forward_flops_per_token
+
+
 def test_flops_count_only_the_selected_experts():
     config = profiles.get("moeut-244m")
     more_experts = profiles.get("moeut-244m", n_experts=2 * config.n_experts)
-    extra = forward_flops_per_token(more_experts, 1024) - forward_flops_per_token(config, 1024)
+    extra = _forward_flops(more_experts) - _forward_flops(config)
     # Only the selection logits grow with the number of experts; the experts a token does not
     # select cost nothing.
     assert extra == 2 * config.d_model * config.n_experts * config.n_layers
     more_selected = profiles.get("moeut-244m", experts_per_token=config.experts_per_token + 1)
-    extra = forward_flops_per_token(more_selected, 1024) - forward_flops_per_token(config, 1024)
+    extra = _forward_flops(more_selected) - _forward_flops(config)
     assert extra == 4 * config.d_model * config.expert_size * config.n_layers
 
 
+@pytest.mark.parametrize("name", ["dense-44m", "dense-tiny"])
+def test_dense_flops_are_two_per_weight_plus_attention_over_the_context(name):
+    """2 FLOPs per weight of every matmul a token passes (the layers' linears and the LM head),
+    plus the scores and weighted sum over the whole context."""
+    config = profiles.get_dense(name)
+    with torch.device("meta"):
+        model = arch.of(config).model_class(config)
+    matmul_weights = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)
+    )
+    attention = 2 * 2 * config.n_heads * config.head_dim * 1024 * config.n_layers
+    assert _forward_flops(config) == 2 * matmul_weights + attention
+    summary = arch.of(config).summary(config, 1024)
+    assert (
+        summary.parameters
+        == summary.active_parameters
+        == sum(p.numel() for p in model.parameters())
+    )
+
+
 def test_deepspeed_config_accumulates_and_checks_bf16_overflow():
-    layout, settings = ParallelConfig(zero_stage=2), OptimizerSettings()
+    layout, settings = ParallelConfig(zero_stage=2), OptimSection()
     config = deepspeed_config(layout, settings, 2, 3, data_parallel_size=4, bf16=True)
     assert (config["train_batch_size"], config["gradient_accumulation_steps"]) == (24, 3)
     assert config["train_micro_batch_size_per_gpu"] == 2
@@ -315,20 +395,22 @@ def _validate_with_a_rank_short_of_batches(config_path: Path) -> tuple[float, in
     engine = types.SimpleNamespace(
         module=build_model(plan.model, config.parallel, seed=0), device=torch.device("cpu")
     )
-    make_loader, forward = loop.make_loader, loop.parallel_lm_loss
+    forward = loop.parallel_lm_loss
     forwards = itertools.count()
-
-    def short_on_rank_1(*args, **kwargs):
-        loader = make_loader(*args, **kwargs)
-        return itertools.islice(loader, 1) if dist.get_rank() == 1 else loader
 
     def counted(*args):
         next(forwards)
         return forward(*args)
 
-    loop.make_loader, loop.parallel_lm_loss = short_on_rank_1, counted
-    loss = loop.validation_loss(engine, config, None)
+    loop.parallel_lm_loss = counted
+    loss = loop.validation_loss(engine, config, _EndingEarlyOnRank1(config), None)
     return loss, next(forwards)
+
+
+class _EndingEarlyOnRank1(loop.ValidationBatches):
+    def __iter__(self):
+        batches = super().__iter__()
+        return itertools.islice(batches, 1) if dist.get_rank() == 1 else batches
 
 
 def test_validation_runs_as_many_batches_on_every_rank(corpus, tmp_path):
@@ -453,7 +535,7 @@ def test_run_logs_metrics_and_keeps_the_last_checkpoints(uninterrupted, corpus, 
     for record in records:
         assert record["perplexity"] == pytest.approx(math.exp(record["loss"]))
         assert record["grad_norm"] > 0 and record["tokens_per_second"] > 0
-        assert record["model_flops_per_second"] > 0 and record["mfu"] is None
+        assert record["model_flops_per_second"] > 0 and "mfu" not in record  # no peak FLOP/s on CPU
         assert len(record["expert_share"]) == 2  # the tiny profile's two group layers
         assert all(sum(s) == pytest.approx(1.0) for s in record["expert_share"])
         assert all(0.5 < h <= 1.0 for h in record["expert_entropy"])
@@ -485,11 +567,11 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one(
 ):
     write_rank_state = CheckpointManager._write_rank_state
 
-    def crash_at_step_4(self, directory, state):
+    def crash_at_step_4(self, directory, state, *more):
         if state.step == 4:
             (directory / "trainer_rank00000.json").write_text('{"step": 4, "loa')
             raise OSError("disk full")
-        write_rank_state(self, directory, state)
+        write_rank_state(self, directory, state, *more)
 
     monkeypatch.setattr(CheckpointManager, "_write_rank_state", crash_at_step_4)
     config = run_config(corpus, tmp_path / "run")
@@ -517,10 +599,10 @@ def test_rewriting_a_checkpoint_the_pointer_names_never_leaves_it_on_a_partial_o
 
     write_rank_state = CheckpointManager._write_rank_state
 
-    def crash_at_step_4(self, directory, state):
+    def crash_at_step_4(self, directory, state, *more):
         if state.step == 4:
             raise OSError("disk full")
-        write_rank_state(self, directory, state)
+        write_rank_state(self, directory, state, *more)
 
     monkeypatch.setattr(CheckpointManager, "_write_rank_state", crash_at_step_4)
     resumed = {
@@ -554,6 +636,90 @@ def test_bf16_run_resumes_bit_identically_and_exports_in_bf16(corpus, tmp_path):
         assert torch.equal(tensor, whole.weights[name]), name
 
 
+# --- the dense baseline, trained the same way ---------------------------------------------------
+
+
+def _dense_config(corpus, out_dir: Path, **sections) -> dict:
+    config = run_config(corpus, out_dir, **sections)
+    config["model"] = {"arch": "dense", "profile": "dense-tiny"}
+    return config
+
+
+def test_expert_parallelism_on_a_dense_model_is_refused_by_name(corpus, tmp_path, monkeypatch):
+    path = write_config(_dense_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
+    monkeypatch.setattr(loop, "build_model", lambda *_, **__: pytest.fail("model was built"))
+    message = "expert parallelism (parallel.expert=2) needs experts, and a dense model has none"
+    with pytest.raises(ConfigError) as error:
+        loop.train(load_config(path, ["parallel.expert=2"]))
+    assert message in str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_a_model_of_another_architecture_is_refused(corpus, tmp_path, other_model_dir):
+    path = write_config(_dense_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
+    with pytest.raises(ConfigError, match="holds a moeut model, the run's model is dense"):
+        check_init_from(other_model_dir, _run_model(path))
+
+
+@pytest.fixture(scope="module")
+def dense_uninterrupted(corpus, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("dense")
+    path = write_config(_dense_config(corpus, directory / "run"), directory / "run.yaml")
+    loop.train(load_config(path))
+    return run_result(path), directory / "run"
+
+
+def test_dense_run_logs_its_summary_and_counts_mfu_from_it(dense_uninterrupted):
+    result, out_dir = dense_uninterrupted
+    config = profiles.get_dense("dense-tiny", vocab_size=300)
+    summary = arch.of(config).summary(config, 32)
+    (record,) = read_run_metrics(out_dir, "model")
+    assert record == {"kind": "model", "step": 0, **summary.to_dict()}
+    assert record["parameters"] == sum(p.numel() for p in DenseLM(config).parameters())
+    assert [step for step, *_ in result.losses] == [1, 2, 3, 4, 5, 6]
+    assert result.losses[-1][1] < result.losses[0][1]
+    for train in result.records:
+        assert train["reg_loss"] == 0.0 and "expert_share" not in train
+        flops_per_token = train["model_flops_per_second"] / train["tokens_per_second"]
+        assert flops_per_token == pytest.approx(3 * summary.forward_flops_per_token)
+
+
+def test_dense_run_resumes_bit_identically(dense_uninterrupted, corpus, tmp_path, capsys):
+    config = _dense_config(corpus, tmp_path / "run")
+    _train({**config, "stop_after_steps": 3}, tmp_path / "first.yaml")
+    path = write_config(config, tmp_path / "second.yaml")
+    loop.train(load_config(path))
+    assert_same_run(run_result(path), dense_uninterrupted[0])
+    config = profiles.get_dense("dense-tiny", vocab_size=300)
+    summary = arch.of(config).summary(config, 32)
+    assert capsys.readouterr().out.count(f"model {summary.describe()}\n") == 2  # each session
+
+
+def test_dense_run_exports_for_generate_and_eval(dense_uninterrupted, corpus, tmp_path, capsys):
+    result, out_dir = dense_uninterrupted
+    assert moeut(["export", str(out_dir), str(tmp_path / "model")]) == 0
+    model, tokenizer = load_model_and_tokenizer(tmp_path / "model")
+    assert isinstance(model, DenseLM)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, result.weights[name]), name
+    # Greedy decoding with the KV cache follows the model's full forward, token by token.
+    tokens = torch.tensor([[tokenizer.eod_id, *tokenizer.encode("the")]])
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0)
+    generated = torch.stack(list(generate(model, tokens, sampling)), dim=1)
+    with torch.no_grad():
+        for new in generated[0]:
+            assert model(tokens).logits[0, -1].argmax() == new
+            tokens = torch.cat([tokens, new.view(1, 1)], dim=1)
+    capsys.readouterr()
+    assert moeut(["generate", str(tmp_path / "model"), "--prompt", "the", "--max-tokens", "4",
+                  "--temperature", "0"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.startswith("the")
+    perplexity = evaluate_shards(model, tokenizer, corpus.shard_dir).perplexity
+    assert 1 < perplexity < 300
+    assert moeut(["export", str(out_dir), str(tmp_path / "official"), "--official"]) == 2
+    assert "the authors' checkpoint format exists for MoEUT, not dense" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def two_step_run(corpus, tmp_path_factory):
     """A finished two-step run (checkpoint at step 2) to damage copies of."""
@@ -564,10 +730,13 @@ def two_step_run(corpus, tmp_path_factory):
 
 
 def _damage(path, content: str | None) -> None:
+    """Damage a checkpoint file as if it had been written so (its checksum recorded too)."""
     if content is None:
         path.unlink()
     else:
         path.write_text(content)
+    if path.parent.name.startswith("step_"):
+        record_checksums(path.parent)
 
 
 @pytest.mark.parametrize(
@@ -578,7 +747,7 @@ def _damage(path, content: str | None) -> None:
         ("step_00000002/done_rank00000", "", "step_00000002, which is not complete"),
         ("step_00000002/trainer_rank00000.json", None, "rank 0's trainer state is missing"),
         ("step_00000002/trainer_rank00000.json", '{"format": 1}', "KeyError: 'world_size'"),
-        ("step_00000002/done_rank00000", "2", "written by 2 ranks; resuming needs the same"),
+        ("step_00000002/done_rank00000", "2", "its completion markers name 2 ranks"),
     ],
 )
 def test_damaged_or_foreign_checkpoint_is_refused_before_the_model_is_built(
@@ -590,6 +759,7 @@ def test_damaged_or_foreign_checkpoint_is_refused_before_the_model_is_built(
     _damage(checkpoints / damaged, content)
     if content == "2":  # a complete checkpoint of two ranks
         (checkpoints / "step_00000002" / "done_rank00001").write_text("2")
+        record_checksums(checkpoints / "step_00000002")
     monkeypatch.setattr(loop, "build_model", lambda *_, **__: pytest.fail("model was built"))
     config = {**two_step_run, "out_dir": str(tmp_path / "run")}
     config["schedule"] = {**config["schedule"], "steps": 4}
@@ -602,10 +772,56 @@ def test_checkpoint_of_another_format_is_refused_naming_it(two_step_run, tmp_pat
     shutil.copytree(two_step_run["out_dir"], tmp_path / "run")
     state_file = tmp_path / "run/checkpoints/step_00000002/trainer_rank00000.json"
     state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "format": 1}))
+    record_checksums(state_file.parent)
     monkeypatch.setattr(loop, "build_model", lambda *_, **__: pytest.fail("model was built"))
     config = {**two_step_run, "out_dir": str(tmp_path / "run")}
     with pytest.raises(CheckpointError, match="checkpoint format 1, from another version"):
         _train(config, tmp_path / "resume.yaml")
+
+
+def _as_format_2(checkpoint: Path) -> None:
+    """Rewrite a one-process checkpoint as the previous version (format 2) wrote it. Generated
+    rather than committed: its DeepSpeed files and weight shards come from the same code in
+    both versions (a committed copy would pin binary files of one torch and DeepSpeed release),
+    so what differs is only what is rewritten here: no portable/, no AdamW step count, and
+    the loader's per-worker positions of the previous data order."""
+    shutil.rmtree(checkpoint / "portable")
+    path = checkpoint / "trainer_rank00000.json"
+    values = json.loads(path.read_text())
+    del values["optimizer_steps"]
+    order = values["loader"]["order"]
+    layout = {**order, "batch_size": 2, "dp_rank": 0, "dp_world_size": 1, "num_workers": 0}
+    values["loader"] = {
+        "format": 2,
+        "layout": layout,
+        "next_worker": 0,
+        "positions": [values["loader"]["position"]],
+        "skipped_shards": [0],
+    }
+    path.write_text(json.dumps({**values, "format": 2}))
+    (checkpoint / "checksums.json").unlink()  # recorded from this version on
+
+
+def test_checkpoint_of_the_previous_format_resumes_under_its_own_layout_only(
+    two_step_run, tmp_path
+):
+    runs = {}
+    for name in ("current", "previous"):
+        shutil.copytree(two_step_run["out_dir"], tmp_path / name)
+        if name == "previous":
+            _as_format_2(tmp_path / name / "checkpoints" / "step_00000002")
+        config = {**two_step_run, "out_dir": str(tmp_path / name)}
+        config["schedule"] = {**config["schedule"], "steps": 3}
+        runs[name] = config
+    zero_2 = {**runs["previous"], "parallel": {"zero_stage": 2}}
+    earlier = r"earlier version of moeut-dist \(checkpoint format 2"
+    with pytest.raises(CheckpointError, match=earlier):
+        _train(zero_2, tmp_path / "zero2.yaml")
+    results = {}
+    for name, config in runs.items():
+        _train(config, tmp_path / f"{name}.yaml")
+        results[name] = run_result(tmp_path / f"{name}.yaml")
+    assert_same_run(results["previous"], results["current"])
 
 
 def test_resume_with_other_data_settings_is_refused_before_the_model_is_built(
@@ -614,9 +830,9 @@ def test_resume_with_other_data_settings_is_refused_before_the_model_is_built(
     shutil.copytree(two_step_run["out_dir"], tmp_path / "run")
     monkeypatch.setattr(loop, "build_model", lambda *_, **__: pytest.fail("model was built"))
     config = {**two_step_run, "out_dir": str(tmp_path / "run")}
-    config["data"] = {**config["data"], "micro_batch_size": 4}
+    config["seed"] = 4
     config["schedule"] = {**config["schedule"], "steps": 4}
-    with pytest.raises(CheckpointError, match=r"another layout \(batch_size: 2 saved, 4 now\)"):
+    with pytest.raises(CheckpointError, match=r"another data order \(seed: 3 saved, 4 now\)"):
         _train(config, tmp_path / "resume.yaml")
 
 
@@ -679,10 +895,10 @@ def test_every_checkpoint_file_is_on_disk_before_its_completion_marker(
     _train(config, tmp_path / "run.yaml")
     directory = latest_checkpoint(tmp_path / "run" / "checkpoints")
     marker = flushed.index(directory / "done_rank00000")
-    # DeepSpeed also copies its zero_to_fp32 scripts beside the checkpoint: its own sources,
-    # not part of what a resume reads.
-    files = {p for p in directory.rglob("*") if p.is_file() and not p.match("zero_to_*.py")}
-    files -= {directory / "done_rank00000"}
+    # The checksums are recorded once every rank's marker is there.
+    files = {p for p in directory.rglob("*") if p.is_file()}
+    files -= {directory / "done_rank00000", directory / CHECKSUMS_FILE}
+    assert flushed.index(directory / CHECKSUMS_FILE) > marker
     assert files and files <= set(flushed[:marker])
     assert {directory, directory / "engine"} <= set(flushed[:marker])
 
@@ -732,7 +948,8 @@ def test_nonfinite_loss_skips_the_step_and_stops_after_too_many(
     _train(config, tmp_path / "skip.yaml")
     records = read_run_metrics(tmp_path / "run")
     assert [r["skipped_steps"] for r in records] == [0, 1, 0, 0, 0, 0]
-    assert math.isnan(records[1]["loss"]) and all(math.isfinite(r["loss"]) for r in records[2:])
+    assert records[1]["loss"] is None and records[1]["nonfinite"]["loss"] == "nan"
+    assert all(math.isfinite(r["loss"]) for r in records[2:])
     weights = {
         step: torch.load(
             tmp_path / f"run/checkpoints/step_{step:08d}/engine/mp_rank_00_model_states.pt",
@@ -771,23 +988,47 @@ def test_untrusted_checkpoint_files_are_not_unpickled(uninterrupted, corpus, tmp
     for name in os.listdir(engine_dir):
         if name.endswith(".pt"):
             torch.save({"payload": _Payload(str(marker))}, engine_dir / name)
+    record_checksums(engine_dir.parent)  # planted by someone who also rewrote the checksums
     config["schedule"] = {**config["schedule"], "steps": 4}
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(UnsafeCheckpointFileError, match=r"holds code .* and was not loaded"):
         _train(config, tmp_path / "resume.yaml")
     assert not marker.exists()
     assert json.loads((tmp_path / "run/checkpoints/latest.json").read_text())["step"] == 2
 
 
-@pytest.mark.parametrize(
-    "name", ["moeut-44m", "moeut-126m", "moeut-244m", "moeut-318m", "moeut-582m", "moeut-1b"]
-)
-def test_launch_configs_hold_the_papers_recipe_and_fit_a_node(name):
+LAUNCH_CONFIGS = [
+    f"{arch}-{size}"
+    for arch in ("moeut", "dense")
+    for size in ("44m", "126m", "244m", "318m", "727m", "1b")
+] + ["moeut-582m"]
+
+
+@pytest.mark.parametrize("name", LAUNCH_CONFIGS)
+def test_launch_configs_hold_the_authors_recipe_and_fit_a_node(name):
     config = load_config(REPO / "launch" / "configs" / f"{name}.yaml")
+    assert (config.model.arch, config.model.profile) == (name.split("-")[0], name)
     config.parallel.validate(config.model.build(8000), world_size=8)
+    # The 44M models (MoEUT and dense) were trained with clipping 0.1 and no warm-up.
+    clip, warmup = (0.1, 0) if name.endswith("-44m") else (0.25, 4000)
     recipe = (config.optim.lr, config.optim.weight_decay, config.optim.grad_clip)
-    assert recipe == (2.5e-4, 0.01, 0.25)
+    assert recipe == (2.5e-4, 0.01, clip)
     schedule = config.schedule
-    assert (schedule.steps, schedule.warmup_steps, schedule.min_lr_ratio) == (100_000, 4000, 0.1)
+    assert (schedule.kind, schedule.steps, schedule.warmup_steps, schedule.min_lr_ratio) == (
+        "cosine", 100_000, warmup, 0.1,
+    )  # fmt: skip
     assert (config.data.global_batch_size, config.data.seq_len) == (64, 1024)
     per_step = config.data.micro_batch_size * config.parallel.data(8)
     assert config.data.global_batch_size % per_step == 0
+
+
+def test_reading_a_config_does_not_import_deepspeed(corpus, tmp_path):
+    """Config checks run before any process starts (and in tools that never train)."""
+    path = write_config(run_config(corpus, tmp_path / "run"), tmp_path / "run.yaml")
+    code = (
+        "import sys; from moeut_dist.train.config import load_config; "
+        f"load_config({str(path)!r}); print(sorted(m for m in sys.modules if 'deepspeed' in m))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -1,15 +1,13 @@
 """`moeut train` under torchrun with 2 processes and expert parallelism (gloo): end to end,
 two simulated nodes (torchrun agents, and a SLURM job on a local two-node cluster), the DeepSpeed
-launcher, stop-and-resume, a worker killed mid-run, and a run started from the export of another
-layout's checkpoint."""
+launcher, stop-and-resume, and a run started from the export of another layout's checkpoint.
+A worker killed mid-run is in `test_faults`."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from moeut_dist.export import load_pretrained
 from moeut_dist.model import lm_loss
 from moeut_dist.train.config import check_init_from, check_run, load_config
 from moeut_dist.train.consolidate import export_checkpoint
-from moeut_dist.train.metrics import METRICS_FILE, read_run_metrics
+from moeut_dist.train.metrics import read_run_metrics
 from tests import slurm_cluster
 from tests.distributed_utils import free_port
 from tests.train_helpers import (
@@ -132,33 +130,6 @@ def test_stopped_and_resumed_two_process_run_is_bit_identical(reference, corpus,
     path = write_config(config, tmp_path / "run.yaml")
     wait(torchrun(path, 2, "--resume", "auto"), path)
     assert_same_run(run_result(path), reference[0])
-
-
-def _workers(agent_pid: int) -> list[int]:
-    children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
-    return [int(pid) for pid in children]
-
-
-def _logged_steps(out_dir: Path) -> int:
-    path = out_dir / METRICS_FILE
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def test_killed_worker_restarts_from_the_last_checkpoint(reference, corpus, tmp_path):
-    path = write_config(_config(corpus, tmp_path), tmp_path / "run.yaml")
-    (agent,) = torchrun(path, max_restarts=1)
-    # Kill one worker once a few steps are logged (past the step-2 checkpoint), mid-run.
-    deadline = time.monotonic() + 180
-    while _logged_steps(tmp_path / "run") < 3:
-        assert agent.poll() is None and time.monotonic() < deadline, "run ended too early"
-        time.sleep(0.02)
-    os.kill(_workers(agent.pid)[-1], signal.SIGKILL)
-    wait([agent], path)
-    result = run_result(path)
-    resumes = read_run_metrics(tmp_path / "run", "event")
-    assert len(resumes) == 1, "the workers were not restarted from a checkpoint"
-    assert 2 <= resumes[0]["step"] < STEPS  # a checkpoint of this run, mid-run
-    assert_same_run(result, reference[0])
 
 
 def _first_batch(config_path: Path) -> torch.Tensor:

@@ -106,14 +106,10 @@ def deepspeed_launcher(config_path: Path, nproc: int = 2) -> list[subprocess.Pop
 
 
 def _start(command: list[str], config_path: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-        # As launch/torchrun.sh: restarted workers otherwise read the previous attempt's
-        # addresses from the rendezvous store (pytorch/pytorch#135712).
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-    }
+    # torchrun's default environment (it shares its rendezvous store with the workers), as a
+    # user who launches it by hand gets.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     log = open(config_path.with_suffix(".log"), "a")  # noqa: SIM115 -- the process owns it
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 

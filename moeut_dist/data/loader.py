@@ -1,18 +1,23 @@
-"""Streaming token batches from webdataset shards, split across ranks and workers, resumable.
+"""Streaming token batches from webdataset shards, split across ranks and workers, resumable
+under any layout.
 
 The order of an epoch is a pure function of (seed, epoch): the split's shards are put in an
 order drawn from (seed, epoch) and their samples laid end to end, each shard's samples in an
-order drawn from (seed, epoch, shard). That sequence is cut into `dp_world_size × workers`
-contiguous slots whose lengths differ by at most one sample; slot `rank × workers + worker`
-belongs to one dataloader worker of one rank, which reads only the shards its slot overlaps.
-So every sample is read by exactly one worker per epoch, whatever the layout.
+order drawn from (seed, epoch, shard). Epochs follow one another into one endless sequence, and
+its places are the loader's only coordinates: the global batch of micro-batch round `k` (every
+data-parallel rank's k-th micro-batch) is the `dp_world_size × batch_size` places after the
+`k` rounds before it, rank `r` taking the r-th `batch_size` of them. So what a run has consumed
+after any number of optimizer steps is a prefix of the sequence, whatever the number of ranks,
+workers or the micro-batch size, and the loader's state is one number, the length of that
+prefix: a run resumed under another layout continues at the same place, with no sample of the
+epoch read twice or skipped.
 
-A worker's stream is its slot in epoch 0, then in epoch 1, and so on, cut into batches; a
-position in it is a sample count. The DataLoader takes batches from the workers round robin,
-passing over those whose (finite) stream has ended, so the loader's state is each worker's
-position plus the worker after the one that yielded last. A restored loader starts each worker
-at its position (whole shards before it are skipped using the manifest's counts, unread; an
-ended stream yields nothing) and renumbers the workers so that that one comes first.
+Within a rank, dataloader worker `w` of `W` reads micro-batches `w, w + W, …` and the DataLoader
+takes them round robin, which is micro-batch order. Each worker reads the shards its
+micro-batches fall in (one shard in memory at a time), so every worker reads every shard of an
+epoch, using its share of the samples: sequential reads of a few MB per shard, far below what a
+training step consumes in compute. A restored loader starts at its place; whole shards before
+it are skipped using the manifest's counts, unread.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +39,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from moeut_dist.data.manifest import SAMPLE_FIELD, ShardInfo, read_manifest
 from moeut_dist.data.tokenizer import Tokenizer, file_sha256
 
-_STATE_FORMAT = 2
+_STATE_FORMAT = 3
+# Cumulative data faults each worker counts: corrupt shards passed over (`skip_corrupt`), and
+# reads that failed and were tried again.
+COUNTERS = ("skipped_shards", "read_retries")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -107,40 +115,35 @@ def read_shard(
     return rows
 
 
-@dataclass(frozen=True)
-class _Piece:
-    """The part of one shard that a slot reads in one epoch: positions `start:stop` of the
-    shard's shuffled sample order."""
+class _EpochOrder:
+    """Which shard sample each place of the endless sequence is: shards in an order drawn from
+    (seed, epoch), laid end to end; within a shard, an order drawn from (seed, epoch, shard)."""
 
-    shard: int
-    start: int
-    stop: int
+    def __init__(self, shard_samples: Sequence[int], seed: int) -> None:
+        self._samples = np.asarray(shard_samples, dtype=np.int64)
+        self._seed = seed
+        self.samples_per_epoch = int(self._samples.sum())
 
+    def pieces(self, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+        """(epoch, shard, first, end) pieces covering places `start:stop`, in order: positions
+        `first:end` of that shard's order in that epoch."""
+        while start < stop:
+            epoch, offset = divmod(start, self.samples_per_epoch)
+            shards = np.random.default_rng((self._seed, epoch)).permutation(len(self._samples))
+            ends = np.cumsum(self._samples[shards])
+            index = int(np.searchsorted(ends, offset, side="right"))
+            shard_start = int(ends[index] - self._samples[shards[index]])
+            taken = min(stop - start, int(ends[index]) - offset)
+            first = offset - shard_start
+            yield epoch, int(shards[index]), first, first + taken
+            start += taken
 
-def _slots_span(total: int, slots: range, n_slots: int) -> range:
-    """The places that consecutive `slots` cover in an epoch's sequence of `total` samples, cut
-    into `n_slots` contiguous slots whose lengths differ by at most one."""
-    return range(total * slots.start // n_slots, total * slots.stop // n_slots)
-
-
-def _epoch_pieces(
-    shard_samples: Sequence[int], seed: int, epoch: int, slot_span: range
-) -> list[_Piece]:
-    low, high = slot_span.start, slot_span.stop
-    pieces, offset = [], 0
-    for shard in np.random.default_rng((seed, epoch)).permutation(len(shard_samples)):
-        count = shard_samples[shard]
-        start, stop = max(low, offset) - offset, min(high, offset + count) - offset
-        if start < stop:
-            pieces.append(_Piece(int(shard), start, stop))
-        offset += count
-        if offset >= high:
-            break
-    return pieces
+    def sample_order(self, epoch: int, shard: int) -> np.ndarray:
+        return np.random.default_rng((self._seed, epoch, shard)).permutation(self._samples[shard])
 
 
-class _SlotStream:
-    """The samples of one slot, epoch after epoch, with their positions."""
+class _ShardReader:
+    """The samples of places of the sequence, read from the shards one shard at a time."""
 
     def __init__(
         self,
@@ -150,49 +153,35 @@ class _SlotStream:
         dtype: np.dtype,
         vocab_size: int,
         seed: int,
-        slot: int,
-        n_slots: int,
         skip_corrupt: bool,
-        skipped_shards: int,
     ) -> None:
         self._shard_dir = shard_dir
         self._shards = shards
         self._sample_len = sample_len
         self._dtype = dtype
         self._vocab_size = vocab_size
-        self._seed = seed
-        self._slot = slot
         self._skip_corrupt = skip_corrupt
-        self.skipped_shards = skipped_shards
-        total = sum(shard.samples for shard in shards)
-        self._span = _slots_span(total, range(slot, slot + 1), n_slots)  # within each epoch
-        self.samples_per_epoch = len(self._span)
+        self.order = _EpochOrder([shard.samples for shard in shards], seed)
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self._cached: tuple[int, np.ndarray | None] | None = None  # (shard, its samples)
 
-    def rows(self, start: int, epochs: int | None) -> Iterator[tuple[np.ndarray, int]]:
-        """From stream position `start` on: (consecutive samples, the position after them)."""
-        epoch, offset = divmod(start, self.samples_per_epoch)
-        while epochs is None or epoch < epochs:
-            whole_epoch, yielded = offset == 0, False
-            position = epoch * self.samples_per_epoch
-            shard_samples = [shard.samples for shard in self._shards]
-            for piece in _epoch_pieces(shard_samples, self._seed, epoch, self._span):
-                position += piece.stop - piece.start
-                if offset >= piece.stop - piece.start:  # consumed before a restore: not read
-                    offset -= piece.stop - piece.start
-                    continue
-                rows = self._piece_rows(piece, epoch, offset)
-                offset = 0
-                if rows is not None:
-                    yielded = True
-                    yield rows, position
-            if whole_epoch and not yielded:
-                raise ShardError(f"every shard of slot {self._slot} in epoch {epoch} is corrupt")
-            epoch += 1
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """The samples at places `start:stop`, less those of corrupt shards (`skip_corrupt`)."""
+        parts = [np.empty((0, self._sample_len), self._dtype)]
+        for epoch, shard, first, end in self.order.pieces(start, stop):
+            stored = self._stored(shard)
+            if stored is not None:
+                parts.append(stored[self.order.sample_order(epoch, shard)[first:end]])
+        return np.concatenate(parts)
 
-    def _piece_rows(self, piece: _Piece, epoch: int, offset: int) -> np.ndarray | None:
-        shard = self._shards[piece.shard]
+    def _stored(self, index: int) -> np.ndarray | None:
+        if self._cached is None or self._cached[0] != index:
+            self._cached = (index, self._read(self._shards[index]))
+        return self._cached[1]
+
+    def _read(self, shard: ShardInfo) -> np.ndarray | None:
         try:
-            stored = read_shard(
+            return read_shard(
                 self._shard_dir / shard.name,
                 shard.samples,
                 self._sample_len,
@@ -204,59 +193,77 @@ class _SlotStream:
             if not self._skip_corrupt:
                 raise
             warnings.warn(f"skipping corrupt shard: {error}", RuntimeWarning, stacklevel=2)
-            self.skipped_shards += 1
+            self.counters["skipped_shards"] += 1
             return None
-        order = np.random.default_rng((self._seed, epoch, piece.shard)).permutation(shard.samples)
-        return stored[order[piece.start + offset : piece.stop]]
 
 
-def _batches(
-    rows: Iterator[tuple[np.ndarray, int]], batch_size: int
-) -> Iterator[tuple[np.ndarray, int]]:
-    """Batches of `batch_size` samples (the last of a finite stream may be short), each with
-    the stream position after it."""
-    parts: list[np.ndarray] = []
-    filled = 0
-    position = 0
-    for block, end in rows:
-        used = 0
-        while used < len(block):
-            take = min(batch_size - filled, len(block) - used)
-            parts.append(block[used : used + take])
-            filled += take
-            used += take
-            if filled == batch_size:
-                yield np.concatenate(parts), end - (len(block) - used)
-                parts, filled = [], 0
-        position = end
-    if parts:
-        yield np.concatenate(parts), position
+@dataclass(frozen=True)
+class _RankShare:
+    """One rank's micro-batches from a starting place: micro-batch `k` is places
+    `start + (k × ranks + rank) × batch_size` onwards, `batch_size` of them, cut at `end`."""
+
+    start: int
+    rank: int
+    ranks: int
+    batch_size: int
+    end: int | None  # None: endless
+
+    def places(self, k: int) -> range | None:
+        first = self.start + (k * self.ranks + self.rank) * self.batch_size
+        last = (
+            first + self.batch_size if self.end is None else min(first + self.batch_size, self.end)
+        )
+        return range(first, last) if first < last else None
+
+    def position_after(self, k: int) -> int:
+        """The place every rank has reached once each has taken micro-batch `k`."""
+        position = self.start + (k + 1) * self.ranks * self.batch_size
+        return position if self.end is None else min(position, self.end)
+
+
+class _WorkerItem(NamedTuple):
+    """What a worker sends: micro-batch `k` with the worker's counters, or the message of the
+    `ShardError` that ended its stream (a worker's own exception would reach the trainer
+    wrapped in the worker's traceback)."""
+
+    k: int
+    batch: torch.Tensor | None
+    counters: dict[str, int]
+    error: str | None = None
 
 
 class _WorkerBatches(IterableDataset):
-    """Each dataloader worker's batches, tagged with its logical worker index and position."""
+    """Each dataloader worker's micro-batches (`k ≡ worker mod workers`), tagged with `k` and
+    the worker's data-fault counters."""
 
-    def __init__(
-        self,
-        streams: Sequence[_SlotStream],
-        starts: Sequence[int],
-        first_worker: int,
-        batch_size: int,
-        epochs: int | None,
-    ) -> None:
-        self._streams = streams
-        self._starts = starts
-        self._first_worker = first_worker
-        self._batch_size = batch_size
-        self._epochs = epochs
+    def __init__(self, reader: _ShardReader, share: _RankShare, workers: int) -> None:
+        self._reader = reader
+        self._share = share
+        self._workers = workers
 
-    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, int, int]]:
+    def __iter__(self) -> Iterator[_WorkerItem]:
         info = get_worker_info()
-        worker = (self._first_worker + (0 if info is None else info.id)) % len(self._streams)
-        stream = self._streams[worker]
-        rows = stream.rows(self._starts[worker], self._epochs)
-        for batch, position in _batches(rows, self._batch_size):
-            yield worker, torch.from_numpy(batch.astype(np.int64)), position, stream.skipped_shards
+        k = 0 if info is None else info.id
+        try:
+            yield from self._items(k)
+        except ShardError as error:
+            if info is None:
+                raise
+            yield _WorkerItem(k, None, dict(self._reader.counters), str(error))
+
+    def _items(self, k: int) -> Iterator[_WorkerItem]:
+        lost = 0  # places read since the last sample that was not in a corrupt shard
+        while (places := self._share.places(k)) is not None:
+            rows = self._reader.rows(places.start, places.stop)
+            if len(rows):
+                lost = 0
+                batch = torch.from_numpy(rows.astype(np.int64))
+                yield _WorkerItem(k, batch, dict(self._reader.counters))
+            else:
+                lost += self._workers * self._share.ranks * self._share.batch_size
+                if lost > self._reader.order.samples_per_epoch:
+                    raise ShardError("every shard of the split is corrupt")
+            k += self._workers
 
 
 def _tokenizer_sha256(tokenizer: str | Path | Tokenizer) -> str:
@@ -285,13 +292,17 @@ class TokenLoader:
             epochs, after which iteration ends (the last batch may then be short). Use
             `epochs=1` for a validation pass; ranks may then get one batch more or fewer.
         skip_corrupt: skip a corrupt shard (unreadable, or not what the manifest describes,
-            its sha256 included) with a warning and count it in `skipped_shards`, instead of
-            raising `ShardError`.
+            its sha256 included) with a warning and count it in `counters()`, instead of
+            raising `ShardError` (a worker process's is raised here with its own message);
+            batches then lack its samples.
 
     Iterating continues from the current position, so `state_dict()` / `load_state_dict()`
     resume an endless stream exactly: the restored loader yields the batches the original one
-    would have yielded next. A restore must use the same layout (ranks, workers, batch size,
-    seed, split). Errors about the shards are raised here, before anything is read.
+    would have yielded next. The state is the position in the sequence shared by all ranks
+    (see the module docstring), taken when every rank has read the same number of batches
+    (an optimizer step's); a loader of any number of ranks, workers and batch size continues
+    from it, with the same split, seed, epochs and the split's shards as the manifest lists them.
+    Errors about the shards are raised here, before anything is read.
     """
 
     def __init__(
@@ -322,101 +333,107 @@ class TokenLoader:
             seq_len=seq_len, tokenizer_sha256=_tokenizer_sha256(tokenizer)
         )
         self._shards = self.manifest.split(split).shards
-        self._workers = max(num_workers, 1)
-        self._n_slots = dp_world_size * self._workers
-        total = sum(shard.samples for shard in self._shards)
-        if total < self._n_slots:
-            raise ValueError(
-                f"split {split!r} of {self.shard_dir} has {total} samples, fewer than the "
-                f"{self._n_slots} ranks × workers that would share it"
-            )
-        self._layout = {
+        self.samples_per_epoch = sum(shard.samples for shard in self._shards)
+        if self.samples_per_epoch == 0:
+            raise ValueError(f"split {split!r} of {self.shard_dir} has no samples")
+        # What the sequence is: a position means nothing under other values. Another set of
+        # shards (one added, removed or rebuilt) is another sequence.
+        self._order = {
             "split": split,
             "seed": seed,
-            "batch_size": batch_size,
             "epochs": epochs,
-            "dp_rank": dp_rank,
-            "dp_world_size": dp_world_size,
-            "num_workers": num_workers,
+            "shards": _shards_digest(self._shards),
         }
+        self._rank, self._ranks, self._batch_size = dp_rank, dp_world_size, batch_size
+        self._num_workers = num_workers
         self._skip_corrupt = skip_corrupt
-        self._next_worker = 0
-        self._positions = [0] * self._workers
-        self._skipped = [0] * self._workers
+        self._position = 0
+        self._counters = dict.fromkeys(COUNTERS, 0)
 
     @property
-    def samples_per_epoch(self) -> int:
-        """Samples this rank gets in one epoch (ranks differ by at most `num_workers`)."""
-        total = sum(shard.samples for shard in self._shards)
-        first_slot = self._layout["dp_rank"] * self._workers
-        my_slots = range(first_slot, first_slot + self._workers)
-        return len(_slots_span(total, my_slots, self._n_slots))
+    def position(self) -> int:
+        """Samples of the sequence consumed by all ranks together (at a step boundary)."""
+        return self._position
 
     @property
     def skipped_shards(self) -> int:
         """Corrupt shard reads skipped so far (with `skip_corrupt`)."""
-        return sum(self._skipped)
+        return self._counters["skipped_shards"]
 
-    def _streams(self) -> list[_SlotStream]:
-        dtype = np.dtype(self.manifest.dtype)
-        first_slot = self._layout["dp_rank"] * self._workers
-        return [
-            _SlotStream(
-                self.shard_dir,
-                self._shards,
-                self.manifest.sample_len,
-                dtype,
-                self.manifest.vocab_size,
-                self._layout["seed"],
-                first_slot + worker,
-                self._n_slots,
-                self._skip_corrupt,
-                self._skipped[worker],
-            )
-            for worker in range(self._workers)
-        ]
+    def counters(self) -> dict[str, int]:
+        """Data faults so far (`COUNTERS`), restored with the state: skipped corrupt shards and
+        retried reads."""
+        return dict(self._counters)
+
+    def _reader(self) -> _ShardReader:
+        return _ShardReader(
+            self.shard_dir,
+            self._shards,
+            self.manifest.sample_len,
+            np.dtype(self.manifest.dtype),
+            self.manifest.vocab_size,
+            self._order["seed"],
+            self._skip_corrupt,
+        )
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        dataset = _WorkerBatches(
-            self._streams(),
-            list(self._positions),
-            self._next_worker,
-            self._layout["batch_size"],
-            self._layout["epochs"],
-        )
-        num_workers = self._layout["num_workers"]
+        epochs = self._order["epochs"]
+        end = None if epochs is None else epochs * self.samples_per_epoch
+        share = _RankShare(self._position, self._rank, self._ranks, self._batch_size, end)
+        workers = max(self._num_workers, 1)
+        dataset = _WorkerBatches(self._reader(), share, workers)
         batches = (
             iter(dataset)
-            if num_workers == 0
-            else iter(DataLoader(dataset, batch_size=None, num_workers=num_workers))
+            if self._num_workers == 0
+            else iter(DataLoader(dataset, batch_size=None, num_workers=self._num_workers))
         )
-        for worker, batch, position, skipped in batches:
-            self._positions[worker] = position
-            self._skipped[worker] = skipped
-            self._next_worker = (worker + 1) % self._workers
-            yield batch
+        before = dict(self._counters)
+        per_worker = [dict.fromkeys(COUNTERS, 0) for _ in range(workers)]
+        for item in batches:
+            per_worker[item.k % workers] = item.counters
+            self._counters = {
+                name: before[name] + sum(c[name] for c in per_worker) for name in COUNTERS
+            }
+            if item.error is not None:
+                raise ShardError(item.error)
+            self._position = max(self._position, share.position_after(item.k))
+            yield item.batch
 
     def state_dict(self) -> dict[str, Any]:
         """The position, as plain JSON-serialisable values."""
         return {
             "format": _STATE_FORMAT,
-            "layout": dict(self._layout),
-            "next_worker": self._next_worker,
-            "positions": list(self._positions),
-            "skipped_shards": list(self._skipped),
+            "order": dict(self._order),
+            "position": self._position,
+            "counters": dict(self._counters),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a position saved by a loader of the same layout."""
+        """Continue from a position saved by a loader of the same sequence (split, seed,
+        epochs), under any layout."""
         if state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"unknown loader state format {state.get('format')!r}")
-        saved = state["layout"]
-        differing = sorted(k for k in self._layout if saved.get(k) != self._layout[k])
+            raise ValueError(
+                f"loader state format {state.get('format')!r} is not this version's {_STATE_FORMAT}"
+            )
+        # A state converted from a format-2 checkpoint predates the shards' digest.
+        saved = {"shards": self._order["shards"], **state["order"]}
+        differing = sorted(k for k in self._order if saved.get(k) != self._order[k])
+        if "shards" in differing:
+            raise ValueError(
+                f"the {self._order['split']!r} shards of {self.shard_dir}/manifest.json are not "
+                "those the loader state was saved with (a shard was added, removed or rebuilt): "
+                "continuing would train on other data than planned"
+            )
         if differing:
             details = ", ".join(
-                f"{k}: {saved.get(k)!r} saved, {self._layout[k]!r} now" for k in differing
+                f"{k}: {saved.get(k)!r} saved, {self._order[k]!r} now" for k in differing
             )
-            raise ValueError(f"loader state is for another layout ({details})")
-        self._next_worker = state["next_worker"]
-        self._positions = list(state["positions"])
-        self._skipped = list(state["skipped_shards"])
+            raise ValueError(f"loader state is for another data order ({details})")
+        self._position = state["position"]
+        self._counters = {name: state["counters"].get(name, 0) for name in COUNTERS}
+
+
+def _shards_digest(shards: Sequence[ShardInfo]) -> str:
+    """sha256 over the names, sample counts and sha256 of a split's shards, in manifest order."""
+    listing = "".join(f"{shard.name}:{shard.samples}:{shard.sha256}\n" for shard in shards)
+    return hashlib.sha256(listing.encode()).hexdigest()

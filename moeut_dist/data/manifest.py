@@ -11,23 +11,20 @@ the loader checks it as it reads the shard.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from moeut_dist.atomic_files import write_json_atomically
+from moeut_dist.dataclass_dict import from_dict, to_dict
 
 MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = "progress.json"  # an unfinished build's position (`data_prep.shards`)
 FORMAT = "moeut-token-shards/1"
 SAMPLE_FIELD = "tokens"
-# The JSON type of each kind of dataclass field, for checking a manifest as loaded.
-_JSON_TYPES = {int: int, str: str, tuple: list, dict: dict}
 
 
 class ManifestMismatchError(ValueError):
@@ -101,44 +98,15 @@ class Manifest:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, values: Any) -> Manifest:
         """The manifest in decoded JSON, or a ValueError naming what is wrong with it."""
         if isinstance(values, dict) and values.get("format") != FORMAT:
             raise ValueError(f"unknown manifest format {values.get('format')!r}, expected {FORMAT}")
-        fields = _fields(cls, values, "")
-        splits = {}
-        for name, split in fields["splits"].items():
-            split_fields = _fields(SplitInfo, split, f"splits.{name}")
-            shards = (
-                ShardInfo(**_fields(ShardInfo, shard, f"splits.{name}.shards[{index}]"))
-                for index, shard in enumerate(split_fields["shards"])
-            )
-            splits[name] = SplitInfo(**{**split_fields, "shards": tuple(shards)})
-        return cls(**{**fields, "splits": splits, "sources": tuple(fields["sources"])})
-
-
-def _fields(cls: type, values: Any, where: str) -> dict[str, Any]:
-    """`values`, checked to be the fields of the dataclass `cls` as the writer writes them: all
-    of them, nothing else, each of the JSON type of its annotation. `where` names `values`."""
-    if type(values) is not dict:
-        raise ValueError(
-            f"{where or 'the manifest'} has type {type(values).__name__}, expected dict"
-        )
-    prefix = f"{where}." if where else ""
-    names = [f.name for f in dataclasses.fields(cls)]
-    problems = [f"missing key {prefix}{name}" for name in names if name not in values]
-    problems += [f"unknown key {prefix}{key}" for key in sorted(values.keys() - set(names))]
-    for name, annotation in typing.get_type_hints(cls).items():
-        expected = _JSON_TYPES[typing.get_origin(annotation) or annotation]
-        if name in values and type(values[name]) is not expected:
-            found = type(values[name]).__name__
-            problems.append(f"{prefix}{name} has type {found}, expected {expected.__name__}")
-    if problems:
-        raise ValueError(", ".join(problems))
-    return values
+        # Our own writer writes every field: a missing one means damage, not a default.
+        return from_dict(cls, values, complete=True)
 
 
 def write_manifest(shard_dir: str | Path, manifest: Manifest) -> None:

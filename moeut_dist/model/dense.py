@@ -1,4 +1,4 @@
-"""The paper's dense baseline: a pre-LN Transformer with RoPE, parameter-matched to a MoEUT."""
+"""The paper's dense baseline: a pre-LN Transformer with RoPE, in the authors' shapes."""
 
 from __future__ import annotations
 
@@ -7,19 +7,27 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moeut_dist.config import DenseConfig
 from moeut_dist.model.attention import KVCache, attention_mask
+from moeut_dist.model.lm_head import LMHead
 from moeut_dist.model.moeut import MoEUTOutput
 from moeut_dist.model.rope import RotaryEmbedding
 
 
 class DenseAttention(nn.Module):
-    def __init__(self, config: DenseConfig) -> None:
+    """Causal multi-head attention, d → H·dh → d. Tensor parallelism gives a process `n_heads`
+    of the model's heads (their rows of q, k, v and columns of o)."""
+
+    def __init__(self, config: DenseConfig, n_heads: int | None = None) -> None:
         super().__init__()
-        self.n_heads = config.n_heads
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
-        self.o = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.n_heads = n_heads or config.n_heads
+        inner = self.n_heads * config.head_dim
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
         self.rope = RotaryEmbedding(config.rotary_dim, config.rope_base)
 
     def forward(
@@ -27,7 +35,8 @@ class DenseAttention(nn.Module):
     ) -> tuple[torch.Tensor, KVCache]:
         batch, time, _ = x.shape
         q, k, v = (
-            t.view(batch, time, self.n_heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1)
+            proj(x).view(batch, time, self.n_heads, -1).transpose(1, 2)
+            for proj in (self.q, self.k, self.v)
         )
         n_past = 0 if cache is None else cache[0].shape[2]
         q, k = self.rope(q, n_past), self.rope(k, n_past)
@@ -38,17 +47,26 @@ class DenseAttention(nn.Module):
         return self.o(heads.transpose(1, 2).flatten(-2)), (k, v)
 
 
+class FeedForward(nn.Module):
+    """down(relu(up(x))), no biases; tensor parallelism gives a process `d_ff` of the units."""
+
+    def __init__(self, config: DenseConfig, d_ff: int | None = None) -> None:
+        super().__init__()
+        d_ff = d_ff or config.d_ff
+        self.up = nn.Linear(config.d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.relu(self.up(x)))
+
+
 class DenseLayer(nn.Module):
     def __init__(self, config: DenseConfig) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(config.d_model)
         self.attention = DenseAttention(config)
         self.ln2 = nn.LayerNorm(config.d_model)
-        self.ffn = nn.Sequential(
-            nn.Linear(config.d_model, config.d_ff, bias=False),
-            nn.ReLU(),
-            nn.Linear(config.d_ff, config.d_model, bias=False),
-        )
+        self.ffn = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -68,7 +86,8 @@ class DenseLM(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(DenseLayer(config) for _ in range(config.n_layers))
         self.out_norm = nn.LayerNorm(config.d_model)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size)
+        self.lm_head = LMHead(config.d_model, config.vocab_size)
+        self.checkpoint_activations = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -91,7 +110,11 @@ class DenseLM(nn.Module):
         x = self.embedding(tokens)
         new_cache = []
         for index, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, attention_mask, None if cache is None else cache[index])
+            past = None if cache is None else cache[index]
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                x, layer_cache = checkpoint(layer, x, attention_mask, past, use_reentrant=False)
+            else:
+                x, layer_cache = layer(x, attention_mask, past)
             new_cache.append(layer_cache)
         logits = self.lm_head(self.out_norm(x))
         reg_loss = torch.zeros((), device=logits.device)

@@ -6,13 +6,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moeut_dist.config import MoEUTConfig
 from moeut_dist.model.attention import KVCache, SwitchHead
-from moeut_dist.model.moe import SigmaMoE, at_least_fp32
+from moeut_dist.model.lm_head import LMHead
+from moeut_dist.model.moe import SigmaMoE
 from moeut_dist.model.regularization import negative_mean_entropy, summed_selection_probs
 
 
@@ -102,7 +102,7 @@ class MoEUTLM(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.transformer = MoEUT(config)
         self.out_norm = nn.LayerNorm(config.d_model)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size)
+        self.lm_head = LMHead(config.d_model, config.vocab_size)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -146,11 +146,6 @@ class MoEUTLM(nn.Module):
         else:
             reg_loss = torch.zeros((), device=logits.device)
         return MoEUTOutput(logits, reg_loss, new_cache if use_cache or cache is not None else None)
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; logits [B, T, V], targets [B, T]."""
-    return F.cross_entropy(at_least_fp32(logits.flatten(0, 1)), targets.flatten())
 
 
 def perplexity(mean_nll: float) -> float:

@@ -12,35 +12,20 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import safe_open
 
-from moeut_dist.config import MoEUTConfig
+from moeut_dist.arch import ModelConfig, ShardRule, shard_rule
 
 _SHARD_FILE = re.compile(r"model_tp(\d+)_ep(\d+)\.safetensors")
 
 
-@dataclass(frozen=True)
-class ShardRule:
-    axis: Literal["tensor", "expert"]  # split over the TP group, or over the EP group
-    dim: int
-
-
-def shard_rule(name: str, config: MoEUTConfig) -> ShardRule | None:
-    """How the parameter `name` (a full-model state-dict key) is split; None: replicated."""
-    if name in ("embedding.weight", "lm_head.weight", "lm_head.bias"):
-        return ShardRule("tensor", 0)  # vocabulary rows
-    module, _, leaf = name.rpartition(".")
-    if module.endswith(".ffn") and leaf in ("keys", "values"):
-        return ShardRule("expert", 0)
-    if module.endswith(".attention") and leaf in ("v", "o", "sel_v", "sel_o"):
-        # Head h owns rows h·Ea … h·Ea+Ea−1 (Ea == 1: v rows h·dh…, o columns h·dh…).
-        return ShardRule("tensor", 1 if leaf == "o" and config.att_n_experts == 1 else 0)
-    if module.endswith((".attention.q", ".attention.k")):
-        return ShardRule("tensor", 0)
-    return None
+def tensor_shard_range(size: int, n_ranks: int, rank: int) -> range:
+    """The indices tensor-parallel `rank` holds of a dimension of `size` split over `n_ranks`:
+    `torch.chunk`'s pieces, so the last ranks may hold fewer (or none)."""
+    chunk = -(-size // n_ranks)
+    return range(min(size, rank * chunk), min(size, (rank + 1) * chunk))
 
 
 def shard_file(directory: str | os.PathLike, tp_rank: int, ep_rank: int) -> Path:
@@ -107,7 +92,7 @@ def find_shard_files(directory: str | os.PathLike) -> ShardFiles:
 
 
 def iter_full_tensors(
-    directory: str | os.PathLike, config: MoEUTConfig
+    directory: str | os.PathLike, config: ModelConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Each full (single-process) tensor in turn, assembled from the shard files: TP shards are
     concatenated in rank order, experts in EP rank order. Only one full tensor (and its pieces)
@@ -122,7 +107,7 @@ def iter_full_tensors(
 
 
 def read_full_state_dict(
-    directory: str | os.PathLike, config: MoEUTConfig
+    directory: str | os.PathLike, config: ModelConfig
 ) -> dict[str, torch.Tensor]:
     return dict(iter_full_tensors(directory, config))
 

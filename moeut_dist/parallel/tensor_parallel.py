@@ -1,4 +1,4 @@
-"""Tensor parallelism with megatron-core: SwitchHead split by heads, vocabulary-parallel ends.
+"""Tensor parallelism with megatron-core: attention split by heads, vocabulary-parallel ends.
 
 A TP rank holds `n_heads / TP` whole heads: their Q/K rows and each head's V/O experts and
 selectors. Its inputs enter through `copy_to_tensor_model_parallel_region` (backward: all-reduce
@@ -6,6 +6,11 @@ of the input gradient) and its partial output leaves through
 `reduce_from_tensor_model_parallel_region` (forward: all-reduce). The selection logits are
 all-gathered over heads so that every TP rank computes the regulariser over all heads, exactly as
 one process would; its gradient for a rank's own heads is then that rank's slice.
+
+The dense baseline's attention is split the same way (each head's rows of Q, K, V and columns of
+O), and its feed-forward Megatron's way: column-parallel up-projection, row-parallel
+down-projection, one all-reduce of the output (the hidden units are split as `torch.chunk` splits
+them, so d_ff need not divide by the TP size).
 
 The embedding is megatron-core's `VocabParallelEmbedding`. The LM head is a plain column-parallel
 linear over this rank's vocabulary rows (megatron-core's `ColumnParallelLinear` allocates on
@@ -26,10 +31,13 @@ from megatron.core.tensor_parallel import (
 )
 from torch import nn
 
-from moeut_dist.config import MoEUTConfig
+from moeut_dist.config import DenseConfig, MoEUTConfig
 from moeut_dist.model.attention import KVCache, SwitchHead
+from moeut_dist.model.dense import DenseAttention, FeedForward
+from moeut_dist.model.lm_head import LMHead
 from moeut_dist.model.moe import at_least_fp32
 from moeut_dist.parallel.collectives import gather_last_dim
+from moeut_dist.parallel.shards import tensor_shard_range
 
 
 class TensorParallelSwitchHead(SwitchHead):
@@ -67,8 +75,37 @@ class TensorParallelSwitchHead(SwitchHead):
         return gathered.unflatten(-1, (-1, self.n_experts))
 
 
-class VocabParallelLMHead(nn.Linear):
-    """Linear(d, V / TP) over this rank's vocabulary rows; returns vocabulary-sharded logits."""
+class TensorParallelDenseAttention(DenseAttention):
+    """Dense attention over this rank's `n_heads / tp_size` heads; the output is the full sum."""
+
+    def __init__(self, config: DenseConfig, tp_group) -> None:
+        super().__init__(config, config.n_heads // tp_group.size())
+        self.tp_group = tp_group
+
+    def forward(
+        self, x: torch.Tensor, key_padding: torch.Tensor | None, cache: KVCache | None
+    ) -> tuple[torch.Tensor, KVCache]:
+        x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        partial, new_cache = super().forward(x, key_padding, cache)
+        return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group), new_cache
+
+
+class TensorParallelFeedForward(FeedForward):
+    """The feed-forward over this rank's hidden units; the output is the full sum."""
+
+    def __init__(self, config: DenseConfig, tp_group) -> None:
+        units = tensor_shard_range(config.d_ff, tp_group.size(), tp_group.rank())
+        super().__init__(config, len(units))
+        self.tp_group = tp_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = super().forward(copy_to_tensor_model_parallel_region(x, group=self.tp_group))
+        return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
+
+
+class VocabParallelLMHead(LMHead):
+    """Linear(d, V / TP) over this rank's vocabulary rows; returns vocabulary-sharded logits,
+    whose loss is megatron-core's vocabulary-parallel cross-entropy."""
 
     def __init__(self, d_model: int, vocab_size: int, tp_group) -> None:
         super().__init__(d_model, vocab_size // tp_group.size())
@@ -79,22 +116,24 @@ class VocabParallelLMHead(nn.Linear):
             copy_to_tensor_model_parallel_region(x, group=self.tp_group), self.weight, self.bias
         )
 
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy from vocabulary-sharded logits [B, T, V / TP]."""
+        # megatron-core's cross-entropy overwrites fp32 input in place (with exp(logits − max));
+        # a caller's fp32 logits are copied first, 16-bit ones are copied by the upcast anyway.
+        upcast = at_least_fp32(logits)
+        if upcast is logits:
+            upcast = logits.clone()
+        return vocab_parallel_cross_entropy(upcast, targets).mean()
 
-def vocab_parallel_embedding(config: MoEUTConfig, tp_size: int) -> VocabParallelEmbedding:
-    """megatron-core's embedding over this rank's vocabulary rows (weights are loaded later)."""
+
+def make_vocabulary_parallel(model: nn.Module, tp_group) -> None:
+    """Replace `model.embedding` with megatron-core's vocabulary-parallel embedding and
+    `model.lm_head` with `VocabParallelLMHead` (weights are loaded later)."""
+    vocab_size, d_model = model.embedding.weight.shape
     megatron_config = ModelParallelConfig(
-        tensor_model_parallel_size=tp_size, use_cpu_initialization=True
+        tensor_model_parallel_size=tp_group.size(), use_cpu_initialization=True
     )
-    return VocabParallelEmbedding(
-        config.vocab_size, config.d_model, init_method=nn.init.zeros_, config=megatron_config
+    model.embedding = VocabParallelEmbedding(
+        vocab_size, d_model, init_method=nn.init.zeros_, config=megatron_config
     )
-
-
-def vocab_parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy from vocabulary-sharded logits [B, T, V / TP]."""
-    # megatron-core's cross-entropy overwrites fp32 input in place (with exp(logits − max)); a
-    # caller's fp32 logits are copied first, 16-bit ones are copied by the upcast anyway.
-    upcast = at_least_fp32(logits)
-    if upcast is logits:
-        upcast = logits.clone()
-    return vocab_parallel_cross_entropy(upcast, targets).mean()
+    model.lm_head = VocabParallelLMHead(d_model, vocab_size, tp_group)

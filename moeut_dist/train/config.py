@@ -12,141 +12,80 @@ before the model is built. A run fails there, not an hour in.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 
-from moeut_dist import profiles
-from moeut_dist.config import ConfigError, MoEUTConfig
+from moeut_dist import arch
+from moeut_dist.arch import ModelConfig
+from moeut_dist.checksums import CHECKSUMS_FILE, verify_checksums
+from moeut_dist.config import ConfigError
 from moeut_dist.data import ManifestMismatchError, Tokenizer, read_manifest
+from moeut_dist.dataclass_dict import DictConvertible, coerce
 from moeut_dist.export import CONFIG_FILE, WEIGHTS_FILE, read_config
-from moeut_dist.parallel.engine import OptimizerSettings
 from moeut_dist.parallel.layout import ParallelConfig
 
 
-def _coerce(expected: Any, value: Any, where: str) -> Any:
-    """`value` as the annotated type `expected`, or a ConfigError naming `where`.
-
-    YAML reads `2.5e-4` as a string (YAML 1.1 floats need a dot), so numeric strings are
-    accepted for float fields; nothing else is converted.
-    """
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(expected)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [option for option in options if option is not type(None)]
-        return _coerce(inner, value, where)
-    if origin is Literal:
-        if value not in typing.get_args(expected):
-            raise ConfigError(f"{where} must be one of {list(typing.get_args(expected))}")
-        return value
-    if origin is tuple:
-        items = typing.get_args(expected)
-        if not isinstance(value, list | tuple) or len(value) != len(items):
-            raise ConfigError(f"{where} must be a list of {len(items)} values, got {value!r}")
-        pairs = enumerate(zip(items, value, strict=True))
-        return tuple(_coerce(t, v, f"{where}[{i}]") for i, (t, v) in pairs)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return value
-    if expected is float and not isinstance(value, bool):
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    if expected in (int, bool, str) and type(value) is expected:
-        return value
-    raise ConfigError(f"{where} must be {getattr(expected, '__name__', expected)}, got {value!r}")
-
-
-def _from_dict(cls: type, values: Any, where: str) -> Any:
-    """An instance of the dataclass `cls` from a mapping, nested sections included."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where or 'the config'} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {[f'{where}{k}' for k in unknown]}; "
-            f"{where or 'top-level '}keys are {sorted(known)}"
-        )
-    converted = {}
-    for name, value in values.items():
-        expected = hints[name]
-        if expected is ModelSection:
-            converted[name] = ModelSection.from_dict(value, f"{where}{name}.")
-        elif dataclasses.is_dataclass(expected):
-            converted[name] = _from_dict(expected, value, f"{where}{name}.")
-        else:
-            converted[name] = _coerce(expected, value, f"{where}{name}")
-    return cls(**converted)
-
-
-class _Section:
-    @classmethod
-    def from_dict(cls, values: Any, where: str = "") -> Self:
-        return _from_dict(cls, values, where)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+def _model_fields(arch_name: str) -> dict[str, Any]:
+    """The config fields (with their types) of the architecture `arch_name`."""
+    return typing.get_type_hints(arch.get(arch_name).config_class)
 
 
 @dataclass(frozen=True)
 class ModelSection:
-    """A profile name plus any `MoEUTConfig` fields that replace the profile's.
+    """An architecture, one of its profiles, and any of its config's fields replacing the
+    profile's.
 
-    In YAML the fields sit next to `profile` (`model: {profile: moeut-44m, kernel: torch}`).
-    `vocab_size` defaults to the tokenizer's.
+    In YAML the fields sit next to `arch` and `profile`
+    (`model: {arch: dense, profile: dense-44m, dropout: 0.1}`). `vocab_size` defaults to the
+    tokenizer's.
     """
 
+    arch: str = "moeut"  # a name in `moeut_dist.arch.ARCHITECTURES`: moeut, dense
     profile: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, values: Any, where: str = "model.") -> ModelSection:
+    def from_dict(cls, values: Any, where: str = "model") -> ModelSection:
         if not isinstance(values, dict):
             raise ConfigError(f"model must be a mapping, got {values!r}")
-        overrides = {k: v for k, v in values.items() if k != "profile"}
-        hints = typing.get_type_hints(MoEUTConfig)
+        arch_name = coerce(str, values.get("arch", cls.arch), f"{where}.arch")
+        hints = _model_fields(arch_name)
+        overrides = {k: v for k, v in values.items() if k not in ("arch", "profile")}
         unknown = sorted(set(overrides) - set(hints))
         if unknown:
             raise ConfigError(
-                f"unknown key(s) {[where + k for k in unknown]}; model keys are 'profile' and "
-                f"the MoEUTConfig fields {sorted(hints)}"
+                f"unknown key(s) {[f'{where}.{k}' for k in unknown]} for model.arch "
+                f"{arch_name}; model keys are 'arch', 'profile' and the {arch_name} config "
+                f"fields {sorted(hints)}"
             )
-        overrides = {k: _coerce(hints[k], v, where + k) for k, v in overrides.items()}
-        profile = _coerce(str, values.get("profile", cls.profile), where + "profile")
-        return cls(profile, overrides)
+        overrides = {k: coerce(hints[k], v, f"{where}.{k}") for k, v in overrides.items()}
+        profile = coerce(str, values.get("profile", cls.profile), f"{where}.profile")
+        return cls(arch_name, profile, overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile, **self.overrides}
+        return {"arch": self.arch, "profile": self.profile, **self.overrides}
 
-    def build(self, tokenizer_vocab_size: int) -> MoEUTConfig:
+    def build(self, tokenizer_vocab_size: int) -> ModelConfig:
         values = {"vocab_size": tokenizer_vocab_size, **self.overrides}
         if values["vocab_size"] < tokenizer_vocab_size:
             raise ConfigError(
                 f"model.vocab_size {values['vocab_size']} is smaller than the tokenizer's "
                 f"{tokenizer_vocab_size} pieces"
             )
-        return profiles.get(self.profile, **values)
+        return arch.get(self.arch).profile(self.profile, **values)
 
 
 @dataclass(frozen=True)
-class DataSection(_Section):
+class DataSection(DictConvertible):
     shard_dir: str = ""  # written by `moeut prep shards`
     tokenizer: str = ""  # the SentencePiece model the shards were built with
     seq_len: int = 1024
@@ -157,7 +96,15 @@ class DataSection(_Section):
 
 
 @dataclass(frozen=True)
-class OptimSection(_Section, OptimizerSettings):
+class OptimSection(DictConvertible):
+    """AdamW as in the paper's recipe (the learning-rate schedule is `ScheduleSection`)."""
+
+    lr: float = 2.5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 0.25  # the global gradient norm's bound; 0: no clipping
+
     def __post_init__(self) -> None:
         beta1, beta2 = self.betas
         requirements = [
@@ -181,37 +128,86 @@ class OptimSection(_Section, OptimizerSettings):
 
 
 @dataclass(frozen=True)
-class ScheduleSection(_Section):
-    steps: int = 100_000  # optimizer steps of the whole run (the cosine's length)
+class ScheduleSection(DictConvertible):
+    """Linear warm-up, then `cosine` (down to `min_lr_ratio` at the last step, the paper's) or
+    `wsd`: warm-up, stable at the full rate, and a final decay of `decay_steps` steps to
+    `min_lr_ratio` in the shape `decay_shape`."""
+
+    kind: Literal["cosine", "wsd"] = "cosine"
+    steps: int = 100_000  # optimizer steps of the whole run
     warmup_steps: int = 4000
-    min_lr_ratio: float = 0.1  # the cosine ends at min_lr_ratio × lr
+    min_lr_ratio: float = 0.1  # the rate of the last step, × lr
+    decay_steps: int = 0  # wsd only: the decay's length, ending at the last step
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"  # wsd only; sqrt: 1 − √progress
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"schedule.steps must be positive, got {self.steps}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError("schedule.warmup_steps must be in 0..schedule.steps")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("schedule.min_lr_ratio must be in [0, 1]")
+        if self.kind == "cosine" and self.decay_steps:
+            raise ConfigError("schedule.decay_steps is the wsd decay's length; set kind: wsd")
+        if not 0 <= self.decay_steps <= self.steps - self.warmup_steps:
+            raise ConfigError(
+                f"schedule.decay_steps must be in 0..steps − warmup_steps "
+                f"({self.steps - self.warmup_steps}), got {self.decay_steps}"
+            )
 
 
 @dataclass(frozen=True)
-class CheckpointSection(_Section):
+class CheckpointSection(DictConvertible):
     every: int = 1000  # steps; the last step is always saved
     keep: int = 3  # complete checkpoints kept, newest first
-    resume: str = "auto"  # "auto": the latest complete one if any; "never"; or a step directory
+    # "auto": the latest complete one if any, stopping if a file of it is corrupt;
+    # "latest-intact": the same, falling back to the newest intact one; "never"; or a step
+    # directory.
+    resume: str = "auto"
 
 
 @dataclass(frozen=True)
-class EvalSection(_Section):
+class EvalSection(DictConvertible):
     every: int = 1000  # steps between validation passes; 0 disables them
     batches: int = 50  # micro-batches per rank per pass (fewer if the split is smaller)
 
 
 @dataclass(frozen=True)
-class LoggingSection(_Section):
-    every: int = 10  # steps per metrics record
-    tensorboard: bool = True
-    progress_bar: bool = True  # on rank 0
-    expert_usage: bool = True  # per-layer selection entropy and share of tokens per expert
-    # Dense bf16 peak of one accelerator (H100/H200 SXM: 989e12) for MFU; None: MFU not logged.
-    peak_flops_per_device: float | None = None
+class WandbSection(DictConvertible):
+    project: str = "moeut"
+    entity: str | None = None  # team or user; None: the account's default
+    name: str | None = None  # the run's display name; None: out_dir's name
+    mode: Literal["online", "offline", "disabled"] = "online"
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Section):
+class LoggingSection(DictConvertible):
+    every: int = 10  # steps per metrics record
+    tensorboard: bool = True
+    progress_bar: bool = True  # on rank 0: a bar on a terminal, plain lines elsewhere
+    progress_every_steps: int = 100  # without a terminal: a progress line this often …
+    progress_every_seconds: float = 60.0  # … or after this many seconds, whichever comes first
+    expert_usage: bool = True  # per-layer selection entropy and share of tokens per expert
+    # Dense peak FLOP/s of one accelerator for MFU; None: looked up from the GPU's name and the
+    # precision (`moeut_dist.train.peak_flops`), MFU left out on CPUs and unknown devices.
+    peak_flops_per_device: float | None = None
+    wandb: WandbSection | None = None  # Weights & Biases (extra `[wandb]`); None: not used
+
+
+@dataclass(frozen=True)
+class ProfilingSection(DictConvertible):
+    """torch.profiler Chrome traces of `steps` steps from `start_step` on the listed ranks, in
+    `<out_dir>/profiles/`; `memory`: also a CUDA memory snapshot (pickle, for
+    pytorch.org/memory_viz)."""
+
+    start_step: int = 10  # the first profiled step (1-based, as logged)
+    steps: int = 0  # 0: no profiling
+    ranks: tuple[int, ...] = (0,)
+    memory: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig(DictConvertible):
     out_dir: str = "runs/default"  # checkpoints/, metrics.jsonl, tensorboard/, config.yaml
     seed: int = 0  # model initialisation, data order, and every RNG
     model: ModelSection = field(default_factory=ModelSection)
@@ -222,6 +218,7 @@ class TrainConfig(_Section):
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    profiling: ProfilingSection = field(default_factory=ProfilingSection)
     # Weights and activations: "bf16" (fp32 master weights and optimizer state in ZeRO's
     # partitions), "fp32", or "auto" (bf16 on CUDA, fp32 elsewhere).
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -241,11 +238,12 @@ class TrainConfig(_Section):
             "data.seq_len": self.data.seq_len,
             "data.global_batch_size": self.data.global_batch_size,
             "data.micro_batch_size": self.data.micro_batch_size,
-            "schedule.steps": self.schedule.steps,
             "checkpoint.every": self.checkpoint.every,
             "checkpoint.keep": self.checkpoint.keep,
             "eval.batches": self.eval.batches,
             "logging.every": self.logging.every,
+            "logging.progress_every_steps": self.logging.progress_every_steps,
+            "profiling.start_step": self.profiling.start_step,
             "max_consecutive_nonfinite": self.max_consecutive_nonfinite,
         }
         for name, value in positive.items():
@@ -255,14 +253,16 @@ class TrainConfig(_Section):
             raise ConfigError(f"seed must be in 0..2**32 - 1, got {self.seed}")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
             raise ConfigError(f"stop_after_steps must be positive, got {self.stop_after_steps}")
-        if not 0 <= self.schedule.warmup_steps <= self.schedule.steps:
-            raise ConfigError("schedule.warmup_steps must be in 0..schedule.steps")
-        if not 0.0 <= self.schedule.min_lr_ratio <= 1.0:
-            raise ConfigError("schedule.min_lr_ratio must be in [0, 1]")
-        if self.eval.every < 0 or self.data.num_workers < 0:
-            raise ConfigError("eval.every and data.num_workers must not be negative")
+        if self.eval.every < 0 or self.data.num_workers < 0 or self.profiling.steps < 0:
+            raise ConfigError(
+                "eval.every, data.num_workers and profiling.steps must not be negative"
+            )
+        if not self.logging.progress_every_seconds > 0:
+            raise ConfigError("logging.progress_every_seconds must be positive")
         if not self.data.shard_dir or not self.data.tokenizer:
             raise ConfigError("data.shard_dir and data.tokenizer are required")
+        if self.out_path.exists() and not self.out_path.is_dir():
+            raise ConfigError(f"out_dir: {self.out_dir} exists and is not a directory")
 
     @property
     def bf16(self) -> bool:
@@ -270,12 +270,6 @@ class TrainConfig(_Section):
         if self.precision == "auto":
             return torch.cuda.is_available()
         return self.precision == "bf16"
-
-    def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["model"] = self.model.to_dict()
-        values["optim"]["betas"] = list(self.optim.betas)
-        return values
 
     @property
     def out_path(self) -> Path:
@@ -286,8 +280,14 @@ def _annotation(path: list[str]) -> Any:
     """The annotated type of the config field a dotted path names; None if there is none."""
     section: Any = TrainConfig
     for part in path:
+        # An optional section (`logging.wandb`) names its keys like any other.
+        optional = [a for a in typing.get_args(section) if dataclasses.is_dataclass(a)]
+        section = optional[0] if optional else section
         if section is ModelSection:
-            hints = {"profile": str, **typing.get_type_hints(MoEUTConfig)}
+            # Any architecture's field: the type only decides how the text is parsed.
+            hints = {"arch": str, "profile": str}
+            for name in arch.ARCHITECTURES:
+                hints |= _model_fields(name)
         elif dataclasses.is_dataclass(section):
             hints = typing.get_type_hints(section)
         else:
@@ -353,7 +353,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 class RunPlan:
     """What a validated config means on this world: the model and the batch arithmetic."""
 
-    model: MoEUTConfig
+    model: ModelConfig
     data_parallel: int
     grad_accumulation: int
 
@@ -373,14 +373,16 @@ _TRAINING_ONLY_FIELDS = frozenset(
 )
 
 
-def check_init_from(directory: str, model: MoEUTConfig) -> None:
-    """`directory` is a model directory of the same model, or a ConfigError naming the first
-    differing `MoEUTConfig` field."""
+def check_init_from(directory: str, model: ModelConfig) -> None:
+    """`directory` is a model directory of the same model, or a ConfigError naming the
+    architecture or the first differing config field."""
     path = Path(directory)
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / required).is_file():
             raise ConfigError(f"init_from: {path} has no {required}; not a model directory")
     try:
+        if (path / CHECKSUMS_FILE).exists():  # the weights too: each rank reads slices of them
+            verify_checksums(path)
         saved = read_config(path)
     except ValueError as error:
         raise ConfigError(f"init_from: {error}") from error
@@ -389,9 +391,12 @@ def check_init_from(directory: str, model: MoEUTConfig) -> None:
             pass  # opening checks the header against the file's size
     except SafetensorError as error:
         raise ConfigError(f"init_from: {path / WEIGHTS_FILE} is damaged ({error})") from error
-    compared = [
-        f.name for f in dataclasses.fields(MoEUTConfig) if f.name not in _TRAINING_ONLY_FIELDS
-    ]
+    ours_arch, theirs_arch = arch.of(model).name, arch.of(saved).name
+    if ours_arch != theirs_arch:
+        raise ConfigError(
+            f"init_from: {path} holds a {theirs_arch} model, the run's model is {ours_arch}"
+        )
+    compared = [f.name for f in dataclasses.fields(model) if f.name not in _TRAINING_ONLY_FIELDS]
     for name in compared:
         ours, theirs = getattr(model, name), getattr(saved, name)
         if ours != theirs:
@@ -404,6 +409,8 @@ def check_init_from(directory: str, model: MoEUTConfig) -> None:
 def check_run(config: TrainConfig, world_size: int) -> RunPlan:
     """Check everything a run needs before it starts, naming what is wrong."""
     data = config.data
+    if config.logging.wandb is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logging.wandb needs wandb: pip install 'moeut-dist[wandb]'")
     if not Path(data.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer: {data.tokenizer} does not exist")
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 import os
 import random
@@ -22,25 +23,31 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from tqdm import tqdm
 
+from moeut_dist import arch
 from moeut_dist.config import ConfigError
 from moeut_dist.data import TokenLoader
 from moeut_dist.export import WEIGHTS_FILE
+from moeut_dist.logs import stdout_on_rank0_only
 from moeut_dist.model import perplexity
-from moeut_dist.model.flops import training_flops_per_token
 from moeut_dist.parallel.build import build_model, parallel_lm_loss
 from moeut_dist.parallel.collectives import data_parallel_mean
 from moeut_dist.parallel.engine import create_engine, load_initial_weights
 from moeut_dist.parallel.layout import init_distributed, initialize
+from moeut_dist.progress import Progress
 from moeut_dist.train.checkpoint import CheckpointError, CheckpointManager, TrainerState
 from moeut_dist.train.config import RunPlan, TrainConfig, check_init_from, check_run
 from moeut_dist.train.metrics import MetricsWriter, RoutingMonitor
+from moeut_dist.train.peak_flops import peak_flops
+from moeut_dist.train.profiling import StepProfiler
 from moeut_dist.train.schedule import lr_multiplier
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,7 +87,9 @@ def distributed_session() -> Iterator[None]:
     finally:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
-        if dist.is_initialized():
+        if deepspeed.comm.is_initialized():  # also drops DeepSpeed's groups of this world
+            deepspeed.comm.destroy_process_group()
+        elif dist.is_initialized():
             dist.destroy_process_group()
         for name in standalone:
             del os.environ[name]
@@ -157,13 +166,26 @@ def step_losses(losses: list[torch.Tensor]) -> list[tuple[float, float]]:
     return steps
 
 
+class ValidationBatches:
+    """The validation split's loader, made once at the start of the run (so a manifest changed
+    under a running job cannot stop it), rewound to the split's start for every pass."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.loader = make_loader(config, "val", epochs=1)
+        self._start = self.loader.state_dict()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self.loader.load_state_dict(self._start)
+        return iter(self.loader)
+
+
 @torch.no_grad()
-def validation_loss(engine, config: TrainConfig, monitor: RoutingMonitor | None) -> float | None:
+def validation_loss(
+    engine, config: TrainConfig, validation: ValidationBatches, monitor: RoutingMonitor | None
+) -> float | None:
     """Mean LM loss over the first `eval.batches` micro-batches of each rank's share of the
     validation split (the same ones every pass); None if some rank has no full batch."""
-    full = (
-        b for b in make_loader(config, "val", epochs=1) if len(b) == config.data.micro_batch_size
-    )
+    full = (b for b in validation if len(b) == config.data.micro_batch_size)
     batches = list(itertools.islice(full, config.eval.batches))
     # Every rank must run the same number of forwards (they hold collectives); a rank may have
     # fewer batches than its manifest share when corrupt shards are skipped.
@@ -199,6 +221,7 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
     if init_from is not None:
         check_init_from(init_from, plan.model)
     loader = make_loader(config, "train", epochs=None)
+    validation = ValidationBatches(config) if config.eval.every else None
     state = TrainerState(step=0, loader=loader.state_dict())
     if resume is not None:
         state = resume.state
@@ -206,43 +229,68 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
             loader.load_state_dict(state.loader)
         except ValueError as error:  # data settings changed since the checkpoint
             raise CheckpointError(f"{resume.directory}: {error}") from error
+    spec = arch.of(plan.model)
+    summary = spec.summary(plan.model, config.data.seq_len)
     model = build_model(plan.model, config.parallel, seed=config.seed)
-    engine = create_engine(
-        model,
-        config.parallel,
-        config.optim,
-        config.data.micro_batch_size,
-        gradient_accumulation_steps=plan.grad_accumulation,
-        bf16=config.bf16,
-    )
+    has_experts = spec.n_experts(plan.model) > 0
+    with stdout_on_rank0_only():
+        engine = create_engine(
+            model,
+            config.parallel,
+            config.optim,
+            config.data.micro_batch_size,
+            gradient_accumulation_steps=plan.grad_accumulation,
+            bf16=config.bf16,
+        )
     if init_from is not None:
         load_initial_weights(engine, os.path.join(init_from, WEIGHTS_FILE))
     # After the engine, which has moved the model to its device: the counts live there too.
-    monitor = RoutingMonitor(model) if config.logging.expert_usage else None
+    monitor = RoutingMonitor(model) if config.logging.expert_usage and has_experts else None
     seed_everything(config.seed)
     if resume is not None:
         checkpoints.load(engine, resume)
+        if resume.layout_change is not None:  # the RNG states were another layout's ranks'
+            seed_everything((config.seed + state.step) % 2**32)
 
     resumed_step = state.step if resume is not None else None
-    metrics = MetricsWriter(config.out_path, config.logging.tensorboard, resumed_step)
+    metrics = MetricsWriter(
+        config.out_path,
+        config.logging.tensorboard,
+        resumed_step,
+        wandb=config.logging.wandb,
+        run_config=config.to_dict(),
+    )
     if resume is not None:
-        metrics.write("event", state.step, {"resumed_from": str(resume.directory)})
+        event: dict = {"resumed_from": str(resume.directory)}
+        if resume.layout_change is not None:
+            event["layout_changed"] = dict(zip(("from", "to"), resume.layout_change, strict=True))
+        metrics.write("event", state.step, event)
     if init_from is not None:
         metrics.write("event", state.step, {"initialised_from": init_from})
+    metrics.write("model", state.step, summary.to_dict())
+    logger.info("model %s", summary.describe())
 
     end_step = config.schedule.steps
     if config.stop_after_steps is not None:
         end_step = min(end_step, state.step + config.stop_after_steps)
-    flops_per_step = training_flops_per_token(plan.model, config.data.seq_len) * (
-        config.data.global_batch_size * config.data.seq_len
-    )
-    rank0 = dist.get_rank() == 0
-    progress = tqdm(
+    tokens_per_step = config.data.global_batch_size * config.data.seq_len
+    flops_per_step = summary.training_flops_per_token * tokens_per_step
+    peak = device_peak_flops(config)
+    progress = Progress(
         total=config.schedule.steps,
         initial=state.step,
-        disable=not (rank0 and config.logging.progress_bar),
-        dynamic_ncols=True,
+        tokens_per_unit=tokens_per_step,
+        enabled=dist.get_rank() == 0 and config.logging.progress_bar,
+        every_steps=config.logging.progress_every_steps,
+        every_seconds=config.logging.progress_every_seconds,
     )
+    profiler = StepProfiler(config.profiling, config.out_path, dist.get_rank())
+    logger.info(
+        "training steps %d to %d of %d in %s on %s (%d processes, %d-way data parallel, %d "
+        "micro-batches per step)",
+        state.step + 1, end_step, config.schedule.steps, config.out_dir, engine.device.type,
+        dist.get_world_size(), plan.data_parallel, plan.grad_accumulation,
+    )  # fmt: skip
     batches = iter(loader)
     interval = Interval()
     interval.start()
@@ -250,8 +298,10 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         lr = config.optim.lr * lr_multiplier(state.step, config.schedule)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
+        profiler.before_step(state.step + 1)
         losses = train_step(engine, batches, plan)
         state.step += 1
+        profiler.after_step(state.step)
         state.loader = loader.state_dict()
         # DeepSpeed has checked the gradient norm for this step (one host sync per step, on
         # every rank alike): a non-finite loss makes it non-finite and the update is dropped.
@@ -266,16 +316,17 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
             )
 
         interval.steps += 1
-        interval.tokens += config.data.global_batch_size * config.data.seq_len
+        interval.tokens += tokens_per_step
         interval.skipped += 0 if applied else 1
         interval.losses.append(losses)
-        progress.update(1)
+        progress.update(1, lr=f"{lr:.2e}")
 
         session_ends = state.step == end_step
         run_ends = state.step == config.schedule.steps
         if state.step % config.logging.every == 0 or session_ends:
-            record = _train_record(engine, config, interval, lr, flops_per_step)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+            record = _train_record(engine, interval, lr, flops_per_step, peak)
+            progress.update(0, loss=f"{record['loss']:.4f}")
+            record.update(data_fault_counts(loader, engine.device))
             if monitor is not None:
                 record.update(monitor.collect())
             metrics.write("train", state.step, record)
@@ -284,26 +335,53 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         # record's tokens/s, FLOPs/s and MFU.
         paused = time.perf_counter()
         if config.eval.every and (state.step % config.eval.every == 0 or run_ends):
-            val = validation_loss(engine, config, monitor)
+            val = validation_loss(engine, config, validation, monitor)
             if val is not None:
                 metrics.write("val", state.step, {"loss": val, "perplexity": perplexity(val)})
         if state.step % config.checkpoint.every == 0 or session_ends:
             checkpoints.save(engine, state)
         interval.started += time.perf_counter() - paused
+    profiler.close()
     progress.close()
     metrics.close()
 
 
-def _train_record(engine, config: TrainConfig, interval: Interval, lr: float, flops_per_step):
+def device_peak_flops(config: TrainConfig) -> float | None:
+    """The configured peak FLOP/s of one device, else the table's for this GPU; None (no MFU)
+    on CPUs and unknown devices, with a note saying so."""
+    if config.logging.peak_flops_per_device is not None:
+        return config.logging.peak_flops_per_device
+    if not torch.cuda.is_available():
+        logger.info("MFU is not logged on CPU (set logging.peak_flops_per_device to log it)")
+        return None
+    name = torch.cuda.get_device_name()
+    peak = peak_flops(name, config.bf16)
+    if peak is None:
+        logger.warning(
+            "MFU is not logged: no peak FLOP/s known for %s; set logging.peak_flops_per_device",
+            name,
+        )
+    return peak
+
+
+def data_fault_counts(loader: TokenLoader, device: torch.device) -> dict[str, int]:
+    """The run's data faults so far (`TokenLoader.counters`) over all data-parallel ranks, as
+    `data/<counter>` (a collective; tensor-parallel ranks read the same data, counted once)."""
+    local = loader.counters()
+    counts = torch.tensor(list(local.values()), dtype=torch.int64, device=device)
+    dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    return {f"data/{name}": count for name, count in zip(local, counts.tolist(), strict=True)}
+
+
+def _train_record(engine, interval: Interval, lr: float, flops_per_step, peak: float | None):
     # Fetching the losses waits for the device to finish the interval's steps: time it after.
     finite = [(lm, reg) for lm, reg in step_losses(interval.losses) if math.isfinite(lm + reg)]
     elapsed = time.perf_counter() - interval.started
     lm = sum(lm for lm, _ in finite) / len(finite) if finite else math.nan
     reg = sum(reg for _, reg in finite) / len(finite) if finite else math.nan
     flops_per_second = flops_per_step * interval.steps / elapsed
-    peak = config.logging.peak_flops_per_device
     grad_norm = engine.get_global_grad_norm()
-    return {
+    record = {
         "loss": lm,
         "perplexity": perplexity(lm),
         "reg_loss": reg,
@@ -312,5 +390,7 @@ def _train_record(engine, config: TrainConfig, interval: Interval, lr: float, fl
         "skipped_steps": interval.skipped,
         "tokens_per_second": interval.tokens / elapsed,
         "model_flops_per_second": flops_per_second,
-        "mfu": flops_per_second / (peak * dist.get_world_size()) if peak else None,
     }
+    if peak is not None:
+        record["mfu"] = flops_per_second / (peak * dist.get_world_size())
+    return record

@@ -1,5 +1,9 @@
-"""What a run reports: expert usage, expert-parallel traffic, and the writers (the model FLOPs
-behind FLOPs/s and MFU are `model.flops`)."""
+"""What a run reports: expert usage, expert-parallel traffic, and the writers.
+
+Model FLOPs come from the model's architecture (`moeut_dist.arch`, `ModelSummary`): 2 × the
+paper's MACs per token, a backward costing two forwards; recomputation for activation
+checkpointing is not model work and is not counted (the usual MFU convention).
+"""
 
 from __future__ import annotations
 
@@ -16,11 +20,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from moeut_dist.atomic_files import write_atomically
 from moeut_dist.model import MoEUTLM
-from moeut_dist.plots import read_metrics
-
-METRICS_FILE = "metrics.jsonl"
+from moeut_dist.plots import METRICS_FILE, read_metrics
+from moeut_dist.train.config import WandbSection
 
 
 class RoutingMonitor:
@@ -35,9 +37,7 @@ class RoutingMonitor:
         for ffn in self.layers:
             ffn.count_expert_usage()
         # The expert-parallel dispatcher keeps `DispatchStats`; the local one sends nothing.
-        self.traffic = [
-            ffn.dispatcher.stats for ffn in self.layers if hasattr(ffn.dispatcher, "stats")
-        ]
+        self.traffic = [f.dispatcher.stats for f in self.layers if hasattr(f.dispatcher, "stats")]
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -84,15 +84,26 @@ class RoutingMonitor:
 class MetricsWriter:
     """JSONL records (one per line, flushed) and TensorBoard scalars, written by rank 0.
 
+    Records are valid JSON: a value that is not a finite number (a NaN loss) is written as
+    `null`, and the record's `nonfinite` field names it with its value ({"loss": "nan"}).
     On resume from step s, records after s (written by the interrupted session, about to be
-    produced again) are dropped, so the log holds each step once. A run that starts from
+    produced again) are cut off the file in place, so the log holds each step once and a
+    disk left full by the interrupted session has room for the resume. A run that starts from
     scratch where an earlier one logged keeps those logs as `metrics.1.jsonl` and
     `tensorboard.1/` (`.2`, …).
     """
 
-    def __init__(self, out_dir: Path, tensorboard: bool, resumed_step: int | None) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        tensorboard: bool,
+        resumed_step: int | None,
+        wandb: WandbSection | None = None,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
         self.enabled = dist.get_rank() == 0
         self.tensorboard = None
+        self.wandb = None
         if not self.enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,23 +114,31 @@ class MetricsWriter:
                 if earlier.exists():
                     os.replace(earlier, _free_name(earlier))
         elif self.path.is_file():
-            kept = _records_up_to(self.path, resumed_step)
-            write_atomically(self.path, lambda p: p.write_text(kept))
+            _truncate_after(self.path, resumed_step)
         self.file = open(self.path, "a")  # noqa: SIM115 -- open for the writer's lifetime
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             purge = None if resumed_step is None else resumed_step + 1
             self.tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=purge)
+        if wandb is not None:
+            from moeut_dist.train.wandb_sink import WandbSink
+
+            resumed = resumed_step is not None
+            self.wandb = WandbSink(wandb, out_dir, run_config or {}, resumed)
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        record = {"kind": kind, "step": step, **_finite_json(values)}
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(kind, step, values)
         if self.tensorboard is None:
             return
         for name, value in values.items():
+            # TensorBoard plots NaN and Inf as such.
             if isinstance(value, int | float) and not isinstance(value, bool):
                 self.tensorboard.add_scalar(f"{kind}/{name}", value, step)
         for layer, entropy in enumerate(values.get("expert_entropy", [])):
@@ -135,19 +154,38 @@ class MetricsWriter:
         self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
-def _records_up_to(path: Path, step: int) -> str:
-    """The lines of a metrics file whose step is at most `step`."""
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by the crash
-            continue
-        if record["step"] <= step:
-            kept.append(line + "\n")
-    return "".join(kept)
+def _finite_json(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with non-finite numbers as None, named with their value under `nonfinite`."""
+    nonfinite = {
+        name: str(value).lower()  # "nan", "inf", "-inf"
+        for name, value in values.items()
+        if isinstance(value, float) and not math.isfinite(value)
+    }
+    if not nonfinite:
+        return values
+    return {**{k: None if k in nonfinite else v for k, v in values.items()}, "nonfinite": nonfinite}
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Cut a metrics file after its last whole record of a step up to `step`, in place (no
+    copy, so no free space is needed). Records are in step order; a line cut short by a crash
+    ends the part kept."""
+    kept = 0
+    with open(path, "rb+") as file:
+        for line in file:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break
+            if not line.endswith(b"\n") or record["step"] > step:
+                break
+            kept += len(line)
+        file.truncate(kept)
+        os.fsync(file.fileno())
 
 
 def _free_name(path: Path) -> Path:
@@ -157,5 +195,6 @@ def _free_name(path: Path) -> Path:
 
 
 def read_run_metrics(out_dir: str | Path, kind: str = "train") -> list[dict[str, Any]]:
-    """The records of one kind ("train", "val", "event") from a run's metrics file, in order."""
+    """The records of one kind ("train", "val", "event", "model") from a run's metrics file,
+    in order."""
     return [r for r in read_metrics(Path(out_dir) / METRICS_FILE) if r["kind"] == kind]
