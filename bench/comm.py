@@ -18,7 +18,7 @@ import torch
 
 from moeut_dist.config import MoEUTConfig
 from moeut_dist.model import MoEUTLM
-from moeut_dist.parallel.expert_parallel import ExpertPartition, plan_dispatch
+from moeut_dist.parallel.expert_parallel import ExpertPartition, token_destinations
 
 D_MODEL_REPORTED = 1024  # the 244M/318M/582M models' width
 BF16_BYTES = 2
@@ -56,7 +56,7 @@ def bytes_per_token(k: int, ep: int, experts: list[torch.Tensor]) -> tuple[float
     """Mean activation bytes per token (ours, per-expert) at d = 1024 in bf16."""
     partition = ExpertPartition(387, ep)
     owners = partition.owners()
-    copies = sum(plan_dispatch(e, owners, ep).token_index.numel() for e in experts)
+    copies = sum(int(token_destinations(e, owners, ep).sum()) for e in experts)
     n_tokens = sum(e.shape[0] for e in experts)
     row = D_MODEL_REPORTED * BF16_BYTES
     return copies / n_tokens * row, k * row

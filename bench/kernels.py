@@ -7,14 +7,21 @@ of the throughput of a dense bf16 matmul doing the same FLOPs (the ceiling), pea
 the activation bytes per token autograd keeps for backward. Without a GPU it runs a small smoke
 test through the Triton interpreter (timings there mean nothing).
 
-    python bench/kernels.py
+Everywhere it then times the PyTorch path (`torch_kernels`, what CPUs run) against the
+plain-autograd reference it replaced, at the MoEUT-44M shapes in fp32 (512 tokens, d = 412,
+E = 155, m = 128, k = 12; H = 4, dh = 82, Ea = 8, ka = 2): forward + backward of σ-MoE and
+both SwitchHead projections, median of `--repeats`, and the activation bytes kept per token.
+
+    python bench/kernels.py [--repeats 5]
 
 Imports only torch, triton, numpy and moeut_dist.kernels.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +32,7 @@ if not torch.cuda.is_available():
     # Must precede the first `triton.jit` decoration, i.e. importing the kernels.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from moeut_dist.kernels import moe_linear, moe_mlp
+from moeut_dist.kernels import moe_linear, moe_mlp, reference
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -46,6 +53,7 @@ class Shapes:
 
 
 MOEUT_244M = Shapes(64 * 1024, 1024, 387, 128, 16, 4, 128, 10, 2)
+MOEUT_44M = Shapes(512, 412, 155, 128, 12, 4, 82, 8, 2)
 SMOKE = Shapes(64, 64, 7, 32, 4, 2, 32, 3, 2)
 
 
@@ -53,6 +61,7 @@ SMOKE = Shapes(64, 64, 7, 32, 4, 2, 32, 3, 2)
 class Workload:
     name: str
     op: Callable[..., torch.Tensor]
+    reference: Callable[..., torch.Tensor]
     inputs: list[torch.Tensor]  # differentiable
     routing: tuple[object, ...]
     flops: float  # forward + backward, useful work only
@@ -62,18 +71,21 @@ def _top_k(n_tokens: int, n_choices: int, k: int) -> torch.Tensor:
     return torch.rand(n_tokens, n_choices, device=DEVICE).topk(k, dim=1).indices
 
 
-def _param(*shape: int, fan_in: int) -> torch.Tensor:
-    return (torch.randn(*shape, device=DEVICE) / fan_in**0.5).to(DTYPE).requires_grad_()
+def _param(*shape: int, fan_in: int, dtype: torch.dtype) -> torch.Tensor:
+    return (torch.randn(*shape, device=DEVICE) / fan_in**0.5).to(dtype).requires_grad_()
 
 
-def workloads(s: Shapes) -> list[Workload]:
+def workloads(s: Shapes, dtype: torch.dtype = DTYPE) -> list[Workload]:
     n, d, m = s.n_tokens, s.d, s.expert_size
     pairs = n * s.k
     mlp = Workload(
         f"σ-MoE  N={n} d={d} E={s.n_experts} m={m} k={s.k}",
         moe_mlp,
-        [_param(n, d, fan_in=1), _param(s.n_experts, d, m, fan_in=d),
-         _param(s.n_experts, m, d, fan_in=m), torch.rand(pairs, device=DEVICE).requires_grad_()],
+        reference.moe_mlp,
+        [_param(n, d, fan_in=1, dtype=dtype),
+         _param(s.n_experts, d, m, fan_in=d, dtype=dtype),
+         _param(s.n_experts, m, d, fan_in=m, dtype=dtype),
+         torch.rand(pairs, device=DEVICE).requires_grad_()],
         (_top_k(n, s.n_experts, s.k).flatten(),
          torch.arange(n, device=DEVICE).repeat_interleave(s.k)),
         flops=3 * 2 * pairs * 2 * d * m,
@@ -88,7 +100,8 @@ def workloads(s: Shapes) -> list[Workload]:
     v_proj = Workload(
         f"SwitchHead V  N={n} d={d} H={h} dh={dh} Ea={ea} ka={ka}",
         moe_linear,
-        [_param(n, d, fan_in=1), _param(h * ea, d, dh, fan_in=d),
+        reference.moe_linear,
+        [_param(n, d, fan_in=1, dtype=dtype), _param(h * ea, d, dh, fan_in=d, dtype=dtype),
          torch.rand(att_pairs, device=DEVICE).requires_grad_()],
         (experts, token_rows, token_head_rows.flatten(), n * h),
         flops=att_flops,
@@ -96,7 +109,8 @@ def workloads(s: Shapes) -> list[Workload]:
     o_proj = Workload(
         f"SwitchHead O  N={n} d={d} H={h} dh={dh} Ea={ea} ka={ka}",
         moe_linear,
-        [_param(n * h, dh, fan_in=1), _param(h * ea, dh, d, fan_in=dh),
+        reference.moe_linear,
+        [_param(n * h, dh, fan_in=1, dtype=dtype), _param(h * ea, dh, d, fan_in=dh, dtype=dtype),
          torch.rand(att_pairs, device=DEVICE).requires_grad_()],
         (experts, token_head_rows.flatten(), token_rows, n),
         flops=att_flops,
@@ -104,8 +118,15 @@ def workloads(s: Shapes) -> list[Workload]:
     return [mlp, v_proj, o_proj]
 
 
+def _call(work: Workload, backend: str, **kwargs: object) -> torch.Tensor:
+    """`backend` "reference" is the plain-autograd path; the others are `kernels` backends."""
+    if backend == "reference":
+        return work.reference(*work.inputs, *work.routing)
+    return work.op(*work.inputs, *work.routing, backend=backend, **kwargs)
+
+
 def forward_backward(work: Workload, backend: str, **kwargs: object) -> list[torch.Tensor]:
-    out = work.op(*work.inputs, *work.routing, backend=backend, **kwargs)
+    out = _call(work, backend, **kwargs)
     grad_out = torch.ones_like(out)
     return [out, *torch.autograd.grad(out, work.inputs, grad_out)]
 
@@ -113,7 +134,8 @@ def forward_backward(work: Workload, backend: str, **kwargs: object) -> list[tor
 def relative_errors(work: Workload) -> list[float]:
     """Triton in DTYPE against the PyTorch path in fp32 on the same (rounded) inputs."""
     fp32 = Workload(
-        work.name, work.op, [t.detach().float().requires_grad_() for t in work.inputs],
+        work.name, work.op, work.reference,
+        [t.detach().float().requires_grad_() for t in work.inputs],
         work.routing, work.flops,
     )  # fmt: skip
     expected = forward_backward(fp32, "torch")
@@ -158,7 +180,7 @@ def saved_activation_bytes(work: Workload, backend: str) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = work.op(*work.inputs, *work.routing, backend=backend)
+        out = _call(work, backend)
     del out
     return sum(seen.values())
 
@@ -208,5 +230,47 @@ def main() -> None:
     print("vs dense: fraction of an equal-FLOP dense matmul's throughput (1.0 = ceiling)")
 
 
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compare_pytorch_paths(repeats: int) -> None:
+    """The PyTorch path against the plain-autograd reference it replaced, at the 44M shapes."""
+    print(f"\nPyTorch path vs reference, MoEUT-44M shapes, fp32, {torch.get_num_threads()} threads")
+    print(f"{'operation':<46} {'reference ms':>12} {'torch ms':>9} {'speed-up':>8} "
+          f"{'ref B/token':>11} {'torch B/token':>13}")  # fmt: skip
+    totals = {"reference": 0.0, "torch": 0.0}
+    saved = {"reference": 0.0, "torch": 0.0}
+    for work in workloads(MOEUT_44M, torch.float32):
+        times = {}
+        for backend in totals:
+            times[backend] = median_seconds(
+                lambda w=work, b=backend: forward_backward(w, b), repeats
+            )
+            totals[backend] += times[backend]
+            saved[backend] += saved_activation_bytes(work, backend) / MOEUT_44M.n_tokens
+        print(
+            f"{work.name:<46} {times['reference'] * 1e3:>12.1f} {times['torch'] * 1e3:>9.1f} "
+            f"{times['reference'] / times['torch']:>8.2f} "
+            f"{saved_activation_bytes(work, 'reference') / MOEUT_44M.n_tokens:>11.0f} "
+            f"{saved_activation_bytes(work, 'torch') / MOEUT_44M.n_tokens:>13.0f}"
+        )
+    print(
+        f"{'σ-MoE + SwitchHead V + O':<46} {totals['reference'] * 1e3:>12.1f} "
+        f"{totals['torch'] * 1e3:>9.1f} {totals['reference'] / totals['torch']:>8.2f} "
+        f"{saved['reference']:>11.0f} {saved['torch']:>13.0f}"
+    )
+
+
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    arguments = parser.parse_args()
     main()
+    compare_pytorch_paths(arguments.repeats)

@@ -41,6 +41,8 @@ class MoEUTConfig(DictConvertible):
     att_entropy_reg: float = 0.001  # δ
     rope_base: float = 10000.0
     kernel: KernelBackend = "auto"
+    # Each layer compiled with torch.compile (inductor), the expert custom ops inside its graph.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in (

@@ -228,24 +228,22 @@ def test_deterministic_follows_torch_setting(monkeypatch: pytest.MonkeyPatch) ->
     assert seen == [False, True, False]
 
 
-@pytest.mark.parametrize("implementation", ["triton", "reference"])
-def test_opcheck(implementation: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if implementation == "reference":
-        if DEVICE == "cuda":
-            pytest.skip("the reference implementation serves CPU tensors")
-        monkeypatch.setattr(triton_kernels, "INTERPRETING", False)
+def test_opcheck() -> None:
     torch.manual_seed(3)
     mlp = _on_device(sigma_moe(n_tokens=3, d=16, hidden=16, k=2))
     linear = _on_device(switchhead_o(n_tokens=3, d=16))
     differentiable = lambda case: [t.detach().requires_grad_() for t in case.inputs]
     for deterministic in (False, True):
         for case, op in ((mlp, ops.moe_mlp_op), (linear, ops.moe_linear_op)):
-            torch.library.opcheck(op, (*differentiable(case), *case.routing, deterministic))
+            torch.library.opcheck(op, (*differentiable(case), *case.routing, True, deterministic))
     grad_out = torch.randn(3, 16, device=DEVICE)
-    torch.library.opcheck(ops.moe_mlp_backward_op, (grad_out, *mlp.inputs, *mlp.routing, True))
+    torch.library.opcheck(
+        ops.moe_mlp_backward_op, (grad_out, *mlp.inputs, *mlp.routing, True, True)
+    )
     experts, in_rows, out_rows, _ = linear.routing
     torch.library.opcheck(
-        ops.moe_linear_backward_op, (grad_out, *linear.inputs, experts, in_rows, out_rows, True)
+        ops.moe_linear_backward_op,
+        (grad_out, *linear.inputs, experts, in_rows, out_rows, True, True),
     )
 
 
@@ -266,20 +264,6 @@ def test_torch_compile_traces_without_graph_breaks() -> None:
     layer(*eager_inputs).square().sum().backward()
     for compiled_grad, eager in zip(compiled_grads, eager_inputs, strict=True):
         torch.testing.assert_close(compiled_grad, eager.grad)
-
-
-def test_cpu_op_without_interpreter_uses_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(triton_kernels, "INTERPRETING", False)
-    case = sigma_moe(n_tokens=3)
-    inputs = [t.detach().requires_grad_() for t in case.inputs]
-    out = ops.moe_mlp_op(*inputs, *case.routing, False)
-    grads = torch.autograd.grad(out.sum(), inputs)
-    ref_inputs = [t.detach().requires_grad_() for t in case.inputs]
-    expected = reference.moe_mlp(*ref_inputs, *case.routing)
-    expected_grads = torch.autograd.grad(expected.sum(), ref_inputs)
-    torch.testing.assert_close(out, expected)
-    for grad, expected_grad in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(grad, expected_grad)
 
 
 def test_model_with_triton_kernels_matches_pytorch_path() -> None:

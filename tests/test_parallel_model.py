@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeut_dist.config import ConfigError
 from moeut_dist.model.moe import LocalDispatcher
 from moeut_dist.parallel.build import build_model, gather_full, parallel_lm_loss
+from moeut_dist.parallel.collectives import data_parallel_mean
 from moeut_dist.parallel.expert_parallel import (
     ExpertParallelDispatcher,
     ExpertPartition,
@@ -78,13 +80,23 @@ def _check_dispatch_contributes_each_pair_once(partition: ExpertPartition) -> No
     expected.scatter_add_(1, experts, gates)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
-    plan = plan_dispatch(experts, partition.owners(), partition.n_ranks)
+    plan = plan_dispatch(experts, partition.owners(), group)
     pairs = set(zip(plan.token_index.tolist(), plan.destination.tolist(), strict=True))
     assert len(pairs) == len(plan.token_index), "a token was sent to one rank twice"
     min_k_ep = min(k, partition.n_ranks)
     stats = dispatcher.stats
     assert stats.token_copies <= n_tokens * min_k_ep
     assert stats.remote_bytes / n_tokens <= min_k_ep * d * x.element_size()
+
+
+class _AllToAllCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.c10d.alltoall_base_.default
+        return func(*args, **(kwargs or {}))
 
 
 def _check_dispatch_gradients(partition: ExpertPartition) -> None:
@@ -102,10 +114,15 @@ def _check_dispatch_gradients(partition: ExpertPartition) -> None:
     local = partition.local_range(dist.get_rank())
     local_keys = keys[local.start : local.stop].detach().requires_grad_()
     local_values = values[local.start : local.stop].detach().requires_grad_()
-    out = ExpertParallelDispatcher(partition, dist.group.WORLD, backend="torch")(
-        x, gates, experts, local_keys, local_values
-    )
-    grads = torch.autograd.grad(out.square().sum(), (x, gates, local_keys, local_values))
+    with _AllToAllCount() as forward:
+        out = ExpertParallelDispatcher(partition, dist.group.WORLD, backend="torch")(
+            x, gates, experts, local_keys, local_values
+        )
+    with _AllToAllCount() as backward:
+        grads = torch.autograd.grad(out.square().sum(), (x, gates, local_keys, local_values))
+    # Forward: the split sizes, then tokens with their gates and expert ids in one message, and
+    # the results back; backward: the two messages mirrored, with the forward's split sizes.
+    assert (forward.count, backward.count) == (3, 2)
     torch.testing.assert_close(out, expected)
     for name, grad, want in zip(("x", "gates"), grads[:2], expected_grads[:2], strict=True):
         torch.testing.assert_close(grad, want, msg=lambda m, n=name: f"{n}: {m}")
@@ -142,8 +159,9 @@ def _check_layout_matches_one_process(layout: ParallelConfig) -> None:
     loss = parallel_lm_loss(model, data_parallel_share(tokens))
     loss.total.backward()
     what = f"{layout}"
-    torch.testing.assert_close(loss.lm, lm.detach().float(), msg=lambda m: f"{what} lm: {m}")
-    torch.testing.assert_close(loss.reg, reg.detach().float(), msg=lambda m: f"{what} reg: {m}")
+    logged = data_parallel_mean(torch.stack([loss.lm, loss.reg]))
+    torch.testing.assert_close(logged[0], lm.detach().float(), msg=lambda m: f"{what} lm: {m}")
+    torch.testing.assert_close(logged[1], reg.detach().float(), msg=lambda m: f"{what} reg: {m}")
     grads = gather_full(_reduced_gradients(model), config)
     assert_close_dicts(grads, expected_grads, rtol=1e-6, atol=1e-9, what=f"{what} grad")
     torch.set_default_dtype(torch.float32)

@@ -21,6 +21,7 @@ from moeut_dist.parallel.build import (
     parallel_lm_loss,
     read_local_shards,
 )
+from moeut_dist.parallel.collectives import data_parallel_mean
 from moeut_dist.parallel.engine import (
     create_engine,
     link_optimizer_state,
@@ -84,7 +85,8 @@ def _train_step(engine, config, step: int) -> tuple[float, float, float]:
     loss = parallel_lm_loss(engine.module, data_parallel_share(batch(config, step)))
     engine.backward(loss.total)
     engine.step()
-    return loss.lm.item(), loss.reg.item(), float(engine.get_global_grad_norm())
+    lm, reg = data_parallel_mean(torch.stack([loss.lm, loss.reg])).tolist()
+    return lm, reg, float(engine.get_global_grad_norm())
 
 
 def _check_layout_trains_like_one_process(config, layout, expected_history, expected_weights):
@@ -143,7 +145,8 @@ def _check_export_matches_training_model(config, save_dir: str, layout: Parallel
     tokens = batch(config, STEPS)
     engine.module.eval()
     with torch.no_grad():
-        training_time_loss = parallel_lm_loss(engine.module, data_parallel_share(tokens)).lm
+        local_loss = parallel_lm_loss(engine.module, data_parallel_share(tokens)).lm
+        training_time_loss = data_parallel_mean(local_loss)
     trained = gather_state_dict(engine.module)  # a collective: every rank takes part
     out_dir = os.path.join(save_dir, "export")
     if torch.distributed.get_rank() == 0:

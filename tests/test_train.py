@@ -20,6 +20,7 @@ import torch.distributed as dist
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.utils import safe_get_full_fp32_param
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeut_dist import arch, profiles
 from moeut_dist.checksums import CHECKSUMS_FILE, record_checksums
@@ -445,6 +446,85 @@ def test_accumulated_micro_batches_train_like_one_batch(corpus, tmp_path):
     # an extra or a missing update would move weights by about lr = 3e-3.
     for name, tensor in whole.weights.items():
         torch.testing.assert_close(accumulated.weights[name], tensor, rtol=1e-4, atol=1e-4)
+
+
+def _synchronising_train_step(engine, batches, plan) -> tuple[float, float]:
+    """The training step as it was before the host syncs were removed: an all-reduce and two
+    `.item()` per micro-batch. The oracle of what the step computes."""
+    lm = reg = 0.0
+    for _ in range(plan.grad_accumulation):
+        loss = parallel_lm_loss(engine.module, next(batches))
+        engine.backward(loss.total)
+        engine.step()
+        logged = torch.stack([loss.lm, loss.reg])
+        dist.all_reduce(logged)  # one process: data parallel is the world
+        logged /= dist.get_world_size()
+        lm += logged[0].item() / plan.grad_accumulation
+        reg += logged[1].item() / plan.grad_accumulation
+    return lm, reg
+
+
+class _LoopStalls(TorchDispatchMode):
+    """Host syncs (`.item()`) and all-reduces that the loop, the loss and the model call: not
+    DeepSpeed's, nor the gradient norm it calls once per optimizer step (`parallel/engine.py`),
+    nor the ones inside the expert custom ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.stalls = {
+            torch.ops.aten._local_scalar_dense.default,
+            torch.ops.c10d.allreduce_.default,
+        }
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.stalls:
+            frame = sys._getframe(1)
+            while frame is not None and f"{os.sep}torch{os.sep}" in frame.f_code.co_filename:
+                frame = frame.f_back
+            caller = frame.f_code.co_filename if frame is not None else ""
+            ours = f"{os.sep}moeut_dist{os.sep}" in caller or caller == __file__  # the oracle
+            if ours and not caller.endswith("engine.py"):
+                self.calls.append(f"{func} from {caller}:{frame.f_lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+def _three_steps(config, plan, step) -> tuple[list, dict[str, torch.Tensor], list[str]]:
+    engine = create_engine(
+        build_model(plan.model, config.parallel, seed=config.seed),
+        config.parallel,
+        config.optim,
+        config.data.micro_batch_size,
+        gradient_accumulation_steps=plan.grad_accumulation,
+        bf16=False,
+    )
+    batches = iter(loop.make_loader(config, "train", epochs=None))
+    results = []
+    with _LoopStalls() as stalls:
+        for _ in range(3):
+            results.append(step(engine, batches, plan))
+    weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    return results, weights, stalls.calls
+
+
+def test_the_step_without_host_syncs_computes_what_the_synchronising_one_did(corpus, tmp_path):
+    """Same losses (as logged), same updated weights, bit for bit; and the loop itself makes no
+    host sync or collective per micro-batch (4 per step here)."""
+    config = load_config(write_config(run_config(corpus, tmp_path / "run"), tmp_path / "r.yaml"))
+    plan = check_run(config, 1)
+    assert plan.grad_accumulation == 4
+    with loop.distributed_session():
+        initialize(config.parallel, plan.model)
+        expected, expected_weights, old_stalls = _three_steps(
+            config, plan, _synchronising_train_step
+        )
+        losses, weights, stalls = _three_steps(config, plan, loop.train_step)
+        logged = loop.step_losses(losses)
+    assert len(old_stalls) == 3 * 4 * 3  # the detector sees the old step's stalls
+    assert stalls == []
+    assert logged == expected
+    for name, tensor in expected_weights.items():
+        assert torch.equal(weights[name], tensor), name
 
 
 def test_run_logs_metrics_and_keeps_the_last_checkpoints(uninterrupted, corpus, tmp_path):

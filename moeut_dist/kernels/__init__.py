@@ -1,9 +1,10 @@
 """Local expert compute: gather rows → per-expert matmul → gate-weighted scatter-add.
 
-One contract, two implementations: Triton kernels (`triton_kernels`, registered as `torch.library`
-custom ops with autograd in `ops`) and the pure-PyTorch reference (`reference`), which is also the
-test oracle. `backend` chooses: "auto" (Triton on CUDA tensors, PyTorch elsewhere), "torch", or
-"triton" (on CPU tensors only under the Triton interpreter, `TRITON_INTERPRET=1`).
+One contract, two implementations behind the same `torch.library` custom ops (`ops`): the Triton
+kernels (`triton_kernels`) and the PyTorch ones (`torch_kernels`); `reference`, plain autograd
+over per-expert matmuls, is the test oracle. `backend` chooses, here and nowhere else
+(`use_triton`): "auto" (Triton on CUDA tensors, PyTorch elsewhere), "torch", or "triton" (on CPU
+tensors only under the Triton interpreter, `TRITON_INTERPRET=1`).
 
 Routing is given as pairs (see `reference`): the same form serves a single process (every token
 with its k experts) and expert parallelism (the tokens a rank received, with only its local
@@ -23,12 +24,13 @@ from typing import Literal
 
 import torch
 
-from moeut_dist.kernels import ops, reference, triton_kernels
+from moeut_dist.kernels import ops, triton_kernels
 
 Backend = Literal["auto", "torch", "triton"]
 
 
-def _use_triton(x: torch.Tensor, backend: Backend) -> bool:
+def use_triton(x: torch.Tensor, backend: Backend) -> bool:
+    """Whether `backend` runs the Triton kernels on tensors like `x`."""
     if backend == "auto":  # float64 stays on the reference path: the kernels target 16/32-bit
         return x.is_cuda and x.dtype != torch.float64
     if backend not in ("torch", "triton"):
@@ -76,13 +78,12 @@ def moe_linear(
 
     x: [N, d_in]; weight: [E, d_in, d_out]; gates: [P]; experts, in_rows, out_rows: [P] int64.
     """
-    if _use_triton(x, backend):
-        x, weight = _same_dtype(x, weight)
-        return ops.moe_linear_op(
-            x, weight, gates, experts, in_rows, out_rows, n_out_rows,
-            _resolve_deterministic(deterministic),
-        )  # fmt: skip
-    return reference.moe_linear(x, weight, gates, experts, in_rows, out_rows, n_out_rows)
+    triton = use_triton(x, backend)
+    x, weight = _same_dtype(x, weight)
+    return ops.moe_linear_op(
+        x, weight, gates, experts, in_rows, out_rows, n_out_rows,
+        triton, _resolve_deterministic(deterministic),
+    )  # fmt: skip
 
 
 def moe_mlp(
@@ -99,12 +100,11 @@ def moe_mlp(
     """out[rows[p]] += gates[p] · relu(x[rows[p]] @ up[e]) @ down[e], e = experts[p].
 
     x: [N, d]; up: [E, d, m]; down: [E, m, d_out]; gates: [P]; experts, rows: [P] int64.
-    Returns [N, d_out]; rows no pair refers to are zero. The Triton path keeps no [P, m] hidden
-    activations for backward: it recomputes them.
+    Returns [N, d_out]; rows no pair refers to are zero. Backward keeps no [P, m] hidden
+    activations: both paths recompute them.
     """
-    if _use_triton(x, backend):
-        x, up, down = _same_dtype(x, up, down)
-        return ops.moe_mlp_op(
-            x, up, down, gates, experts, rows, _resolve_deterministic(deterministic)
-        )
-    return reference.moe_mlp(x, up, down, gates, experts, rows)
+    triton = use_triton(x, backend)
+    x, up, down = _same_dtype(x, up, down)
+    return ops.moe_mlp_op(
+        x, up, down, gates, experts, rows, triton, _resolve_deterministic(deterministic)
+    )

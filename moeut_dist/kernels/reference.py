@@ -1,4 +1,5 @@
-"""Pure-PyTorch local expert compute: the CPU path and the test oracle for the Triton kernels.
+"""Plain-autograd local expert compute: the test oracle of both implementations (`triton_kernels`,
+`torch_kernels`) and the baseline the benchmarks measure them against.
 
 Both operations take a routing in "pair" form: pair `p` sends input row `in_rows[p]` through
 expert `experts[p]`, scales the result by `gates[p]` and adds it to output row `out_rows[p]`.

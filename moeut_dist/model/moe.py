@@ -80,7 +80,10 @@ class SigmaMoE(nn.Module):
     """y = Σ_{e ∈ topk(σ(s))} σ(s)_e · relu(x @ keys[e]) @ values[e], s = select_in @ expert_selᵀ.
 
     `keys`/`values` hold the experts this process owns (all of them unless expert parallelism
-    partitions them); `expert_sel` always scores every expert.
+    partitions them); `expert_sel` always scores every expert. After `count_expert_usage()`,
+    `expert_usage` counts how often each expert is selected in training forwards (all repeats of
+    the layer; a forward recomputed for activation checkpointing counts again, which leaves the
+    shares unchanged); without it the layer counts nothing.
     """
 
     def __init__(self, config: MoEUTConfig) -> None:
@@ -92,6 +95,14 @@ class SigmaMoE(nn.Module):
         self.values = nn.Parameter(torch.empty(n_experts, m, d))
         self.expert_sel = nn.Parameter(torch.empty(n_experts, d))
         self.dispatcher: ExpertDispatcher = LocalDispatcher(config.kernel)
+        self.expert_usage: torch.Tensor | None = None
+
+    def count_expert_usage(self) -> None:
+        """Start counting selections per expert into `expert_usage` (zero it to restart), on the
+        device the layer is on now."""
+        self.expert_usage = torch.zeros(
+            self.expert_sel.shape[0], dtype=torch.float64, device=self.expert_sel.device
+        )
 
     def reset_parameters(self, std_scale: float) -> None:
         d = self.expert_sel.shape[1]
@@ -116,6 +127,10 @@ class SigmaMoE(nn.Module):
         if self.training and self.expert_dropout > 0:
             dropped = torch.rand_like(logits) < self.expert_dropout
         gates, experts = top_k_sigmoid_gates(logits, self.k, dropped)
+        if self.training and self.expert_usage is not None:
+            flat = experts.flatten()
+            # index_add_, unlike bincount, needs no host sync to size its output.
+            self.expert_usage.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
         d = expert_in.shape[-1]
         out = self.dispatcher(
             expert_in.reshape(-1, d),

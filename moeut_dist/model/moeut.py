@@ -63,6 +63,9 @@ class MoEUT(nn.Module):
         self.layers = nn.ModuleList(MoEUTLayer(config) for _ in range(config.group_size))
         self.n_repeats = config.n_repeats
         self.checkpoint_activations = False
+        if config.compile:
+            for layer in self.layers:
+                layer.compile()
 
     def forward(
         self,

@@ -168,20 +168,18 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, seed: int = 0) ->
 
 class ParallelLoss(NamedTuple):
     total: torch.Tensor  # this rank's LM + regularisation loss, to call backward on
-    lm: torch.Tensor  # detached, mean over the global batch
-    reg: torch.Tensor  # detached, mean over the global batch
+    lm: torch.Tensor  # detached, mean over this rank's sequences
+    reg: torch.Tensor  # detached, mean over this rank's sequences
 
 
 def parallel_lm_loss(model: nn.Module, tokens: torch.Tensor) -> ParallelLoss:
     """Next-token loss of `tokens` [B, T + 1] (this data-parallel rank's share of the batch).
 
     Under any layout `total` is what one process would compute on this rank's sequences; the
-    data-parallel mean of the gradients (DeepSpeed) makes it the global batch's.
+    data-parallel mean of the gradients (DeepSpeed) makes it the global batch's. The logged
+    parts stay on the device, unreduced (no host sync): `collectives.data_parallel_mean` gives
+    the global batch's, once for as many of them as the caller has collected.
     """
     output = model(tokens[:, :-1])
     lm = model.lm_head.loss(output.logits, tokens[:, 1:])
-    logged = torch.stack([lm.detach().float(), output.reg_loss.detach().float()])
-    dp_group = parallel_state.get_data_parallel_group()
-    dist.all_reduce(logged, group=dp_group)
-    logged /= dist.get_world_size(dp_group)
-    return ParallelLoss(lm + output.reg_loss, logged[0], logged[1])
+    return ParallelLoss(lm + output.reg_loss, lm.detach().float(), output.reg_loss.detach().float())

@@ -21,7 +21,12 @@ import torch
 import torch.distributed as dist
 
 from moeut_dist import kernels
-from moeut_dist.parallel.collectives import all_to_all, gather_first_dim, split_first_dim
+from moeut_dist.parallel.collectives import (
+    all_to_all,
+    all_to_all_packed,
+    gather_first_dim,
+    split_first_dim,
+)
 
 
 @dataclass(frozen=True)
@@ -71,16 +76,37 @@ class DispatchPlan:
 
     token_index: torch.Tensor  # [S] local token of each sent row, grouped by destination
     destination: torch.Tensor  # [S] destination rank of each sent row
-    send_counts: list[int]  # rows per destination rank
+    send_counts: list[int]  # rows sent to each rank
+    recv_counts: list[int]  # rows received from each rank
+    recv_pairs: int  # (row, local expert) pairs received in all
 
 
-def plan_dispatch(experts: torch.Tensor, owners: torch.Tensor, n_ranks: int) -> DispatchPlan:
-    """One copy of a token per destination rank, however many of its experts live there."""
+def token_destinations(experts: torch.Tensor, owners: torch.Tensor, n_ranks: int) -> torch.Tensor:
+    """[N, n_ranks] bool: whether token n has at least one expert on rank r."""
     hits = torch.zeros(experts.shape[0], n_ranks, dtype=torch.bool, device=experts.device)
-    hits.scatter_(1, owners[experts], True)
-    destination, token_index = hits.T.nonzero(as_tuple=True)  # row-major: sorted by destination
-    send_counts = torch.bincount(destination, minlength=n_ranks).tolist()
-    return DispatchPlan(token_index, destination, send_counts)
+    return hits.scatter_(1, owners[experts], True)
+
+
+def plan_dispatch(experts: torch.Tensor, owners: torch.Tensor, group) -> DispatchPlan:
+    """One copy of a token per destination rank, however many of its experts live there.
+
+    The only host sync: the split sizes, sent and received (exchanged on the device first),
+    fetched together once; the sizes of everything else follow from them.
+    """
+    n_ranks = dist.get_world_size(group)
+    owner_of_pair = owners[experts]
+    hits = token_destinations(experts, owners, n_ranks)
+    rows_and_pairs = torch.stack(
+        [hits.sum(0), torch.bincount(owner_of_pair.flatten(), minlength=n_ranks)], dim=1
+    )
+    received = torch.empty_like(rows_and_pairs)
+    dist.all_to_all_single(received, rows_and_pairs, group=group)
+    (send_counts, _), (recv_counts, recv_pairs) = torch.stack(
+        [rows_and_pairs, received]
+    ).mT.tolist()
+    # Row-major over [destination, token]: sorted by destination.
+    destination, token_index = torch.nonzero_static(hits.T, size=sum(send_counts)).unbind(1)
+    return DispatchPlan(token_index, destination, send_counts, recv_counts, sum(recv_pairs))
 
 
 class ExpertParallelDispatcher:
@@ -142,10 +168,8 @@ class ExpertParallelDispatcher:
         return gather_first_dim(out, self.tensor_group)[:n_tokens]
 
     def _dispatch(self, x, gates, experts, keys, values) -> torch.Tensor:
-        n_ranks = self.partition.n_ranks
         owners, offsets = self._routing_tables(x.device)
-        plan = plan_dispatch(experts, owners, n_ranks)
-        recv_counts = self._exchange_counts(plan.send_counts, x.device)
+        plan = plan_dispatch(experts, owners, self.expert_group)
 
         # A sent row carries the token's gates and local expert ids for its destination only;
         # the other slots are marked with expert id -1.
@@ -155,36 +179,36 @@ class ExpertParallelDispatcher:
         local_ids = local_ids.masked_fill(~on_destination, -1)
         sent_gates = gates[plan.token_index] * on_destination
 
-        recv_x = all_to_all(x[plan.token_index], plan.send_counts, recv_counts, self.expert_group)
-        recv_gates = all_to_all(sent_gates, plan.send_counts, recv_counts, self.expert_group)
-        recv_ids = all_to_all(local_ids, plan.send_counts, recv_counts, self.expert_group)
+        # One message each way carries the rows, their gates and expert ids (int32: local ids
+        # are small); the backward reuses these split sizes.
+        recv_x, recv_gates, recv_ids = all_to_all_packed(
+            [x[plan.token_index], sent_gates, local_ids.to(torch.int32)],
+            plan.send_counts,
+            plan.recv_counts,
+            self.expert_group,
+        )
         self._record(x, gates, experts.shape[0], plan.send_counts)
 
-        valid = recv_ids.flatten() >= 0
-        rows = torch.arange(recv_x.shape[0], device=x.device).repeat_interleave(experts.shape[1])
+        # The received slots that name one of this rank's experts; their number came with the
+        # split sizes, so finding them needs no host sync.
+        pairs = torch.nonzero_static(recv_ids.flatten() >= 0, size=plan.recv_pairs).squeeze(1)
         partial = kernels.moe_mlp(
             recv_x,
             keys,
             values,
-            recv_gates.flatten()[valid],
-            recv_ids.flatten()[valid],
-            rows[valid],
+            recv_gates.flatten()[pairs],
+            recv_ids.flatten()[pairs].long(),
+            pairs // experts.shape[1],
             backend=self.backend,
         )
-        returned = all_to_all(partial, recv_counts, plan.send_counts, self.expert_group)
+        returned = all_to_all(partial, plan.recv_counts, plan.send_counts, self.expert_group)
         out = returned.new_zeros(x.shape[0], returned.shape[1])
         return out.index_add(0, plan.token_index, returned)
-
-    def _exchange_counts(self, send_counts: list[int], device: torch.device) -> list[int]:
-        send = torch.tensor(send_counts, device=device)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.expert_group)
-        return recv.tolist()
 
     def _record(self, x, gates, n_tokens: int, send_counts: list[int]) -> None:
         remote_rows = sum(send_counts) - send_counts[self.rank]
         row_bytes = x.shape[1] * x.element_size()
-        routing_row_bytes = gates.shape[1] * (gates.element_size() + 8)  # gates + int64 ids
+        routing_row_bytes = gates.shape[1] * (gates.element_size() + 4)  # gates + int32 ids
         self.stats.tokens += n_tokens
         self.stats.token_copies += sum(send_counts)
         self.stats.remote_bytes += remote_rows * row_bytes

@@ -411,7 +411,15 @@ class RunPlan:
 # How the model is computed or trained, not what it is: a model directory trained with other
 # values of these starts a run all the same.
 _TRAINING_ONLY_FIELDS = frozenset(
-    {"kernel", "dropout", "expert_dropout", "att_expert_dropout", "entropy_reg", "att_entropy_reg"}
+    {
+        "kernel",
+        "compile",
+        "dropout",
+        "expert_dropout",
+        "att_expert_dropout",
+        "entropy_reg",
+        "att_entropy_reg",
+    }
 )
 
 

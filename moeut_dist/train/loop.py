@@ -21,7 +21,7 @@ import random
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import deepspeed
 import numpy as np
@@ -37,6 +37,7 @@ from moeut_dist.export import WEIGHTS_FILE
 from moeut_dist.logs import stdout_on_rank0_only
 from moeut_dist.model import perplexity
 from moeut_dist.parallel.build import build_model, parallel_lm_loss
+from moeut_dist.parallel.collectives import data_parallel_mean
 from moeut_dist.parallel.engine import create_engine, load_initial_weights
 from moeut_dist.parallel.layout import init_distributed, initialize
 from moeut_dist.progress import Progress
@@ -175,31 +176,50 @@ def validation_record(
 
 @dataclass
 class Interval:
-    """Sums over the steps since the last metrics record."""
+    """The steps since the last metrics record."""
 
     steps: int = 0
-    finite_steps: int = 0
-    lm: float = 0.0
-    reg: float = 0.0
     tokens: int = 0
     skipped: int = 0
     started: float = 0.0
+    losses: list[torch.Tensor] = field(default_factory=list)  # `train_step`'s, still on device
 
     def start(self) -> None:
         self.__init__(started=time.perf_counter())
 
 
-def train_step(engine, batches: Iterator[torch.Tensor], plan: RunPlan) -> tuple[float, float]:
-    """One optimizer step over `grad_accumulation` micro-batches; (lm, reg) loss averaged over
-    them and the data-parallel ranks."""
-    lm = reg = 0.0
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host→device copy the host does not wait for: from pinned memory, non-blocking (the
+    loader's workers have already prefetched the batch on the host)."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
+def train_step(engine, batches: Iterator[torch.Tensor], plan: RunPlan) -> torch.Tensor:
+    """One optimizer step over `grad_accumulation` micro-batches. Returns this rank's (lm, reg)
+    loss of each micro-batch, [grad_accumulation, 2] on the device: nothing here waits for the
+    device (`step_losses` fetches them when they are logged)."""
+    losses = []
     for _ in range(plan.grad_accumulation):
-        loss = parallel_lm_loss(engine.module, next(batches).to(engine.device))
+        loss = parallel_lm_loss(engine.module, to_device(next(batches), engine.device))
         engine.backward(loss.total)
         engine.step()  # DeepSpeed updates at the accumulation boundary only
-        lm += loss.lm.item() / plan.grad_accumulation
-        reg += loss.reg.item() / plan.grad_accumulation
-    return lm, reg
+        losses.append(torch.stack([loss.lm, loss.reg]))
+    return torch.stack(losses)
+
+
+def step_losses(losses: list[torch.Tensor]) -> list[tuple[float, float]]:
+    """(lm, reg) of each step from `train_step`'s results: the mean over its micro-batches and
+    the data-parallel ranks. One collective and one device→host copy for all of them."""
+    steps = []
+    for micro_batches in data_parallel_mean(torch.stack(losses)).tolist():
+        lm = reg = 0.0
+        for micro_lm, micro_reg in micro_batches:
+            lm += micro_lm / len(micro_batches)
+            reg += micro_reg / len(micro_batches)
+        steps.append((lm, reg))
+    return steps
 
 
 class ValidationBatches:
@@ -231,12 +251,15 @@ def validation_loss(
         return None
     engine.module.eval()
     with monitor.paused() if monitor else contextlib.nullcontext():
-        losses = [
-            parallel_lm_loss(engine.module, batch.to(engine.device)).lm.item()
-            for batch in batches[: count.item()]
-        ]
+        losses = torch.stack(
+            [
+                parallel_lm_loss(engine.module, to_device(batch, engine.device)).lm
+                for batch in batches[: count.item()]
+            ]
+        )
     engine.module.train()
-    return sum(losses) / len(losses)
+    means = data_parallel_mean(losses).tolist()
+    return sum(means) / len(means)
 
 
 def train(config: TrainConfig) -> None:
@@ -266,7 +289,6 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
     summary = spec.summary(plan.model, config.data.seq_len)
     model = build_model(plan.model, config.parallel, seed=config.seed)
     has_experts = spec.n_experts(plan.model) > 0
-    monitor = RoutingMonitor(model) if config.logging.expert_usage and has_experts else None
     with stdout_on_rank0_only():
         engine = create_engine(
             model,
@@ -278,6 +300,8 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         )
     if init_from is not None:
         load_initial_weights(engine, os.path.join(init_from, WEIGHTS_FILE))
+    # After the engine, which has moved the model to its device: the counts live there too.
+    monitor = RoutingMonitor(model) if config.logging.expert_usage and has_experts else None
     seed_everything(config.seed)
     if resume is not None:
         checkpoints.load(engine, resume)
@@ -336,13 +360,16 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         profiler.before_step(state.step + 1)
-        lm, reg = train_step(engine, batches, plan)
+        losses = train_step(engine, batches, plan)
         state.step += 1
         profiler.after_step(state.step)
         state.loader = loader.state_dict()
+        # DeepSpeed has checked the gradient norm for this step (one host sync per step, on
+        # every rank alike): a non-finite loss makes it non-finite and the update is dropped.
         applied = engine.was_step_applied()
         state.consecutive_nonfinite = 0 if applied else state.consecutive_nonfinite + 1
         if state.consecutive_nonfinite >= config.max_consecutive_nonfinite:
+            lm, reg = step_losses([losses])[0]
             raise NonFiniteLossError(
                 f"step {state.step}: {state.consecutive_nonfinite} steps in a row had a "
                 f"non-finite loss or gradient (lm {lm}, reg {reg}); stopping. Lower the "
@@ -352,16 +379,14 @@ def _train(config: TrainConfig, plan: RunPlan) -> None:
         interval.steps += 1
         interval.tokens += tokens_per_step
         interval.skipped += 0 if applied else 1
-        if math.isfinite(lm + reg):
-            interval.finite_steps += 1
-            interval.lm += lm
-            interval.reg += reg
-        progress.update(1, loss=f"{lm:.4f}", lr=f"{lr:.2e}")
+        interval.losses.append(losses)
+        progress.update(1, lr=f"{lr:.2e}")
 
         session_ends = state.step == end_step
         run_ends = state.step == config.schedule.steps
         if state.step % config.logging.every == 0 or session_ends:
             record = _train_record(engine, interval, lr, flops_per_step, peak)
+            progress.update(0, loss=f"{record['loss']:.4f}")
             record.update(data_fault_counts(loader, engine.device))
             if isinstance(loader, MixtureLoader):
                 record.update(_source_tokens(loader, config))
@@ -417,9 +442,11 @@ def _source_tokens(loader: MixtureLoader, config: TrainConfig) -> dict[str, int]
 
 
 def _train_record(engine, interval: Interval, lr: float, flops_per_step, peak: float | None):
+    # Fetching the losses waits for the device to finish the interval's steps: time it after.
+    finite = [(lm, reg) for lm, reg in step_losses(interval.losses) if math.isfinite(lm + reg)]
     elapsed = time.perf_counter() - interval.started
-    lm = interval.lm / interval.finite_steps if interval.finite_steps else math.nan
-    reg = interval.reg / interval.finite_steps if interval.finite_steps else math.nan
+    lm = sum(lm for lm, _ in finite) / len(finite) if finite else math.nan
+    reg = sum(reg for _, reg in finite) / len(finite) if finite else math.nan
     flops_per_second = flops_per_step * interval.steps / elapsed
     grad_norm = engine.get_global_grad_norm()
     record = {

@@ -25,49 +25,27 @@ from moeut_dist.plots import METRICS_FILE, read_metrics
 from moeut_dist.train.config import WandbSection
 
 
-class _CountingDispatcher:
-    """Wraps a σ-MoE layer's dispatcher to count how often each expert is selected."""
-
-    def __init__(self, inner, n_experts: int) -> None:
-        self.inner = inner
-        self.counts = torch.zeros(n_experts, dtype=torch.float64)
-        self.recording = True
-
-    def __call__(self, x, gates, experts, keys, values):
-        if self.recording:
-            self.counts = self.counts.to(experts.device)  # a no-op after the first call
-            flat = experts.flatten()
-            # index_add_, unlike bincount, needs no host sync to size its output.
-            self.counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
-        return self.inner(x, gates, experts, keys, values)
-
-
 class RoutingMonitor:
     """Expert usage per group layer and expert-parallel bytes sent, since the last `collect`.
 
-    Selections are counted over every application of a layer (all repeats). Under activation
-    checkpointing the recomputed forward counts again, which leaves the shares unchanged.
+    The σ-MoE layers count their own selections (`SigmaMoE.count_expert_usage`), in training
+    forwards only; the expert-parallel dispatchers count the bytes they send.
     """
 
     def __init__(self, model: MoEUTLM) -> None:
-        self.dispatchers = []
-        for layer in model.transformer.layers:
-            layer.ffn.dispatcher = _CountingDispatcher(layer.ffn.dispatcher, model.config.n_experts)
-            self.dispatchers.append(layer.ffn.dispatcher)
+        self.layers = [layer.ffn for layer in model.transformer.layers]
+        for ffn in self.layers:
+            ffn.count_expert_usage()
         # The expert-parallel dispatcher keeps `DispatchStats`; the local one sends nothing.
-        self.traffic = [d.inner.stats for d in self.dispatchers if hasattr(d.inner, "stats")]
+        self.traffic = [f.dispatcher.stats for f in self.layers if hasattr(f.dispatcher, "stats")]
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Leave the statistics as they are (for validation passes)."""
+        """Leave the traffic statistics as they are (for validation passes)."""
         saved = [(s.tokens, s.token_copies, s.remote_bytes, s.routing_bytes) for s in self.traffic]
-        for dispatcher in self.dispatchers:
-            dispatcher.recording = False
         try:
             yield
         finally:
-            for dispatcher in self.dispatchers:
-                dispatcher.recording = True
             for stats, values in zip(self.traffic, saved, strict=True):
                 stats.tokens, stats.token_copies, stats.remote_bytes, stats.routing_bytes = values
 
@@ -80,7 +58,7 @@ class RoutingMonitor:
         dispatches, recomputed ones included (the return trip and the backward move about three
         times as much again).
         """
-        counts = torch.stack([d.counts for d in self.dispatchers])
+        counts = torch.stack([ffn.expert_usage for ffn in self.layers])
         # Tensor-parallel ranks see the same tokens; summing over data-parallel ranks counts
         # each token once.
         dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
@@ -92,8 +70,8 @@ class RoutingMonitor:
         dist.all_reduce(traffic)
         shares = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
         entropy = -(shares * shares.clamp_min(1e-30).log()).sum(dim=1) / math.log(counts.shape[1])
-        for dispatcher in self.dispatchers:
-            dispatcher.counts.zero_()
+        for ffn in self.layers:
+            ffn.expert_usage.zero_()
         for stats in self.traffic:
             stats.reset()
         return {

@@ -1,0 +1,159 @@
+"""Expert compute in plain PyTorch: the path of CPUs and any device without Triton.
+
+The same four functions as `triton_kernels`, with the same contract: the forward keeps nothing
+(the custom ops in `ops` save only the inputs and the routing), and the backward recomputes the
+gathered rows and hidden activations. The pairs are sorted by expert once per call; each expert
+is then one dense matmul over a contiguous segment, written with `out=` into a buffer allocated
+once for all experts, and each expert's weight gradient goes straight into its slice of the
+preallocated gradient (no per-expert tensors to stack). Outputs and input gradients are
+scatter-added with `index_add_`, which is deterministic on CPU.
+
+`torch.bincount(...).tolist()` sizes the segments: one host sync per call, which is inside the
+custom op, hence invisible to `torch.compile` (no graph break, no recompile as routing changes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+class _Segments:
+    """Pairs grouped by expert: `order` sorts them, `spans` are (expert, start, end) of every
+    expert that has pairs, in sorted position."""
+
+    def __init__(self, experts: torch.Tensor, n_experts: int) -> None:
+        self.order = torch.argsort(experts, stable=True)
+        counts = torch.bincount(experts, minlength=n_experts).tolist()
+        self.spans: list[tuple[int, int, int]] = []
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                self.spans.append((expert, start, start + count))
+            start += count
+
+    def __iter__(self) -> Iterator[tuple[int, slice]]:
+        return ((expert, slice(start, end)) for expert, start, end in self.spans)
+
+    def weight_gradient(self, weight: torch.Tensor) -> torch.Tensor:
+        """An uninitialised gradient for `weight` [E, ...], zero for the experts without pairs:
+        the others are written whole (a full-size zero fill costs as much as a small matmul)."""
+        grad = torch.empty_like(weight)
+        for expert in set(range(weight.shape[0])).difference(e for e, _, _ in self.spans):
+            grad[expert].zero_()
+        return grad
+
+
+def _sorted_gates(gates: torch.Tensor, order: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return gates[order, None].to(dtype)
+
+
+def linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    gates: torch.Tensor,
+    experts: torch.Tensor,
+    in_rows: torch.Tensor,
+    out_rows: torch.Tensor,
+    n_out_rows: int,
+) -> torch.Tensor:
+    """out[out_rows[p]] += gates[p] · x[in_rows[p]] @ weight[experts[p]]."""
+    segments = _Segments(experts, weight.shape[0])
+    inputs = x.index_select(0, in_rows[segments.order])
+    products = inputs.new_empty(inputs.shape[0], weight.shape[2])
+    for expert, pairs in segments:
+        torch.mm(inputs[pairs], weight[expert], out=products[pairs])
+    products.mul_(_sorted_gates(gates, segments.order, products.dtype))
+    out = x.new_zeros(n_out_rows, weight.shape[2])
+    return out.index_add_(0, out_rows[segments.order], products)
+
+
+def linear_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    gates: torch.Tensor,
+    experts: torch.Tensor,
+    in_rows: torch.Tensor,
+    out_rows: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_gates) of `linear_forward`."""
+    segments = _Segments(experts, weight.shape[0])
+    sorted_in_rows = in_rows[segments.order]
+    inputs = x.index_select(0, sorted_in_rows)
+    grads = grad_out.index_select(0, out_rows[segments.order])
+    back = inputs.new_empty(inputs.shape)
+    for expert, pairs in segments:
+        torch.mm(grads[pairs], weight[expert].T, out=back[pairs])
+    grad_gates = torch.empty_like(gates)
+    grad_gates[segments.order] = (back * inputs).sum(1).to(gates.dtype)
+    pair_gates = _sorted_gates(gates, segments.order, x.dtype)
+    back.mul_(pair_gates)
+    grads.mul_(pair_gates)
+    grad_weight = segments.weight_gradient(weight)
+    for expert, pairs in segments:
+        torch.mm(inputs[pairs].T, grads[pairs], out=grad_weight[expert])
+    grad_x = torch.zeros_like(x).index_add_(0, sorted_in_rows, back)
+    return grad_x, grad_weight, grad_gates
+
+
+def mlp_forward(
+    x: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    gates: torch.Tensor,
+    experts: torch.Tensor,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """out[rows[p]] += gates[p] · relu(x[rows[p]] @ up[e]) @ down[e], e = experts[p]."""
+    segments = _Segments(experts, up.shape[0])
+    sorted_rows = rows[segments.order]
+    inputs = x.index_select(0, sorted_rows)
+    hidden = inputs.new_empty(inputs.shape[0], up.shape[2])
+    products = inputs.new_empty(inputs.shape[0], down.shape[2])
+    for expert, pairs in segments:
+        torch.mm(inputs[pairs], up[expert], out=hidden[pairs])
+    hidden.relu_()
+    for expert, pairs in segments:
+        torch.mm(hidden[pairs], down[expert], out=products[pairs])
+    products.mul_(_sorted_gates(gates, segments.order, products.dtype))
+    out = x.new_zeros(x.shape[0], down.shape[2])
+    return out.index_add_(0, sorted_rows, products)
+
+
+def mlp_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    gates: torch.Tensor,
+    experts: torch.Tensor,
+    rows: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_up, grad_down, grad_gates) of `mlp_forward`; recomputes the hidden layer."""
+    segments = _Segments(experts, up.shape[0])
+    sorted_rows = rows[segments.order]
+    inputs = x.index_select(0, sorted_rows)
+    grads = grad_out.index_select(0, sorted_rows)
+    n_pairs, hidden_size = inputs.shape[0], up.shape[2]
+    pre = inputs.new_empty(n_pairs, hidden_size)
+    grad_hidden = inputs.new_empty(n_pairs, hidden_size)
+    for expert, pairs in segments:
+        torch.mm(inputs[pairs], up[expert], out=pre[pairs])
+        torch.mm(grads[pairs], down[expert].T, out=grad_hidden[pairs])
+    hidden = pre.relu_()
+    grad_gates = torch.empty_like(gates)
+    grad_gates[segments.order] = (grad_hidden * hidden).sum(1).to(gates.dtype)
+    pair_gates = _sorted_gates(gates, segments.order, x.dtype)
+    # ReLU's gradient mask read from its output (hidden > 0 ⇔ pre > 0), fused with the gating.
+    grad_pre = torch.ops.aten.threshold_backward(grad_hidden.mul_(pair_gates), hidden, 0)
+    gated_hidden = hidden.mul_(pair_gates)
+    grad_inputs = inputs.new_empty(inputs.shape)
+    grad_up, grad_down = segments.weight_gradient(up), segments.weight_gradient(down)
+    for expert, pairs in segments:
+        torch.mm(grad_pre[pairs], up[expert].T, out=grad_inputs[pairs])
+        torch.mm(inputs[pairs].T, grad_pre[pairs], out=grad_up[expert])
+        torch.mm(gated_hidden[pairs].T, grads[pairs], out=grad_down[expert])
+    grad_x = torch.zeros_like(x).index_add_(0, sorted_rows, grad_inputs)
+    return grad_x, grad_up, grad_down, grad_gates
