@@ -170,7 +170,15 @@ def test_greedy_generation_equals_moeut_generate(isolated, model_dir, capsys):
     capsys.readouterr()
     moeut(["generate", str(model_dir), "--prompt", PROMPT, "--temperature", "0",
            "--max-tokens", str(NEW_TOKENS)])  # fmt: skip
-    assert capsys.readouterr().out == results["greedy_text"] + "\n"
+    ours, theirs = capsys.readouterr().out.removesuffix("\n"), results["greedy_text"]
+    # Byte-fallback pieces may form invalid UTF-8. transformers' ByteFallback decoder turns every
+    # byte of such a run into U+FFFD, where SentencePiece (and so `moeut generate`) keeps the
+    # ASCII bytes inside it: the texts agree up to the first U+FFFD.
+    invalid = ours.find("\ufffd")
+    if invalid < 0:
+        assert ours == theirs
+    else:
+        assert ours[:invalid] == theirs[:invalid] and theirs[invalid] == "\ufffd"
 
 
 def test_a_left_padded_batch_generates_what_each_row_does_alone(isolated):
