@@ -54,10 +54,10 @@ def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: 
 def framework_overhead(profile: str, batch: int, seq_len: int, steps: int) -> tuple[float, float]:
     """Median seconds of (moeut train's step, the bare step) at `profile`."""
     from moeut_dist.parallel.build import build_model
-    from moeut_dist.parallel.engine import OptimizerSettings, create_engine
+    from moeut_dist.parallel.engine import create_engine
     from moeut_dist.parallel.layout import ParallelConfig, initialize
     from moeut_dist.train import loop
-    from moeut_dist.train.config import RunPlan
+    from moeut_dist.train.config import OptimSection, RunPlan
 
     config = MoEUTConfig.from_profile(profile, kernel="torch")
     parallel = ParallelConfig(zero_stage=1)
@@ -67,7 +67,7 @@ def framework_overhead(profile: str, batch: int, seq_len: int, steps: int) -> tu
         engine = create_engine(
             build_model(config, parallel, seed=0),
             parallel,
-            OptimizerSettings(lr=LR, grad_clip=GRAD_CLIP),
+            OptimSection(lr=LR, grad_clip=GRAD_CLIP),
             batch,
             bf16=False,
         )
