@@ -18,14 +18,15 @@ from collections.abc import Iterator
 
 import torch
 
+from moeut_dist.kernels.reference import group_by_expert
+
 
 class _Segments:
     """Pairs grouped by expert: `order` sorts them, `spans` are (expert, start, end) of every
     expert that has pairs, in sorted position."""
 
     def __init__(self, experts: torch.Tensor, n_experts: int) -> None:
-        self.order = torch.argsort(experts, stable=True)
-        counts = torch.bincount(experts, minlength=n_experts).tolist()
+        self.order, counts = group_by_expert(experts, n_experts)
         self.spans: list[tuple[int, int, int]] = []
         start = 0
         for expert, count in enumerate(counts):
