@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import http.server
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ from moeut_dist.data import ShardError, Tokenizer, TokenLoader, read_manifest
 from moeut_dist.data.storage import RetryPolicy
 from moeut_dist.train.config import check_run, load_config
 from tests.distributed_utils import free_port
+from tests.shard_server import serving
 
 SEQ_LEN = 16
 REPO = Path(__file__).resolve().parent.parent
@@ -54,45 +53,13 @@ def shard_dir(tmp_path_factory, corpus, tokenizer) -> Path:
     return out
 
 
-class _ShardHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder; `server.cut_once` names files whose first GET is cut off halfway, and
-    `server.requested` lists the names of the files asked for, in order."""
-
-    def log_message(self, *args) -> None:  # quiet
-        pass
-
-    def do_GET(self) -> None:
-        self.server.requested.append(self.path.rsplit("/", 1)[-1])
-        super().do_GET()
-
-    def copyfile(self, source, outputfile) -> None:
-        name = self.path.rsplit("/", 1)[-1]
-        if name in self.server.cut_once:
-            self.server.cut_once.discard(name)
-            content = source.read()
-            outputfile.write(content[: len(content) // 2])
-            self.close_connection = True
-            return
-        super().copyfile(source, outputfile)
-
-
 @pytest.fixture
 def http_server(tmp_path) -> Iterator[tuple[str, Path, http.server.HTTPServer]]:
     """(base URL, the folder it serves, the server) on 127.0.0.1."""
     root = tmp_path / "served"
     root.mkdir()
-    handler = functools.partial(_ShardHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-    server.cut_once = set()
-    server.requested = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", root, server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serving(root) as (url, server):
+        yield url, root, server
 
 
 def _loader(location, tokenizer: Tokenizer, **options) -> TokenLoader:
