@@ -572,6 +572,8 @@ def test_shard_tar_writer_writes_what_webdataset_writes(tmp_path):
     import webdataset
 
     samples = [(f"{i:010d}.tokens", bytes(range(i, i + 37))) for i in range(30)]
+    # Another size, and names that need a pax header: none of the writer's templates fit.
+    samples += [("0000000030.tokens", b"x" * 600), (f"{'a' * 120}.tokens", b"y"), ("é.tokens", b"")]
     reference = webdataset.TarWriter(
         str(tmp_path / "webdataset.tar"), encoder=False, mtime=0, user="moeut", group="moeut"
     )
