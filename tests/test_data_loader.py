@@ -202,7 +202,9 @@ def test_resume_skips_consumed_shards_without_reading_them(shard_dir, tokenizer,
             reads.append(Path(path).name) or real_read_shard(path, *args, **kwargs)
         ),
     )
-    interrupted = _loader(shard_dir, tokenizer, batch_size=8)
+    # Without prefetching, so that every read is that of a shard needed, and made before the
+    # batch that needs it is returned.
+    interrupted = _loader(shard_dir, tokenizer, batch_size=8, prefetch_shards=0)
     for _ in itertools.islice(interrupted, 50):  # 400 samples: a dozen shards in
         pass
     current_shard = reads[-1]
