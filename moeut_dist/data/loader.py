@@ -156,13 +156,20 @@ class _EpochOrder:
         self._samples = np.asarray(shard_samples, dtype=np.int64)
         self._seed = seed
         self.samples_per_epoch = int(self._samples.sum())
+        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None  # the last one's layout
+
+    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's shards in order, and where each one's samples end (in samples)."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            shards = np.random.default_rng((self._seed, epoch)).permutation(len(self._samples))
+            self._epoch = (epoch, shards, np.cumsum(self._samples[shards]))
+        return self._epoch[1], self._epoch[2]
 
     def locate(self, place: int) -> tuple[int, int, int, int]:
         """(epoch, shard, position, end): `place` is position `position` of `shard`'s order in
         `epoch`, and that shard's samples end before place `end`."""
         epoch, offset = divmod(place, self.samples_per_epoch)
-        shards = np.random.default_rng((self._seed, epoch)).permutation(len(self._samples))
-        ends = np.cumsum(self._samples[shards])
+        shards, ends = self._layout(epoch)
         index = int(np.searchsorted(ends, offset, side="right"))
         shard_end = int(ends[index])
         position = offset - (shard_end - int(self._samples[shards[index]]))
@@ -364,25 +371,28 @@ class _WorkerBatches(IterableDataset):
         finally:
             self._reader.close()
 
-    def _shards_after(self, place: int, k: int) -> list[int]:
-        """The next `prefetch` shards that micro-batches `k, k + workers, …` read after the one
-        holding `place`: a shard lying wholly between two of them is not read at all."""
+    def _shards_after(self, place: int, k: int) -> tuple[int, list[int]]:
+        """Where the shard holding `place` ends, and the next `prefetch` shards that
+        micro-batches `k, k + workers, …` read after it: a shard lying wholly between two of
+        them is not read at all."""
         shards: list[int] = []
-        shard_end = self._reader.order.locate(place)[3]
+        current_end = shard_end = self._reader.order.locate(place)[3]
         while len(shards) < self._prefetch:
             needed = self._share.next_place(shard_end, k, self._workers)
             if needed is None:
                 break
             _, shard, _, shard_end = self._reader.order.locate(needed)
             shards.append(shard)
-        return shards
+        return current_end, shards
 
     def _items(self, k: int) -> Iterator[_WorkerItem]:
         lost = 0  # places read since the last sample that was not in a corrupt shard
+        planned_until = 0  # the end of the shard whose successors are being read ahead
         while (places := self._share.places(k)) is not None:
             rows = self._reader.rows(places.start, places.stop)
-            if self._prefetch:
-                self._reader.prefetch(self._shards_after(places.stop - 1, k))
+            if self._prefetch and places.stop > planned_until:  # into another shard
+                planned_until, shards = self._shards_after(places.stop - 1, k)
+                self._reader.prefetch(shards)
             if len(rows):
                 lost = 0
                 batch = torch.from_numpy(rows.astype(np.int64))
