@@ -112,8 +112,8 @@ def test_decoded_shards_are_the_input_tokens_in_order(tmp_path, documents, corpu
         assert {s.samples for s in info.shards[:-1]} == {manifest.build["samples_per_shard"]}
 
 
-def test_shards_are_byte_identical_for_1_and_3_workers(tmp_path, corpus, tokenizer):
-    for workers in (1, 3):
+def test_shards_are_byte_identical_for_1_2_and_3_workers(tmp_path, corpus, tokenizer):
+    for workers in (1, 2, 3):
         build_shards(
             corpus,
             tmp_path / f"w{workers}",
@@ -124,7 +124,7 @@ def test_shards_are_byte_identical_for_1_and_3_workers(tmp_path, corpus, tokeniz
             workers=workers,
             progress=False,
         )
-    assert _files(tmp_path / "w1") == _files(tmp_path / "w3")
+    assert _files(tmp_path / "w1") == _files(tmp_path / "w2") == _files(tmp_path / "w3")
     assert len(_files(tmp_path / "w1")) > 10
 
 
@@ -572,6 +572,8 @@ def test_shard_tar_writer_writes_what_webdataset_writes(tmp_path):
     import webdataset
 
     samples = [(f"{i:010d}.tokens", bytes(range(i, i + 37))) for i in range(30)]
+    # Another size, and names that need a pax header: none of the writer's templates fit.
+    samples += [("0000000030.tokens", b"x" * 600), (f"{'a' * 120}.tokens", b"y"), ("é.tokens", b"")]
     reference = webdataset.TarWriter(
         str(tmp_path / "webdataset.tar"), encoder=False, mtime=0, user="moeut", group="moeut"
     )
