@@ -398,13 +398,28 @@ def _damaged_build(out_dir: str, problem: str) -> BadInputError:
 def _require_same_settings(out_dir: str, found: dict[str, Any], wanted: dict[str, Any]) -> None:
     differing = sorted(k for k in wanted.keys() | found.keys() if found.get(k) != wanted.get(k))
     if differing:
-        details = "; ".join(
-            f"{k}: {found.get(k)!r} before, {wanted.get(k)!r} now" for k in differing
-        )
+        details = "; ".join(_change(k, found.get(k), wanted.get(k)) for k in differing)
         raise BadInputError(
             f"{out_dir} holds a build with different settings ({details}); "
             "rerun with the same settings or build into another directory"
         )
+
+
+def _change(setting: str, before: Any, now: Any) -> str:
+    """One setting's change, short enough for one line: of a list (the input files), its
+    lengths and first differing entry."""
+    if not (isinstance(before, list) and isinstance(now, list)):
+        return f"{setting}: {before!r} before, {now!r} now"
+    first = next(
+        (i for i, (old, new) in enumerate(zip(before, now, strict=False)) if old != new),
+        min(len(before), len(now)),
+    )
+    entry_before = before[first] if first < len(before) else "none"
+    entry_now = now[first] if first < len(now) else "none"
+    return (
+        f"{setting}: {len(before)} entries before, {len(now)} now, the first difference at "
+        f"entry {first}: {entry_before!r} before, {entry_now!r} now"
+    )
 
 
 def _output(out_dir: str | Path) -> storage.Directory:

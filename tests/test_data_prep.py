@@ -459,6 +459,22 @@ def test_build_of_an_earlier_version_is_refused_not_resumed(tmp_path, documents,
         build_shards(*args, progress=False)
 
 
+def test_other_input_files_are_named_by_their_first_difference(tmp_path, documents, tokenizer):
+    """A build of many files that differs in one: the error is a line, not every file's path."""
+    inputs = []
+    for index in range(40):
+        write_jsonl(tmp_path / f"part{index:02d}.jsonl", documents[index : index + 1])
+        inputs.append(tmp_path / f"part{index:02d}.jsonl")
+    build_shards(inputs, tmp_path / "shards", tokenizer.path, SEQ_LEN, progress=False)
+    (tmp_path / "extra.jsonl").write_text((tmp_path / "part00.jsonl").read_text())
+    with pytest.raises(BadInputError) as raised:
+        build_shards([*inputs[:7], tmp_path / "extra.jsonl", *inputs[7:]], tmp_path / "shards",
+                     tokenizer.path, SEQ_LEN, progress=False)  # fmt: skip
+    message = str(raised.value)
+    assert "sources: 40 entries before, 41 now, the first difference at entry 7" in message
+    assert "part07.jsonl" in message and "extra.jsonl" in message and len(message) < 600
+
+
 def test_missing_tokenizer_is_named(tmp_path, corpus):
     with pytest.raises(BadInputError, match=r"tokenizer .*missing\.model not found"):
         build_shards(corpus, tmp_path / "shards", tmp_path / "missing.model", SEQ_LEN)
