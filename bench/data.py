@@ -7,17 +7,20 @@ Corpora: `shakespeare` (the complete works, paragraphs as documents; fetched lik
 `stdlib` (this Python's standard-library `.py` files, a file per document), `synthetic`
 (`data_prep.synthetic`). A paper-sized tokenizer (BPE, 8000 pieces) is trained on the corpus in a
 temporary directory, then, on the same documents:
-  - raw encode: `Tokenizer.encode_documents` on one thread (the ceiling for one core),
+  - raw encode: `Tokenizer.encode_documents` on one thread in 1 and in 2 processes at once
+    (the ceiling per core for as many workers),
   - shard building with 1 and 2 workers (reading, tokenising, writing shards), per CPU-second,
-  - the loader with 2 workers reading 3 epochs from local disk and from an HTTP server on
-    127.0.0.1 (goal ≥ 0.8× local), in a fresh process each, timed from its first batch, with
-    the peak resident memory of its workers.
+    as a ratio to the raw encode with as many processes,
+  - the loader with 2 workers reading at least 20M tokens (whole epochs) from local disk and
+    from an HTTP server on 127.0.0.1 (goal ≥ 0.8× local), in a fresh process each, timed from
+    its first batch, with the peak resident memory of its workers.
 Prints a Markdown table for docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import http.server
 import multiprocessing
@@ -36,7 +39,7 @@ from data_prep.tokenizer import train_tokenizer
 from moeut_dist.corpora import fetch_shakespeare
 
 LOADER_WORKERS = 2
-LOADER_EPOCHS = 3
+LOADER_TOKENS = 20_000_000  # read at least this many: seconds, not the workers' start
 
 
 def _cpu_seconds() -> float:
@@ -53,6 +56,23 @@ def _timed(function):
     return result, time.perf_counter() - wall, _cpu_seconds() - cpu
 
 
+def _encode_share(tokenizer_path: str, texts: list[str]) -> int:
+    from moeut_dist.data import Tokenizer
+
+    return sum(map(len, Tokenizer(tokenizer_path).encode_documents(texts)))
+
+
+def _raw_encode(tokenizer_path: str, texts: list[str], processes: int) -> int:
+    """Tokens of `texts` encoded by `processes` processes at once, each a 1/`processes` share on
+    one thread: the ceiling for a build with as many workers. Two busy processes run slower per
+    CPU-second than one (cores that share caches, or hyperthreads of one core), so a build with
+    2 workers is compared with this, not with one process alone."""
+    shares = [texts[i::processes] for i in range(processes)]
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+        return sum(pool.map(_encode_share, [tokenizer_path] * processes, shares))
+
+
 def _corpus(name: str, work: Path) -> tuple[list[str], dict]:
     """The inputs of a corpus and how `prep` reads them."""
     if name == "shakespeare":
@@ -66,18 +86,19 @@ def _corpus(name: str, work: Path) -> tuple[list[str], dict]:
 
 
 def _read_epochs(location: str, seq_len: int, tokenizer: str, batch_size: int, results) -> None:
-    """`LOADER_EPOCHS` epochs with `LOADER_WORKERS` workers, timed from the first batch (the
-    rate of a running loader, not the start of its workers); runs in a fresh process, so that
-    the peak resident memory of its children is that of the loader's workers."""
-    from moeut_dist.data import TokenLoader
+    """Enough epochs for `LOADER_TOKENS` with `LOADER_WORKERS` workers, timed from the first
+    batch (the rate of a running loader, not the start of its workers); runs in a fresh process,
+    so that the peak resident memory of its children is that of the loader's workers."""
+    from moeut_dist.data import TokenLoader, read_manifest
 
+    epoch_tokens = read_manifest(location).split("train").tokens
     loader = TokenLoader(
         location,
         seq_len=seq_len,
         tokenizer=tokenizer,
         batch_size=batch_size,
         num_workers=LOADER_WORKERS,
-        epochs=LOADER_EPOCHS,
+        epochs=-(-LOADER_TOKENS // epoch_tokens),
     )
     batches = iter(loader)
     next(batches)
@@ -126,10 +147,14 @@ def _bench(corpus: str, args) -> None:
         unit = reading.get("text_unit", "file")
         texts = [d.text for d in iter_documents(sources, ReadReport(), text_unit=unit)]
 
-        encoded, seconds, cpu = _timed(lambda: tokenizer.encode_documents(texts))
-        raw_tokens = sum(map(len, encoded))
-        raw_rate, raw_cpu_rate = raw_tokens / seconds, raw_tokens / cpu
-        rows = [("raw SentencePiece encode, 1 thread", raw_rate, raw_cpu_rate, "1.00 (ceiling)")]
+        rows, raw_cpu_rates = [], {}
+        for workers in (1, 2):
+            raw_tokens, seconds, cpu = _timed(
+                lambda w=workers: _raw_encode(str(tokenizer.path), texts, w)
+            )
+            raw_cpu_rates[workers] = raw_tokens / cpu
+            label = f"raw SentencePiece encode, {workers} process(es)"
+            rows.append((label, raw_tokens / seconds, raw_tokens / cpu, "1.00 (ceiling)"))
 
         for workers in (1, 2):
             manifest, seconds, cpu = _timed(
@@ -146,7 +171,7 @@ def _bench(corpus: str, args) -> None:
                 )
             )
             tokens = manifest.split("train").tokens
-            ratio = f"{tokens / cpu / raw_cpu_rate:.2f}"
+            ratio = f"{tokens / cpu / raw_cpu_rates[workers]:.2f}"
             rows.append(
                 (f"shard build, {workers} worker(s)", tokens / seconds, tokens / cpu, ratio)
             )
