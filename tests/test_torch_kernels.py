@@ -63,17 +63,24 @@ def test_opcheck() -> None:
     )
 
 
-def test_backward_keeps_only_the_inputs_and_the_routing() -> None:
-    """No [pairs, ·] intermediate survives the forward: backward recomputes them."""
-    case = sigma_moe(n_tokens=32, k=4)
+@pytest.mark.parametrize("name", ["sigma_moe", "switchhead_v"])
+def test_backward_keeps_the_gathered_rows_and_hidden_activations_only(name: str) -> None:
+    """Beyond the inputs and the routing, backward keeps [pairs, d_in] gathered rows and, for
+    σ-MoE, [pairs, m] hidden activations: nothing of width d_out, nothing per expert."""
+    case = CASES[name]()
     inputs = [t.detach().requires_grad_() for t in case.inputs]
-    given = {t.untyped_storage().data_ptr() for t in (*inputs, *case.routing)}
-    saved: list[torch.Tensor] = []
+    given = {t.untyped_storage().data_ptr() for t in (*inputs, *case.routing) if torch.is_tensor(t)}
+    kept: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        saved.append(tensor)
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in given:
+            kept[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        moe_mlp(*inputs, *case.routing, backend="torch")
-    assert saved and {t.untyped_storage().data_ptr() for t in saved} <= given
+        case.op(*inputs, *case.routing, backend="torch")
+    x, weight = inputs[:2]
+    pairs, d_in = case.routing[0].shape[0], x.shape[1]
+    width = d_in + (weight.shape[2] if name == "sigma_moe" else 0)
+    assert sum(kept.values()) == pairs * width * x.element_size()

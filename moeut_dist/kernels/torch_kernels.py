@@ -58,8 +58,9 @@ def linear_forward(
     in_rows: torch.Tensor,
     out_rows: torch.Tensor,
     n_out_rows: int,
-) -> torch.Tensor:
-    """out[out_rows[p]] += gates[p] · x[in_rows[p]] @ weight[experts[p]]."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, inputs): out[out_rows[p]] += gates[p] · x[in_rows[p]] @ weight[experts[p]], and the
+    gathered input rows [P, d_in] in sorted order, kept for the backward."""
     segments = _Segments(experts, weight.shape[0])
     inputs = x.index_select(0, in_rows[segments.order])
     products = inputs.new_empty(inputs.shape[0], weight.shape[2])
@@ -67,7 +68,7 @@ def linear_forward(
         torch.mm(inputs[pairs], weight[expert], out=products[pairs])
     products.mul_(_sorted_gates(gates, segments.order, products.dtype))
     out = x.new_zeros(n_out_rows, weight.shape[2])
-    return out.index_add_(0, out_rows[segments.order], products)
+    return out.index_add_(0, out_rows[segments.order], products), inputs
 
 
 def linear_backward(
@@ -78,11 +79,10 @@ def linear_backward(
     experts: torch.Tensor,
     in_rows: torch.Tensor,
     out_rows: torch.Tensor,
+    inputs: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_weight, grad_gates) of `linear_forward`."""
+    """(grad_x, grad_weight, grad_gates) of `linear_forward`, given the inputs it returned."""
     segments = _Segments(experts, weight.shape[0])
-    sorted_in_rows = in_rows[segments.order]
-    inputs = x.index_select(0, sorted_in_rows)
     grads = grad_out.index_select(0, out_rows[segments.order])
     back = inputs.new_empty(inputs.shape)
     for expert, pairs in segments:
@@ -95,7 +95,7 @@ def linear_backward(
     grad_weight = segments.weight_gradient(weight)
     for expert, pairs in segments:
         torch.mm(inputs[pairs].T, grads[pairs], out=grad_weight[expert])
-    grad_x = torch.zeros_like(x).index_add_(0, sorted_in_rows, back)
+    grad_x = torch.zeros_like(x).index_add_(0, in_rows[segments.order], back)
     return grad_x, grad_weight, grad_gates
 
 
@@ -106,21 +106,24 @@ def mlp_forward(
     gates: torch.Tensor,
     experts: torch.Tensor,
     rows: torch.Tensor,
-) -> torch.Tensor:
-    """out[rows[p]] += gates[p] · relu(x[rows[p]] @ up[e]) @ down[e], e = experts[p]."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, inputs, hidden): out[rows[p]] += gates[p] · relu(x[rows[p]] @ up[e]) @ down[e],
+    e = experts[p], and what the backward needs, in sorted order: the gathered input rows
+    [P, d] and the ReLU outputs [P, m]."""
     segments = _Segments(experts, up.shape[0])
     sorted_rows = rows[segments.order]
     inputs = x.index_select(0, sorted_rows)
     hidden = inputs.new_empty(inputs.shape[0], up.shape[2])
-    products = inputs.new_empty(inputs.shape[0], down.shape[2])
     for expert, pairs in segments:
         torch.mm(inputs[pairs], up[expert], out=hidden[pairs])
     hidden.relu_()
+    # Gated before the down-projection: m values per pair to scale instead of d.
+    gated_hidden = hidden * _sorted_gates(gates, segments.order, hidden.dtype)
+    products = inputs.new_empty(inputs.shape[0], down.shape[2])
     for expert, pairs in segments:
-        torch.mm(hidden[pairs], down[expert], out=products[pairs])
-    products.mul_(_sorted_gates(gates, segments.order, products.dtype))
+        torch.mm(gated_hidden[pairs], down[expert], out=products[pairs])
     out = x.new_zeros(x.shape[0], down.shape[2])
-    return out.index_add_(0, sorted_rows, products)
+    return out.index_add_(0, sorted_rows, products), inputs, hidden
 
 
 def mlp_backward(
@@ -131,25 +134,23 @@ def mlp_backward(
     gates: torch.Tensor,
     experts: torch.Tensor,
     rows: torch.Tensor,
+    inputs: torch.Tensor,
+    hidden: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_up, grad_down, grad_gates) of `mlp_forward`; recomputes the hidden layer."""
+    """(grad_x, grad_up, grad_down, grad_gates) of `mlp_forward`, given the inputs and hidden
+    activations it returned."""
     segments = _Segments(experts, up.shape[0])
     sorted_rows = rows[segments.order]
-    inputs = x.index_select(0, sorted_rows)
     grads = grad_out.index_select(0, sorted_rows)
-    n_pairs, hidden_size = inputs.shape[0], up.shape[2]
-    pre = inputs.new_empty(n_pairs, hidden_size)
-    grad_hidden = inputs.new_empty(n_pairs, hidden_size)
+    grad_hidden = hidden.new_empty(hidden.shape)
     for expert, pairs in segments:
-        torch.mm(inputs[pairs], up[expert], out=pre[pairs])
         torch.mm(grads[pairs], down[expert].T, out=grad_hidden[pairs])
-    hidden = pre.relu_()
     grad_gates = torch.empty_like(gates)
     grad_gates[segments.order] = (grad_hidden * hidden).sum(1).to(gates.dtype)
     pair_gates = _sorted_gates(gates, segments.order, x.dtype)
     # ReLU's gradient mask read from its output (hidden > 0 ⇔ pre > 0), fused with the gating.
     grad_pre = torch.ops.aten.threshold_backward(grad_hidden.mul_(pair_gates), hidden, 0)
-    gated_hidden = hidden.mul_(pair_gates)
+    gated_hidden = hidden * pair_gates
     grad_inputs = inputs.new_empty(inputs.shape)
     grad_up, grad_down = segments.weight_gradient(up), segments.weight_gradient(down)
     for expert, pairs in segments:
