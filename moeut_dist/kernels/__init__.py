@@ -80,11 +80,10 @@ def moe_linear(
     """
     triton = use_triton(x, backend)
     x, weight = _same_dtype(x, weight)
-    out, _ = ops.moe_linear_op(
+    return ops.moe_linear_op(
         x, weight, gates, experts, in_rows, out_rows, n_out_rows,
         triton, _resolve_deterministic(deterministic),
     )  # fmt: skip
-    return out
 
 
 def moe_mlp(
@@ -102,11 +101,11 @@ def moe_mlp(
 
     x: [N, d]; up: [E, d, m]; down: [E, m, d_out]; gates: [P]; experts, rows: [P] int64.
     Returns [N, d_out]; rows no pair refers to are zero. For backward the Triton path keeps no
-    [P, ·] activations (it recomputes them), the PyTorch path keeps [P, d + m] (see `ops`).
+    [P, m] hidden activations (it recomputes them), the PyTorch path keeps them (see `ops`).
     """
     triton = use_triton(x, backend)
     x, up, down = _same_dtype(x, up, down)
-    out, _, _ = ops.moe_mlp_op(
+    out, _ = ops.moe_mlp_op(
         x, up, down, gates, experts, rows, triton, _resolve_deterministic(deterministic)
     )
     return out

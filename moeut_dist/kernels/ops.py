@@ -5,12 +5,11 @@ backward as ops too keeps `torch.compile` (including AOT autograd) tracing throu
 without graph breaks, and the data-dependent sizes of a routing (pairs per expert) stay inside
 the ops, so a new routing never recompiles.
 
-What autograd keeps for backward differs by implementation, so the forward ops return it as
-extra outputs ("residuals"), which the backward ops take back. The Triton kernels keep only the
-inputs and the routing and recompute the rest (their residuals are empty): on a GPU memory is
-what limits the batch. The PyTorch path keeps its gathered input rows, sorted by expert, and the
-σ-MoE hidden activations, [pairs, d_in + m] values: recomputing the hidden layer would cost one
-more per-expert matmul, and these small matmuls are what the PyTorch path's time goes to.
+Autograd saves the inputs and the routing, and for σ-MoE whatever hidden activations the
+implementation keeps: the forward op returns them as a second output, which the backward op
+takes back. The Triton kernels keep none (they recompute the hidden layer; on a GPU memory is
+what limits the batch) and return an empty [0, m]; the PyTorch path keeps its [P, m] ReLU
+outputs, since recomputing them would cost one more per-expert matmul.
 
 `triton` chooses the implementation (`kernels.use_triton` decides it, the one place that does):
 the Triton kernels of `triton_kernels` (CUDA, or CPU under `TRITON_INTERPRET=1`, which is how
@@ -44,21 +43,18 @@ def moe_linear_op(
     n_out_rows: int,
     triton: bool,
     deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, residual): out[out_rows[p]] += gates[p] · x[in_rows[p]] @ weight[experts[p]]; the
-    residual is the PyTorch path's gathered inputs [P, d_in], or empty [0, d_in] (Triton)."""
+) -> torch.Tensor:
+    """out[out_rows[p]] += gates[p] · x[in_rows[p]] @ weight[experts[p]]."""
     if triton:
-        out = triton_kernels.linear_forward(
+        return triton_kernels.linear_forward(
             x, weight, gates, experts, in_rows, out_rows, n_out_rows, deterministic
         )
-        return out, x.new_empty(0, x.shape[1])
     return torch_kernels.linear_forward(x, weight, gates, experts, in_rows, out_rows, n_out_rows)
 
 
 @moe_linear_op.register_fake
 def _(x, weight, gates, experts, in_rows, out_rows, n_out_rows, triton, deterministic):
-    residual_rows = 0 if triton else experts.shape[0]
-    return x.new_empty(n_out_rows, weight.shape[2]), x.new_empty(residual_rows, x.shape[1])
+    return x.new_empty(n_out_rows, weight.shape[2])
 
 
 @torch.library.custom_op("moeut::moe_linear_backward", mutates_args=())
@@ -70,34 +66,29 @@ def moe_linear_backward_op(
     experts: torch.Tensor,
     in_rows: torch.Tensor,
     out_rows: torch.Tensor,
-    residual: torch.Tensor,
     triton: bool,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_weight, grad_gates) of `moeut::moe_linear`, given its residual."""
+    """(grad_x, grad_weight, grad_gates) of `moeut::moe_linear`."""
     if triton:
         return triton_kernels.linear_backward(
             grad_out, x, weight, gates, experts, in_rows, out_rows, deterministic
         )
-    return torch_kernels.linear_backward(
-        grad_out, x, weight, gates, experts, in_rows, out_rows, residual
-    )
+    return torch_kernels.linear_backward(grad_out, x, weight, gates, experts, in_rows, out_rows)
 
 
 @moe_linear_backward_op.register_fake
-def _(grad_out, x, weight, gates, experts, in_rows, out_rows, residual, triton, deterministic):
+def _(grad_out, x, weight, gates, experts, in_rows, out_rows, triton, deterministic):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(gates)
 
 
-def _linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+def _linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     x, weight, gates, experts, in_rows, out_rows, _, triton, deterministic = inputs
-    residual = output[1]
-    ctx.mark_non_differentiable(residual)
-    ctx.save_for_backward(x, weight, gates, experts, in_rows, out_rows, residual)
+    ctx.save_for_backward(x, weight, gates, experts, in_rows, out_rows)
     ctx.flags = triton, deterministic
 
 
-def _linear_backward(ctx: Any, grad_out: torch.Tensor, _: Any) -> tuple[Any, ...]:
+def _linear_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     grad_x, grad_weight, grad_gates = moe_linear_backward_op(
         grad_out, *ctx.saved_tensors, *ctx.flags
     )
@@ -122,24 +113,19 @@ def moe_mlp_op(
     rows: torch.Tensor,
     triton: bool,
     deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, *residuals): out[rows[p]] += gates[p] · relu(x[rows[p]] @ up[e]) @ down[e],
-    e = experts[p]; the residuals are the PyTorch path's gathered inputs [P, d] and hidden
-    activations [P, m], or empty [0, d] and [0, m] (Triton)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, hidden): out[rows[p]] += gates[p] · relu(x[rows[p]] @ up[e]) @ down[e],
+    e = experts[p]; hidden is what the backward gets back: [P, m] (PyTorch) or [0, m] (Triton)."""
     if triton:
         out = triton_kernels.mlp_forward(x, up, down, gates, experts, rows, deterministic)
-        return out, x.new_empty(0, x.shape[1]), x.new_empty(0, up.shape[2])
+        return out, x.new_empty(0, up.shape[2])
     return torch_kernels.mlp_forward(x, up, down, gates, experts, rows)
 
 
 @moe_mlp_op.register_fake
 def _(x, up, down, gates, experts, rows, triton, deterministic):
-    residual_rows = 0 if triton else experts.shape[0]
-    return (
-        x.new_empty(x.shape[0], down.shape[2]),
-        x.new_empty(residual_rows, x.shape[1]),
-        x.new_empty(residual_rows, up.shape[2]),
-    )
+    kept_rows = 0 if triton else experts.shape[0]
+    return x.new_empty(x.shape[0], down.shape[2]), x.new_empty(kept_rows, up.shape[2])
 
 
 @torch.library.custom_op("moeut::moe_mlp_backward", mutates_args=())
@@ -151,35 +137,21 @@ def moe_mlp_backward_op(
     gates: torch.Tensor,
     experts: torch.Tensor,
     rows: torch.Tensor,
-    inputs_residual: torch.Tensor,
-    hidden_residual: torch.Tensor,
+    hidden: torch.Tensor,
     triton: bool,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_up, grad_down, grad_gates) of `moeut::moe_mlp`, given its residuals."""
-    if triton:  # recomputes the hidden layer
+    """(grad_x, grad_up, grad_down, grad_gates) of `moeut::moe_mlp`, given the hidden output it
+    returned (the Triton path recomputes the hidden layer)."""
+    if triton:
         return triton_kernels.mlp_backward(
             grad_out, x, up, down, gates, experts, rows, deterministic
         )
-    return torch_kernels.mlp_backward(
-        grad_out, x, up, down, gates, experts, rows, inputs_residual, hidden_residual
-    )
+    return torch_kernels.mlp_backward(grad_out, x, up, down, gates, experts, rows, hidden)
 
 
 @moe_mlp_backward_op.register_fake
-def _(
-    grad_out,
-    x,
-    up,
-    down,
-    gates,
-    experts,
-    rows,
-    inputs_residual,
-    hidden_residual,
-    triton,
-    deterministic,
-):
+def _(grad_out, x, up, down, gates, experts, rows, hidden, triton, deterministic):
     return (
         torch.empty_like(x),
         torch.empty_like(up),
@@ -190,13 +162,13 @@ def _(
 
 def _mlp_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     *tensors, triton, deterministic = inputs
-    residuals = output[1:]
-    ctx.mark_non_differentiable(*residuals)
-    ctx.save_for_backward(*tensors, *residuals)
+    hidden = output[1]
+    ctx.mark_non_differentiable(hidden)
+    ctx.save_for_backward(*tensors, hidden)
     ctx.flags = triton, deterministic
 
 
-def _mlp_backward(ctx: Any, grad_out: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+def _mlp_backward(ctx: Any, grad_out: torch.Tensor, _: Any) -> tuple[Any, ...]:
     grads = moe_mlp_backward_op(grad_out, *ctx.saved_tensors, *ctx.flags)
     return *grads, None, None, None, None
 
