@@ -104,11 +104,11 @@ class _Padded:
     def per_pair(self, sorted_values: torch.Tensor) -> torch.Tensor:
         rest = sorted_values.shape[1:]
         padded = sorted_values.new_zeros(len(self.counts) * self.capacity, *rest)
-        padded[self.slots] = sorted_values
+        padded.index_copy_(0, self.slots, sorted_values)
         return padded.view(len(self.counts), self.capacity, *rest)
 
     def sorted(self, values: torch.Tensor) -> torch.Tensor:
-        return values.flatten(0, 1)[self.slots]
+        return values.flatten(0, 1).index_select(0, self.slots)
 
     def matmul(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return torch.bmm(rows, weight)
