@@ -3,6 +3,9 @@ the cases of the Triton kernel tests, and what its custom ops keep for backward.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -19,6 +22,17 @@ from tests.test_kernels import (
 )
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+@pytest.fixture(params=["padded", "sorted"])
+def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Runs the test in the given layout of the PyTorch path, whatever the routing."""
+    padding = math.inf if request.param == "padded" else 0.0
+    monkeypatch.setattr(torch_kernels, "MAX_PADDING", padding)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one CPU thread never pads
+    yield
+    torch.set_num_threads(threads)
 
 
 def check_against_float64(case: Case) -> None:
@@ -42,13 +56,13 @@ def check_against_float64(case: Case) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_float64_reference(name: str, dtype: torch.dtype) -> None:
+def test_matches_float64_reference(name: str, dtype: torch.dtype, layout: None) -> None:
     torch.manual_seed(0)
     check_against_float64(CASES[name](dtype=dtype))
 
 
 @pytest.mark.parametrize("name", list(EDGE_CASES))
-def test_edge_cases(name: str) -> None:
+def test_edge_cases(name: str, layout: None) -> None:
     torch.manual_seed(1)
     check_against_float64(EDGE_CASES[name]())
 
@@ -87,9 +101,16 @@ def test_backward_keeps_the_hidden_activations_and_nothing_else() -> None:
     assert _bytes_kept_beyond_the_arguments(switchhead_v()) == 0
 
 
-def test_the_reference_cases_cover_both_layouts() -> None:
-    """Balanced routings run padded (one bmm over all experts), concentrated ones unpadded."""
+def test_layout_pads_balanced_routings_on_several_threads_only() -> None:
     torch.manual_seed(0)
-    layout = lambda case: torch_kernels._layout(case.routing[0], case.inputs[1].shape[0])
-    assert isinstance(layout(sigma_moe(n_tokens=64, n_experts=4, k=2)), torch_kernels._Padded)
-    assert isinstance(layout(EDGE_CASES["one_expert_mlp"]()), torch_kernels._Sorted)
+    balanced = torch.arange(64) % 4  # 16 pairs on each of 4 experts
+    concentrated = torch.tensor([0] * 40 + [1, 2, 3])  # padded: 160 rows for 43 pairs
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert isinstance(torch_kernels._layout(balanced, 4), torch_kernels._Padded)
+        assert isinstance(torch_kernels._layout(concentrated, 4), torch_kernels._Sorted)
+        torch.set_num_threads(1)
+        assert isinstance(torch_kernels._layout(balanced, 4), torch_kernels._Sorted)
+    finally:
+        torch.set_num_threads(threads)

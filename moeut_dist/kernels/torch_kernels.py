@@ -6,13 +6,13 @@ would cost one more matmul per expert, and these small matmuls are where the tim
 
 The pairs are sorted by expert once per call and laid out per expert (`_layout`). When the
 routing is balanced, as it normally is, each expert's rows are padded to the largest expert's
-count and every product is one `bmm` over all experts: on CPU one batched call parallelises
-across experts, where a loop of ~40-row matmuls leaves the threads idle between tiny GEMMs.
-Padding rows read zeros and scatter into a discarded row, so they change nothing. When the
-padding would be large (a routing concentrated on a few experts would make the padded layout up
-to E times the pairs), the rows stay unpadded and each expert is one matmul over its contiguous
-segment. Outputs and input gradients are scatter-added with `index_add_`, which is deterministic
-on CPU.
+count and every product is one `bmm` over all experts. That parallelises across experts, where
+a loop of ~40-row matmuls splits each tiny GEMM over the threads (and, on a busy machine, waits
+for all of them once per expert). Padding rows read zeros and scatter into a discarded row, so
+they change nothing. On one CPU thread a `bmm` is the same loop of matmuls plus the padding,
+and a routing concentrated on a few experts would make the padded layout up to E times the
+pairs: then the rows stay unpadded and each expert is one matmul over its contiguous segment.
+Outputs and input gradients are scatter-added with `index_add_`, which is deterministic on CPU.
 
 `torch.bincount(...).tolist()` sizes the layout: one host sync per call, which is inside the
 custom op, hence invisible to `torch.compile` (no graph break, no recompile as routing changes).
@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from moeut_dist.kernels.reference import group_by_expert
 
 # The padded layout is used while it holds at most this many rows per pair. Balanced routings
-# pad by 15-35 % at the MoEUT shapes; the batched matmul wins up to about twice the work.
-MAX_PADDING = 2.0
+# pad by 15-35 % at the MoEUT shapes; on 2 CPU threads a bmm ran 1.5-1.6× faster than the loop
+# of per-expert matmuls it replaces (bench/kernels.py shapes), so more padding than that loses.
+MAX_PADDING = 1.5
 
 
 class _Sorted:
@@ -122,7 +123,8 @@ Layout = _Sorted | _Padded
 
 def _layout(experts: torch.Tensor, n_experts: int) -> Layout:
     order, counts = group_by_expert(experts, n_experts)
-    if n_experts * max(counts, default=0) <= MAX_PADDING * len(order):
+    batched = experts.device.type != "cpu" or torch.get_num_threads() > 1
+    if batched and n_experts * max(counts) <= MAX_PADDING * len(order):
         return _Padded(order, counts, experts)
     return _Sorted(order, counts)
 
