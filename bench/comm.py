@@ -66,7 +66,7 @@ def bytes_per_token(k: int, ep: int, experts: list[torch.Tensor]) -> tuple[float
 
 
 STEP_TIME_SHAPES = dict(d_model=128, experts_per_token=8, expert_size=64, kernel="torch")
-CROSSOVER_EXPERTS = (16, 64, 256, 1024)
+CROSSOVER_EXPERTS = (16, 32, 64, 256, 1024)
 
 
 def _timed_steps(ep: int, steps: int, n_experts: int) -> float:
