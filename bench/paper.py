@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -258,6 +259,7 @@ def _millions(n: float) -> str:
 
 def write_doc(rows: list[dict[str, Any]], sweeps: dict, experiment_file: Path, plot_path: Path,
               doc_path: Path) -> None:  # fmt: skip
+    """Write the page; what follows `DISCUSSION_MARKER` in the page already there is kept."""
     tasks = sorted({task for row in rows for task in row["zero_shot"]})
     header = ["corpus", "size", "model", "params", "active params", "FLOPs/token", "best lr",
               "val ppl", "bits/byte", "wall: best run / sweep", *tasks]  # fmt: skip
@@ -277,7 +279,10 @@ def write_doc(rows: list[dict[str, Any]], sweeps: dict, experiment_file: Path, p
         for (corpus, size, arch_name), losses in sweeps.items()
     ]
     relative_plot = os.path.relpath(plot_path, doc_path.parent)
+    training_s = sum(row["sweep_wall_s"] for row in rows)
     text = GENERATED_DOC.format(
+        training_time=_duration(training_s),
+        runs=sum(len(losses) for losses in sweeps.values()),
         experiment=os.path.relpath(experiment_file, ROOT),
         python=sys.version.split()[0],
         table="\n".join(lines),
@@ -288,20 +293,26 @@ def write_doc(rows: list[dict[str, Any]], sweeps: dict, experiment_file: Path, p
         how_to_run=HOW_TO_RUN,
         analyzed_tokens=ANALYZED_TOKENS,
     )
+    discussion = DISCUSSION_MARKER + "\n"
+    if doc_path.is_file() and DISCUSSION_MARKER in (previous := doc_path.read_text()):
+        discussion = DISCUSSION_MARKER + previous.split(DISCUSSION_MARKER, 1)[1]
     doc_path.parent.mkdir(parents=True, exist_ok=True)
-    doc_path.write_text(text)
+    doc_path.write_text(text + "\n" + discussion)
 
 
-def analyze(best: Run, shards: Path) -> dict[str, Any]:
+def analyze(best: Run, shards: Path, publish_dir: Path) -> dict[str, Any]:
     """`moeut analyze` of a MoEUT run's exported model (`evaluate` first): how many distinct
-    σ-MoE experts a token uses over the depth, and how evenly each layer uses its experts."""
+    σ-MoE experts a token uses over the depth, and how evenly each layer uses its experts. The
+    JSON and plots are copied to `publish_dir`, beside the page that links them."""
     out_dir = best.run_dir / "analysis"
     if not (out_dir / REPORT_FILE).is_file():
         launch(["analyze", str(best.run_dir / "model"), "--shards", str(shards),
                 "--out", str(out_dir), "--max-tokens", str(ANALYZED_TOKENS)], 1)  # fmt: skip
+    shutil.rmtree(publish_dir, ignore_errors=True)
+    shutil.copytree(out_dir, publish_dir)
     ffn = json.loads((out_dir / REPORT_FILE).read_text())["ffn"]
     return {
-        "analysis_dir": str(out_dir),
+        "analysis_dir": str(publish_dir),
         "distinct_experts": ffn["distinct_experts_per_token"]["mean"],
         "usage_entropy": sum(ffn["usage_entropy"]) / len(ffn["usage_entropy"]),
     }
@@ -363,6 +374,9 @@ with the Triton kernels on GPUs.
 
 {table}
 
+The {runs} training runs took {training_time} of wall time together (data preparation, export,
+evaluation and analysis not counted).
+
 Final validation loss of every run of the sweeps:
 
 {sweeps}
@@ -374,7 +388,7 @@ Final validation loss of every run of the sweeps:
 {comparison}
 
 Expert usage of the MoEUT models (`moeut analyze`, up to {analyzed_tokens} validation positions; the
-JSON and PNGs are in the run directories):
+JSON and PNGs are in the folders named):
 
 {expert_usage}
 
@@ -382,6 +396,11 @@ The paper compares models of 44M parameters and more, trained on billions of tok
 size and length a comparison mostly measures how fast each side learns early on, and one seed
 per point leaves differences of a few percent within noise.
 """
+
+
+DISCUSSION_MARKER = (
+    "<!-- Written by hand from here on: bench/paper.py keeps it when it rewrites the page. -->"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                 best = min(runs, key=lambda run: run.val_loss)
                 result = evaluate(best, shards)
                 if arch_name == "moeut":
-                    result |= analyze(best, shards)
+                    published = doc_path.with_suffix("") / f"{corpus.name}-{size}-analysis"
+                    result |= analyze(best, shards, published)
                 rows.append({
                     "corpus": corpus.name, "size": size, "arch": arch_name, "lr": best.lr,
                     "sweep_wall_s": sum(run.wall_s for run in runs), **result,

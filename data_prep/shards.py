@@ -27,11 +27,11 @@ import hashlib
 import itertools
 import json
 import logging
-import multiprocessing
 import tarfile
 import tempfile
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,22 +94,53 @@ class ShardTarWriter:
 
     def __init__(self, path: Path) -> None:
         self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
+        # By member size: the header of a member named "", and its checksum with the
+        # checksum field blank (all members of a shard have one size).
+        self._templates: dict[int, tuple[bytes, int]] = {}
 
     def write(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = 0
-        info.mode = 0o444
-        info.uname = info.gname = "moeut"
-        self._file.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        self._file.write(self._header(name, len(data)))
         self._file.write(data)
         self._file.write(bytes(-len(data) % tarfile.BLOCKSIZE))
+
+    def _header(self, name: str, size: int) -> bytes:
+        """`tarfile`'s header, made from a template: building it costs more than writing a
+        sample. Only the name field and the checksum differ between members of one size."""
+        encoded = name.encode("ascii", "replace")
+        if not name.isascii() or len(encoded) > tarfile.LENGTH_NAME:
+            return _tar_header(name, size)  # a pax header holds the name
+        if size not in self._templates:
+            template = _tar_header("", size)
+            blank = template[: _CHECKSUM_FIELD.start] + b" " * 8 + template[_CHECKSUM_FIELD.stop :]
+            self._templates[size] = (template, sum(blank))
+        template, checksum = self._templates[size]
+        checksum += sum(encoded)
+        return b"".join(
+            (
+                encoded,
+                template[len(encoded) : _CHECKSUM_FIELD.start],
+                b"%06o\0 " % checksum,  # as tarfile writes it
+                template[_CHECKSUM_FIELD.stop :],
+            )
+        )
 
     def close(self) -> None:
         """End the archive as tarfile does: two empty blocks, then zeros to a whole record."""
         end = self._file.tell() + 2 * tarfile.BLOCKSIZE
         self._file.write(bytes(2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
         self._file.close()
+
+
+_CHECKSUM_FIELD = slice(148, 156)  # of a ustar header
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o444
+    info.uname = info.gname = "moeut"
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)
@@ -138,7 +169,8 @@ class _ChunkTokenizer:
     def __call__(self, chunk: _Chunk) -> _TokenizedChunk:
         texts: dict[str, list[str]] = {split: [] for split in chunk.splits}
         for text in chunk.texts:
-            split = VALIDATION if is_validation_document(text, self._val_fraction) else TRAIN
+            validation = self._val_fraction > 0 and is_validation_document(text, self._val_fraction)
+            split = VALIDATION if validation else TRAIN
             if split in texts:
                 texts[split].append(text)
         tokens = {split: self._encode(split_texts) for split, split_texts in texts.items()}
@@ -172,23 +204,23 @@ def _tokenized(
     if workers == 1:
         yield map(_ChunkTokenizer(*tokenizer_args), chunks)
         return
-    with multiprocessing.Pool(workers, _start_worker, tokenizer_args) as pool:
-        yield _ordered_bounded_map(
-            pool, _tokenize_in_worker, chunks, workers * _CHUNKS_IN_FLIGHT_PER_WORKER
-        )
+    # Not `multiprocessing.Pool`: its worker-handling thread wakes for every result waiting in
+    # the pipe, which cost the main process more CPU than reading and writing the shards.
+    with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=tokenizer_args) as pool:
+        yield _ordered_bounded_map(pool, chunks, workers * _CHUNKS_IN_FLIGHT_PER_WORKER)
 
 
 def _ordered_bounded_map(
-    pool: Any, function: Callable, items: Iterable, max_pending: int
-) -> Iterator[Any]:
-    # Pool.imap would read all of `items` ahead (the whole corpus); keep only a few in flight.
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.apply_async(function, (item,)))
+    pool: ProcessPoolExecutor, chunks: Iterable[_Chunk], max_pending: int
+) -> Iterator[_TokenizedChunk]:
+    # Pool.map would read all of `chunks` ahead (the whole corpus); keep only a few in flight.
+    pending: deque[Future[_TokenizedChunk]] = deque()
+    for chunk in chunks:
+        pending.append(pool.submit(_tokenize_in_worker, chunk))
         if len(pending) >= max_pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 @dataclass(frozen=True)
@@ -366,13 +398,28 @@ def _damaged_build(out_dir: str, problem: str) -> BadInputError:
 def _require_same_settings(out_dir: str, found: dict[str, Any], wanted: dict[str, Any]) -> None:
     differing = sorted(k for k in wanted.keys() | found.keys() if found.get(k) != wanted.get(k))
     if differing:
-        details = "; ".join(
-            f"{k}: {found.get(k)!r} before, {wanted.get(k)!r} now" for k in differing
-        )
+        details = "; ".join(_change(k, found.get(k), wanted.get(k)) for k in differing)
         raise BadInputError(
             f"{out_dir} holds a build with different settings ({details}); "
             "rerun with the same settings or build into another directory"
         )
+
+
+def _change(setting: str, before: Any, now: Any) -> str:
+    """One setting's change, short enough for one line: of a list (the input files), its
+    lengths and first differing entry."""
+    if not (isinstance(before, list) and isinstance(now, list)):
+        return f"{setting}: {before!r} before, {now!r} now"
+    first = next(
+        (i for i, (old, new) in enumerate(zip(before, now, strict=False)) if old != new),
+        min(len(before), len(now)),
+    )
+    entry_before = before[first] if first < len(before) else "none"
+    entry_now = now[first] if first < len(now) else "none"
+    return (
+        f"{setting}: {len(before)} entries before, {len(now)} now, the first difference at "
+        f"entry {first}: {entry_before!r} before, {entry_now!r} now"
+    )
 
 
 def _output(out_dir: str | Path) -> storage.Directory:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import warnings
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -200,16 +202,37 @@ def test_resume_skips_consumed_shards_without_reading_them(shard_dir, tokenizer,
             reads.append(Path(path).name) or real_read_shard(path, *args, **kwargs)
         ),
     )
-    interrupted = _loader(shard_dir, tokenizer, batch_size=8)
+    # Without prefetching, so that every read is that of a shard needed, and made before the
+    # batch that needs it is returned.
+    interrupted = _loader(shard_dir, tokenizer, batch_size=8, prefetch_shards=0)
     for _ in itertools.islice(interrupted, 50):  # 400 samples: a dozen shards in
         pass
     current_shard = reads[-1]
     reads.clear()
-    resumed = _loader(shard_dir, tokenizer, batch_size=8)
+    resumed = _loader(shard_dir, tokenizer, batch_size=8, prefetch_shards=0)
     resumed.load_state_dict(interrupted.state_dict())
     next(iter(resumed))
     assert reads[0] == current_shard
     assert len(reads) <= 2  # the current shard and, if the batch needs more, the next
+
+
+@pytest.mark.parametrize("num_workers, batch_size", [(0, 5), (1, 7), (2, 8)])
+def test_batches_do_not_depend_on_prefetching(shard_dir, tokenizer, num_workers, batch_size):
+    """From a resumed place across an epoch boundary; with 2 workers of 2 ranks reading 8
+    samples every 32 places, each worker passes over some of the 30-sample shards."""
+    options = dict(batch_size=batch_size, dp_rank=1, dp_world_size=2, num_workers=num_workers)
+    first = _loader(shard_dir, tokenizer, **options)
+    state = {**first.state_dict(), "position": first.samples_per_epoch - 317}
+
+    def batches(prefetch_shards: int) -> list:
+        resumed = _loader(shard_dir, tokenizer, prefetch_shards=prefetch_shards, **options)
+        resumed.load_state_dict(state)
+        return list(itertools.islice(resumed, 60))  # 60 × 2 ranks × 5 to 8 samples
+
+    reference = batches(0)
+    for prefetch_shards in (1, 2):
+        got = batches(prefetch_shards)
+        assert all(a.equal(b) for a, b in zip(got, reference, strict=True)), prefetch_shards
 
 
 def test_state_of_another_data_order_is_refused(shard_dir, tokenizer):
@@ -240,6 +263,33 @@ def test_truncated_shard_is_skipped_when_asked(shard_dir, tokenizer, tmp_path):
         seen = _rows(epoch)
     assert epoch.skipped_shards == 1
     assert seen == _all_samples(shard_dir) - _all_samples(shard_dir, only=shard.name)
+
+
+def test_corrupt_shard_met_by_prefetching_is_reported_when_needed(shard_dir, tokenizer, tmp_path):
+    """The same batches, and the same counters after each, as reading each shard when needed;
+    without `skip_corrupt`, the error comes after the same batches."""
+    shard = _truncate_a_shard(shard_dir, tmp_path)
+
+    def batches_and_counters(prefetch_shards: int, skip_corrupt: bool) -> tuple[list, list]:
+        epoch = _loader(
+            shard.parent, tokenizer, batch_size=64, num_workers=2, epochs=1,
+            skip_corrupt=skip_corrupt, prefetch_shards=prefetch_shards,
+        )  # fmt: skip
+        batches, counters = [], []
+        with nullcontext() if skip_corrupt else pytest.raises(ShardError, match=str(shard)):
+            for batch in epoch:
+                batches.append(batch)
+                counters.append(epoch.counters())
+        return batches, counters
+
+    for skip_corrupt in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference, reference_counters = batches_and_counters(0, skip_corrupt)
+            got, counters = batches_and_counters(2, skip_corrupt)
+        assert len(got) == len(reference) and counters == reference_counters
+        assert all(a.equal(b) for a, b in zip(got, reference, strict=True))
+        assert (counters[-1]["skipped_shards"] > 0) == skip_corrupt
 
 
 def _change_first_id(shard_dir: Path, tmp_path: Path, new_id) -> Path:

@@ -112,8 +112,8 @@ def test_decoded_shards_are_the_input_tokens_in_order(tmp_path, documents, corpu
         assert {s.samples for s in info.shards[:-1]} == {manifest.build["samples_per_shard"]}
 
 
-def test_shards_are_byte_identical_for_1_and_3_workers(tmp_path, corpus, tokenizer):
-    for workers in (1, 3):
+def test_shards_are_byte_identical_for_1_2_and_3_workers(tmp_path, corpus, tokenizer):
+    for workers in (1, 2, 3):
         build_shards(
             corpus,
             tmp_path / f"w{workers}",
@@ -124,7 +124,7 @@ def test_shards_are_byte_identical_for_1_and_3_workers(tmp_path, corpus, tokeniz
             workers=workers,
             progress=False,
         )
-    assert _files(tmp_path / "w1") == _files(tmp_path / "w3")
+    assert _files(tmp_path / "w1") == _files(tmp_path / "w2") == _files(tmp_path / "w3")
     assert len(_files(tmp_path / "w1")) > 10
 
 
@@ -459,6 +459,22 @@ def test_build_of_an_earlier_version_is_refused_not_resumed(tmp_path, documents,
         build_shards(*args, progress=False)
 
 
+def test_other_input_files_are_named_by_their_first_difference(tmp_path, documents, tokenizer):
+    """A build of many files that differs in one: the error is a line, not every file's path."""
+    inputs = []
+    for index in range(40):
+        write_jsonl(tmp_path / f"part{index:02d}.jsonl", documents[index : index + 1])
+        inputs.append(tmp_path / f"part{index:02d}.jsonl")
+    build_shards(inputs, tmp_path / "shards", tokenizer.path, SEQ_LEN, progress=False)
+    (tmp_path / "extra.jsonl").write_text((tmp_path / "part00.jsonl").read_text())
+    with pytest.raises(BadInputError) as raised:
+        build_shards([*inputs[:7], tmp_path / "extra.jsonl", *inputs[7:]], tmp_path / "shards",
+                     tokenizer.path, SEQ_LEN, progress=False)  # fmt: skip
+    message = str(raised.value)
+    assert "sources: 40 entries before, 41 now, the first difference at entry 7" in message
+    assert "part07.jsonl" in message and "extra.jsonl" in message and len(message) < 600
+
+
 def test_missing_tokenizer_is_named(tmp_path, corpus):
     with pytest.raises(BadInputError, match=r"tokenizer .*missing\.model not found"):
         build_shards(corpus, tmp_path / "shards", tmp_path / "missing.model", SEQ_LEN)
@@ -572,6 +588,8 @@ def test_shard_tar_writer_writes_what_webdataset_writes(tmp_path):
     import webdataset
 
     samples = [(f"{i:010d}.tokens", bytes(range(i, i + 37))) for i in range(30)]
+    # Another size, and names that need a pax header: none of the writer's templates fit.
+    samples += [("0000000030.tokens", b"x" * 600), (f"{'a' * 120}.tokens", b"y"), ("é.tokens", b"")]
     reference = webdataset.TarWriter(
         str(tmp_path / "webdataset.tar"), encoder=False, mtime=0, user="moeut", group="moeut"
     )

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import http.server
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from moeut_dist.data import ShardError, Tokenizer, TokenLoader, read_manifest
 from moeut_dist.data.storage import RetryPolicy
 from moeut_dist.train.config import check_run, load_config
 from tests.distributed_utils import free_port
+from tests.shard_server import serving
 
 SEQ_LEN = 16
 REPO = Path(__file__).resolve().parent.parent
@@ -53,39 +53,13 @@ def shard_dir(tmp_path_factory, corpus, tokenizer) -> Path:
     return out
 
 
-class _ShardHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder; `server.cut_once` names files whose first GET is cut off halfway."""
-
-    def log_message(self, *args) -> None:  # quiet
-        pass
-
-    def copyfile(self, source, outputfile) -> None:
-        name = self.path.rsplit("/", 1)[-1]
-        if name in self.server.cut_once:
-            self.server.cut_once.discard(name)
-            content = source.read()
-            outputfile.write(content[: len(content) // 2])
-            self.close_connection = True
-            return
-        super().copyfile(source, outputfile)
-
-
 @pytest.fixture
 def http_server(tmp_path) -> Iterator[tuple[str, Path, http.server.HTTPServer]]:
     """(base URL, the folder it serves, the server) on 127.0.0.1."""
     root = tmp_path / "served"
     root.mkdir()
-    handler = functools.partial(_ShardHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-    server.cut_once = set()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", root, server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serving(root) as (url, server):
+        yield url, root, server
 
 
 def _loader(location, tokenizer: Tokenizer, **options) -> TokenLoader:
@@ -118,6 +92,40 @@ def test_connection_dropped_mid_shard_is_read_again_exactly(shard_dir, tokenizer
     assert _same_batches(batches, local)
     assert remote.counters() == {"skipped_shards": 0, "read_retries": 2}
     assert not server.cut_once
+
+
+def _shard_requests(server: http.server.HTTPServer) -> list[str]:
+    return [name for name in server.requested if name.endswith(".tar")]
+
+
+def test_workers_read_ahead_only_the_shards_they_need(shard_dir, tokenizer, http_server):
+    """Each of 2 workers of 2 ranks reads 8 samples every 32 places, passing over some of the
+    30-sample shards: prefetching reads the shards that reading each when needed reads."""
+    url, root, server = http_server
+    shutil.copytree(shard_dir, root / "shards")
+    options = dict(num_workers=2, dp_world_size=2, dp_rank=1)
+    requests = []
+    for prefetch_shards in (0, 2):
+        server.requested.clear()
+        list(_loader(f"{url}/shards", tokenizer, prefetch_shards=prefetch_shards, **options))
+        requests.append(Counter(_shard_requests(server)))
+    assert requests[0] == requests[1]
+    assert sum(requests[0].values()) < 2 * len(read_manifest(shard_dir).split("train").shards)
+
+
+def test_the_next_shard_is_requested_before_a_batch_needs_it(shard_dir, tokenizer, http_server):
+    url, root, server = http_server
+    shutil.copytree(shard_dir, root / "shards")
+    list(_loader(f"{url}/shards", tokenizer, prefetch_shards=0))
+    order = _shard_requests(server)  # of the shards, as the batches need them
+    server.requested.clear()
+    stream = iter(_loader(f"{url}/shards", tokenizer, batch_size=1, prefetch_shards=1))
+    next(stream)  # the first of the first shard's 30 samples
+    deadline = time.monotonic() + 60
+    while len(_shard_requests(server)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _shard_requests(server) == order[:2]
+    stream.close()
 
 
 def test_missing_shard_is_a_named_permanent_error(shard_dir, tokenizer, http_server):

@@ -39,6 +39,7 @@ from moeut_dist.zeroshot import (
     read_task_file,
     score_continuations,
 )
+from tests.shard_server import serving
 
 SEQ_LEN = 32
 
@@ -255,6 +256,22 @@ def test_eval_command_reports_language_modeling_and_every_builtin_task(
     for entry in report["tasks"]:
         assert entry["items"] == len(read_task_file(entry["task"], builtin_sample(entry["task"])))
         assert 0 <= entry["acc"] <= 1
+
+
+def test_eval_reads_shards_over_http_as_from_the_local_directory(
+    model_dir, shards, val_result, tmp_path
+):
+    report_path = tmp_path / "report.json"
+    with serving(shards) as (url, server):
+        args = [str(model_dir), "--shards", url, "--batch-size", "5", "--json", str(report_path)]
+        assert moeut(["eval", *args, "--device", "cpu"]) == 0
+        served = set(server.requested)
+    report = json.loads(report_path.read_text())["language_modeling"]
+    local = val_result  # the same batches of 5, read from the directory
+    assert (report["tokens"], report["bytes"]) == (local.tokens, local.bytes)
+    assert report["perplexity"] == local.perplexity
+    assert report["bits_per_byte"] == local.bits_per_byte
+    assert {"manifest.json", *(s.name for s in read_manifest(shards).split("val").shards)} <= served
 
 
 def refused(capsys, command: str, *args: str) -> str:

@@ -74,7 +74,15 @@ def test_smoke_trains_both_sides_on_the_same_tokens_and_writes_the_report(tmp_pa
     assert doc.count("distinct σ-MoE experts over the depth") == 2
     assert (work / "paper-reproduction.png").stat().st_size > 10_000
 
-    # A rerun finds every run finished and only rewrites the report.
+    for corpus in ("shakespeare", "code"):  # the analyses beside the page that links them
+        published = work / "paper-reproduction" / f"{corpus}-tiny-analysis"
+        assert (published / "analysis.json").is_file() and list(published.glob("*.png"))
+        assert f"`paper-reproduction/{corpus}-tiny-analysis`" in doc
+
+    # A rerun finds every run finished and only rewrites the report, keeping its discussion.
+    discussion = "\nMoEUT and dense, discussed by hand.\n"
+    (work / "paper-reproduction.md").write_text(doc + discussion)
     stamps = {p: p.stat().st_mtime_ns for p in work.glob("*/*/bench-run.json")}
     run_smoke(work, tmp_path / "cache")
     assert {p: p.stat().st_mtime_ns for p in work.glob("*/*/bench-run.json")} == stamps
+    assert (work / "paper-reproduction.md").read_text() == doc + discussion

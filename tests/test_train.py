@@ -133,6 +133,8 @@ def test_config_reads_yaml_and_dotted_overrides(corpus, tmp_path):
         (["optim.eps=0"], 1, "optim.eps must be a finite number > 0"),
         (["optim.weight_decay=-0.1"], 1, "optim.weight_decay must be a finite number ≥ 0"),
         (["optim.grad_clip=-1"], 1, "optim.grad_clip must be a finite number ≥ 0 (0: no"),
+        (["data.prefetch_shards=-1"], 1, "data.prefetch_shards and profiling.steps must not be"),
+        (["data.prefetch_shards=one"], 1, "data.prefetch_shards must be int"),
     ],
 )
 def test_config_errors_name_the_problem(corpus, tmp_path, overrides, world_size, message):

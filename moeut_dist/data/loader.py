@@ -14,10 +14,13 @@ epoch read twice or skipped.
 
 Within a rank, dataloader worker `w` of `W` reads micro-batches `w, w + W, …` and the DataLoader
 takes them round robin, which is micro-batch order. Each worker reads the shards its
-micro-batches fall in (one shard in memory at a time), so every worker reads every shard of an
-epoch, using its share of the samples: sequential reads of a few MB per shard, far below what a
-training step consumes in compute. A restored loader starts at its place; whole shards before
-it are skipped using the manifest's counts, unread.
+micro-batches fall in, so every worker reads every shard of an epoch, using its share of the
+samples: sequential reads of a few MB per shard, far below what a training step consumes in
+compute. While it uses one shard, a worker reads the next `prefetch_shards` shards that its own
+micro-batches need in a background thread, so a slow (remote) read does not stall it; it holds
+at most `1 + prefetch_shards` shards. A prefetched shard's retries, warnings and errors are
+reported when the shard is needed, as if it had been read then. A restored loader starts at its
+place; whole shards before it are skipped using the manifest's counts, unread.
 
 Shards are read wherever they live (`storage`: a path, file://, http(s)://, s3://, pipe:),
 streamed. A transient failure, or a remote shard that arrives damaged, is read again from its
@@ -32,6 +35,7 @@ import re
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -152,27 +156,50 @@ class _EpochOrder:
         self._samples = np.asarray(shard_samples, dtype=np.int64)
         self._seed = seed
         self.samples_per_epoch = int(self._samples.sum())
+        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None  # the last one's layout
+
+    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's shards in order, and where each one's samples end (in samples)."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            shards = np.random.default_rng((self._seed, epoch)).permutation(len(self._samples))
+            self._epoch = (epoch, shards, np.cumsum(self._samples[shards]))
+        return self._epoch[1], self._epoch[2]
+
+    def locate(self, place: int) -> tuple[int, int, int, int]:
+        """(epoch, shard, position, end): `place` is position `position` of `shard`'s order in
+        `epoch`, and that shard's samples end before place `end`."""
+        epoch, offset = divmod(place, self.samples_per_epoch)
+        shards, ends = self._layout(epoch)
+        index = int(np.searchsorted(ends, offset, side="right"))
+        shard_end = int(ends[index])
+        position = offset - (shard_end - int(self._samples[shards[index]]))
+        return epoch, int(shards[index]), position, place - offset + shard_end
 
     def pieces(self, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
         """(epoch, shard, first, end) pieces covering places `start:stop`, in order: positions
         `first:end` of that shard's order in that epoch."""
         while start < stop:
-            epoch, offset = divmod(start, self.samples_per_epoch)
-            shards = np.random.default_rng((self._seed, epoch)).permutation(len(self._samples))
-            ends = np.cumsum(self._samples[shards])
-            index = int(np.searchsorted(ends, offset, side="right"))
-            shard_start = int(ends[index] - self._samples[shards[index]])
-            taken = min(stop - start, int(ends[index]) - offset)
-            first = offset - shard_start
-            yield epoch, int(shards[index]), first, first + taken
+            epoch, shard, first, shard_end = self.locate(start)
+            taken = min(stop, shard_end) - start
+            yield epoch, shard, first, first + taken
             start += taken
 
     def sample_order(self, epoch: int, shard: int) -> np.ndarray:
         return np.random.default_rng((self._seed, epoch, shard)).permutation(self._samples[shard])
 
 
+class _ShardRead(NamedTuple):
+    """The outcome of reading a shard (with retries): its samples, or the error that ended the
+    reads; and the failures that were read again."""
+
+    rows: np.ndarray | None
+    retried: tuple[Exception, ...]
+    error: ShardError | None
+
+
 class _ShardReader:
-    """The samples of places of the sequence, read from the shards one shard at a time."""
+    """The samples of places of the sequence, read from the shards one shard at a time; the
+    shards named by `prefetch` are read ahead in a background thread."""
 
     def __init__(
         self,
@@ -194,7 +221,10 @@ class _ShardReader:
         self._skip_corrupt = skip_corrupt
         self.order = _EpochOrder([shard.samples for shard in shards], seed)
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self._cached: tuple[int, np.ndarray | None] | None = None  # (shard, its samples)
+        self._current: tuple[int, np.ndarray | None] | None = None  # (shard, its samples)
+        # Made in the process that reads (a dataloader worker), not pickled into it.
+        self._executor: ThreadPoolExecutor | None = None
+        self._prefetched: dict[int, Future[_ShardRead]] = {}  # by shard index
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """The samples at places `start:stop`, less those of corrupt shards (`skip_corrupt`)."""
@@ -205,14 +235,37 @@ class _ShardReader:
                 parts.append(stored[self.order.sample_order(epoch, shard)[first:end]])
         return np.concatenate(parts)
 
-    def _stored(self, index: int) -> np.ndarray | None:
-        if self._cached is None or self._cached[0] != index:
-            self._cached = (index, self._read(self._shards[index]))
-        return self._cached[1]
+    def prefetch(self, shards: Sequence[int]) -> None:
+        """Read `shards` (indices, the next needed first) in the background, and forget reads
+        started for shards no longer among them."""
+        current = None if self._current is None else self._current[0]
+        wanted = [index for index in dict.fromkeys(shards) if index != current]
+        for index in self._prefetched.keys() - set(wanted):
+            self._prefetched.pop(index).cancel()
+        for index in wanted:
+            if index not in self._prefetched:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
+                self._prefetched[index] = self._executor.submit(self._read, self._shards[index])
 
-    def _read(self, shard: ShardInfo) -> np.ndarray | None:
-        """The shard's samples in stored order, read again after transient failures; None when
-        it cannot be read and corrupt shards are skipped."""
+    def close(self) -> None:
+        """Stop prefetching; a read under way finishes in its thread, unused."""
+        self._prefetched.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def _stored(self, index: int) -> np.ndarray | None:
+        if self._current is None or self._current[0] != index:
+            self._current = None  # at most the current shard and the prefetched ones in memory
+            prefetched = self._prefetched.pop(index, None)
+            read = self._read(self._shards[index]) if prefetched is None else prefetched.result()
+            self._current = (index, self._take(read))
+        return self._current[1]
+
+    def _read(self, shard: ShardInfo) -> _ShardRead:
+        """The shard's samples in stored order, read again after transient failures. Touches no
+        state of the reader: it may run in the prefetching thread."""
         url = storage.join(self._location, shard.name)
 
         def read() -> np.ndarray:
@@ -225,18 +278,26 @@ class _ShardReader:
                 sha256=shard.sha256,
             )
 
-        def count_retry(error: Exception) -> None:
-            self.counters["read_retries"] += 1
-            warnings.warn(f"reading again: {error}", RuntimeWarning, stacklevel=2)
-
+        retried: list[Exception] = []
         try:
-            return storage.with_retries(read, self._retry, count_retry, errors=(ShardError,))
+            rows = storage.with_retries(read, self._retry, retried.append, errors=(ShardError,))
         except ShardError as error:
-            if not self._skip_corrupt:
-                raise
-            warnings.warn(f"skipping corrupt shard: {error}", RuntimeWarning, stacklevel=2)
-            self.counters["skipped_shards"] += 1
-            return None
+            return _ShardRead(None, tuple(retried), error)
+        return _ShardRead(rows, tuple(retried), None)
+
+    def _take(self, read: _ShardRead) -> np.ndarray | None:
+        """A read's samples, its retries counted and reported now, when the shard is needed;
+        None when it failed and corrupt shards are skipped."""
+        for error in read.retried:
+            self.counters["read_retries"] += 1
+            warnings.warn(f"reading again: {error}", RuntimeWarning, stacklevel=3)
+        if read.error is None:
+            return read.rows
+        if not self._skip_corrupt:
+            raise read.error
+        warnings.warn(f"skipping corrupt shard: {read.error}", RuntimeWarning, stacklevel=3)
+        self.counters["skipped_shards"] += 1
+        return None
 
 
 @dataclass(frozen=True)
@@ -257,6 +318,18 @@ class _RankShare:
         )
         return range(first, last) if first < last else None
 
+    def next_place(self, place: int, k: int, every: int) -> int | None:
+        """The first place at or after `place` in micro-batches `k, k + every, k + 2 × every, …`
+        (a dataloader worker's); None if there is none."""
+        first = self.start + (k * self.ranks + self.rank) * self.batch_size
+        stride = every * self.ranks * self.batch_size
+        if place <= first:
+            found = first
+        else:
+            batches, into = divmod(place - first, stride)
+            found = place if into < self.batch_size else first + (batches + 1) * stride
+        return found if self.end is None or found < self.end else None
+
     def position_after(self, k: int) -> int:
         """The place every rank has reached once each has taken micro-batch `k`."""
         position = self.start + (k + 1) * self.ranks * self.batch_size
@@ -276,12 +349,15 @@ class _WorkerItem(NamedTuple):
 
 class _WorkerBatches(IterableDataset):
     """Each dataloader worker's micro-batches (`k ≡ worker mod workers`), tagged with `k` and
-    the worker's data-fault counters."""
+    the worker's data-fault counters; the next `prefetch` shards they need are read ahead."""
 
-    def __init__(self, reader: _ShardReader, share: _RankShare, workers: int) -> None:
+    def __init__(
+        self, reader: _ShardReader, share: _RankShare, workers: int, prefetch: int
+    ) -> None:
         self._reader = reader
         self._share = share
         self._workers = workers
+        self._prefetch = prefetch
 
     def __iter__(self) -> Iterator[_WorkerItem]:
         info = get_worker_info()
@@ -292,11 +368,31 @@ class _WorkerBatches(IterableDataset):
             if info is None:
                 raise
             yield _WorkerItem(k, None, dict(self._reader.counters), str(error))
+        finally:
+            self._reader.close()
+
+    def _shards_after(self, place: int, k: int) -> tuple[int, list[int]]:
+        """Where the shard holding `place` ends, and the next `prefetch` shards that
+        micro-batches `k, k + workers, …` read after it: a shard lying wholly between two of
+        them is not read at all."""
+        shards: list[int] = []
+        current_end = shard_end = self._reader.order.locate(place)[3]
+        while len(shards) < self._prefetch:
+            needed = self._share.next_place(shard_end, k, self._workers)
+            if needed is None:
+                break
+            _, shard, _, shard_end = self._reader.order.locate(needed)
+            shards.append(shard)
+        return current_end, shards
 
     def _items(self, k: int) -> Iterator[_WorkerItem]:
         lost = 0  # places read since the last sample that was not in a corrupt shard
+        planned_until = 0  # the end of the shard whose successors are being read ahead
         while (places := self._share.places(k)) is not None:
             rows = self._reader.rows(places.start, places.stop)
+            if self._prefetch and places.stop > planned_until:  # into another shard
+                planned_until, shards = self._shards_after(places.stop - 1, k)
+                self._reader.prefetch(shards)
             if len(rows):
                 lost = 0
                 batch = torch.from_numpy(rows.astype(np.int64))
@@ -341,6 +437,9 @@ class TokenLoader:
             batches then lack its samples. A shard is unreadable after `retry`'s attempts at
             transient failures (each counted in `read_retries`); a permanent one (not found,
             forbidden) is not tried again.
+        prefetch_shards: shards each worker reads ahead, in a background thread, of those
+            it needs next (0: read each when needed); a worker holds at most
+            `1 + prefetch_shards` shards in memory. The batches do not depend on it.
 
     Iterating continues from the current position, so `state_dict()` / `load_state_dict()`
     resume an endless stream exactly: the restored loader yields the batches the original one
@@ -366,11 +465,17 @@ class TokenLoader:
         epochs: int | None = None,
         skip_corrupt: bool = False,
         retry: storage.RetryPolicy | None = None,
+        prefetch_shards: int = 1,
     ) -> None:
-        if batch_size < 1 or num_workers < 0 or seed < 0 or (epochs is not None and epochs < 1):
+        if (
+            batch_size < 1
+            or min(num_workers, seed, prefetch_shards) < 0
+            or (epochs is not None and epochs < 1)
+        ):
             raise ValueError(
-                f"need batch_size >= 1, num_workers >= 0, seed >= 0 and epochs None or >= 1; got "
-                f"{batch_size=}, {num_workers=}, {seed=}, {epochs=}"
+                "need batch_size >= 1, num_workers, seed and prefetch_shards >= 0 and epochs "
+                f"None or >= 1; got {batch_size=}, {num_workers=}, {seed=}, {prefetch_shards=}, "
+                f"{epochs=}"
             )
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank {dp_rank} is not in 0..{dp_world_size - 1}")
@@ -396,6 +501,7 @@ class TokenLoader:
         self._num_workers = num_workers
         self._skip_corrupt = skip_corrupt
         self._retry = retry or storage.RetryPolicy()
+        self._prefetch_shards = prefetch_shards
         self._position = 0
         self._counters = dict.fromkeys(COUNTERS, 0)
 
@@ -431,7 +537,7 @@ class TokenLoader:
         end = None if epochs is None else epochs * self.samples_per_epoch
         share = _RankShare(self._position, self._rank, self._ranks, self._batch_size, end)
         workers = max(self._num_workers, 1)
-        dataset = _WorkerBatches(self._reader(), share, workers)
+        dataset = _WorkerBatches(self._reader(), share, workers, self._prefetch_shards)
         batches = (
             iter(dataset)
             if self._num_workers == 0

@@ -69,6 +69,7 @@ class MixtureLoader:
         seed: int = 0,
         skip_corrupt: bool = False,
         retry: RetryPolicy | None = None,
+        prefetch_shards: int = 1,
     ) -> None:
         names = [source.name for source in sources]
         if not sources or len(set(names)) != len(names):
@@ -96,6 +97,7 @@ class MixtureLoader:
                 seed=seed,
                 skip_corrupt=skip_corrupt,
                 retry=retry,
+                prefetch_shards=prefetch_shards,
             )
             for source in sources
         }

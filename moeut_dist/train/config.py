@@ -110,6 +110,7 @@ class DataSection(DictConvertible):
     skip_corrupt_shards: bool = False  # skip (and count) shards that cannot be read
     read_attempts: int = 5  # tries of a shard read that fails transiently (network errors)
     retry_backoff_seconds: float = 1.0  # wait after the first failure, doubling up to 30 s
+    prefetch_shards: int = 1  # shards each loader worker reads ahead in the background; 0: none
 
     def shard_dirs(self) -> dict[str, str]:
         """Each shard directory by the name of its config key (`data.sources[web]`)."""
@@ -282,9 +283,11 @@ class TrainConfig(DictConvertible):
             raise ConfigError(f"seed must be in 0..2**32 - 1, got {self.seed}")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
             raise ConfigError(f"stop_after_steps must be positive, got {self.stop_after_steps}")
-        if self.eval.every < 0 or self.data.num_workers < 0 or self.profiling.steps < 0:
+        non_negative = (self.eval.every, self.data.num_workers, self.data.prefetch_shards)
+        if min(*non_negative, self.profiling.steps) < 0:
             raise ConfigError(
-                "eval.every, data.num_workers and profiling.steps must not be negative"
+                "eval.every, data.num_workers, data.prefetch_shards and profiling.steps must not "
+                "be negative"
             )
         if not self.logging.progress_every_seconds > 0:
             raise ConfigError("logging.progress_every_seconds must be positive")

@@ -120,6 +120,7 @@ def make_loader(
         epochs=epochs,
         skip_corrupt=data.skip_corrupt_shards,
         retry=data.retry_policy(),
+        prefetch_shards=data.prefetch_shards,
     )
 
 
@@ -140,6 +141,7 @@ def make_train_loader(config: TrainConfig, plan: RunPlan) -> TokenLoader | Mixtu
         seed=config.seed,
         skip_corrupt=data.skip_corrupt_shards,
         retry=data.retry_policy(),
+        prefetch_shards=data.prefetch_shards,
     )
 
 
