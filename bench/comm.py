@@ -5,8 +5,11 @@
    initialised MoEUT (every layer application, real tokens-through-the-model selections).
 2. Step time (forward, backward, ZeRO-1 AdamW step) of a small MoEUT on 4 CPU processes at
    EP = 1, 2, 4 (data parallel 4 throughout).
+3. With `--crossover`, instead of 2: 2 processes, EP = 2 against pure data parallel (EP = 1),
+   over the number of experts E (the same k and expert size, so the same expert FLOPs per token
+   while the expert parameters, their gradient reduction and optimizer step grow with E).
 
-Usage: python -m bench.comm [--skip-step-time]
+Usage: python -m bench.comm [--skip-step-time | --crossover]
 """
 
 from __future__ import annotations
@@ -62,7 +65,11 @@ def bytes_per_token(k: int, ep: int, experts: list[torch.Tensor]) -> tuple[float
     return copies / n_tokens * row, k * row
 
 
-def _timed_steps(ep: int, steps: int) -> float:
+STEP_TIME_SHAPES = dict(d_model=128, experts_per_token=8, expert_size=64, kernel="torch")
+CROSSOVER_EXPERTS = (16, 32, 64, 256, 1024)
+
+
+def _timed_steps(ep: int, steps: int, n_experts: int) -> float:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -71,9 +78,7 @@ def _timed_steps(ep: int, steps: int) -> float:
     from moeut_dist.parallel.layout import ParallelConfig, initialize
     from moeut_dist.train.config import OptimSection
 
-    config = MoEUTConfig.from_profile(
-        "tiny", d_model=128, n_experts=64, experts_per_token=8, expert_size=64, kernel="torch"
-    )
+    config = MoEUTConfig.from_profile("tiny", n_experts=n_experts, **STEP_TIME_SHAPES)
     layout = ParallelConfig(expert=ep, zero_stage=1)
     initialize(layout, config)
     model = build_model(config, layout)
@@ -93,13 +98,24 @@ def _timed_steps(ep: int, steps: int) -> float:
     return sum(durations) / len(durations)
 
 
-def _step_times(steps: int) -> dict[int, float]:
-    return {ep: _timed_steps(ep, steps) for ep in (1, 2, 4)}
+def _step_times(steps: int, eps: tuple[int, ...], expert_counts: tuple[int, ...]):
+    """Mean step seconds of every (E, EP)."""
+    return {(e, ep): _timed_steps(ep, steps, e) for e in expert_counts for ep in eps}
+
+
+def expert_parameter_share(n_experts: int) -> float:
+    model = MoEUTLM(MoEUTConfig.from_profile("tiny", n_experts=n_experts, **STEP_TIME_SHAPES))
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    experts = sum(n for name, n in sizes.items() if name.endswith(("ffn.keys", "ffn.values")))
+    return experts / sum(sizes.values())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-step-time", action="store_true")
+    parser.add_argument(
+        "--crossover", action="store_true", help="EP = 2 vs data parallel on 2 processes, over E"
+    )
     args = parser.parse_args()
 
     print("| k | EP | ours B/token | per-expert B/token | ratio | bound min(k,EP)·d·2 |")
@@ -114,13 +130,21 @@ def main() -> None:
                 f"| {bound} |"
             )
 
-    if not args.skip_step_time:
-        from tests.distributed_utils import run_distributed
+    from tests.distributed_utils import run_distributed
 
-        times = run_distributed(_step_times, 4, 5)
+    if args.crossover:
+        times = run_distributed(_step_times, 2, 10, (1, 2), CROSSOVER_EXPERTS)
+        print("\n| E | expert share of parameters | DP 2 step (s) | EP 2 step (s) | EP ÷ DP |")
+        print("|---|---|---|---|---|")
+        for e in CROSSOVER_EXPERTS:
+            dp, ep = times[e, 1], times[e, 2]
+            share = expert_parameter_share(e)
+            print(f"| {e} | {share:.0%} | {dp:.3f} | {ep:.3f} | {ep / dp:.2f}× |")
+    elif not args.skip_step_time:
+        times = run_distributed(_step_times, 4, 5, (1, 2, 4), (64,))
         print("\n| EP | step time (s) | vs EP=1 |\n|---|---|---|")
-        for ep, seconds in times.items():
-            print(f"| {ep} | {seconds:.3f} | {seconds / times[1]:.2f}× |")
+        for (_, ep), seconds in times.items():
+            print(f"| {ep} | {seconds:.3f} | {seconds / times[64, 1]:.2f}× |")
 
 
 if __name__ == "__main__":

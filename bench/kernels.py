@@ -10,7 +10,8 @@ test through the Triton interpreter (timings there mean nothing).
 Everywhere it then times the PyTorch path (`torch_kernels`, what CPUs run) against the
 plain-autograd reference it replaced, at the MoEUT-44M shapes in fp32 (512 tokens, d = 412,
 E = 155, m = 128, k = 12; H = 4, dh = 82, Ea = 8, ka = 2): forward + backward of σ-MoE and
-both SwitchHead projections, median of `--repeats`, and the activation bytes kept per token.
+both SwitchHead projections, median of `--repeats` (the two alternating), and the activation
+bytes kept per token.
 
     python bench/kernels.py [--repeats 5]
 
@@ -230,14 +231,17 @@ def main() -> None:
     print("vs dense: fraction of an equal-FLOP dense matmul's throughput (1.0 = ceiling)")
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def alternating_median_seconds(fns: dict[str, Callable[[], object]], repeats: int):
+    """Median seconds of each function, run in turn `repeats` times after one warm-up each,
+    so that a shared machine's load hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for repeat in range(repeats + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def compare_pytorch_paths(repeats: int) -> None:
@@ -248,11 +252,11 @@ def compare_pytorch_paths(repeats: int) -> None:
     totals = {"reference": 0.0, "torch": 0.0}
     saved = {"reference": 0.0, "torch": 0.0}
     for work in workloads(MOEUT_44M, torch.float32):
-        times = {}
+        times = alternating_median_seconds(
+            {backend: lambda w=work, b=backend: forward_backward(w, b) for backend in totals},
+            repeats,
+        )
         for backend in totals:
-            times[backend] = median_seconds(
-                lambda w=work, b=backend: forward_backward(w, b), repeats
-            )
             totals[backend] += times[backend]
             saved[backend] += saved_activation_bytes(work, backend) / MOEUT_44M.n_tokens
         print(

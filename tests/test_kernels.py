@@ -237,8 +237,9 @@ def test_opcheck() -> None:
         for case, op in ((mlp, ops.moe_mlp_op), (linear, ops.moe_linear_op)):
             torch.library.opcheck(op, (*differentiable(case), *case.routing, True, deterministic))
     grad_out = torch.randn(3, 16, device=DEVICE)
+    no_hidden = torch.empty(0, 16, device=DEVICE)  # the Triton path keeps none
     torch.library.opcheck(
-        ops.moe_mlp_backward_op, (grad_out, *mlp.inputs, *mlp.routing, True, True)
+        ops.moe_mlp_backward_op, (grad_out, *mlp.inputs, *mlp.routing, no_hidden, True, True)
     )
     experts, in_rows, out_rows, _ = linear.routing
     torch.library.opcheck(

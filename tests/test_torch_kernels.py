@@ -3,10 +3,13 @@ the cases of the Triton kernel tests, and what its custom ops keep for backward.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+
 import pytest
 import torch
 
-from moeut_dist.kernels import moe_mlp, ops
+from moeut_dist.kernels import ops, torch_kernels
 from tests.test_kernels import (
     CASES,
     EDGE_CASES,
@@ -19,6 +22,17 @@ from tests.test_kernels import (
 )
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+@pytest.fixture(params=["padded", "sorted"])
+def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Runs the test in the given layout of the PyTorch path, whatever the routing."""
+    padding = math.inf if request.param == "padded" else 0.0
+    monkeypatch.setattr(torch_kernels, "MAX_PADDING", padding)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one CPU thread never pads
+    yield
+    torch.set_num_threads(threads)
 
 
 def check_against_float64(case: Case) -> None:
@@ -42,13 +56,13 @@ def check_against_float64(case: Case) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_float64_reference(name: str, dtype: torch.dtype) -> None:
+def test_matches_float64_reference(name: str, dtype: torch.dtype, layout: None) -> None:
     torch.manual_seed(0)
     check_against_float64(CASES[name](dtype=dtype))
 
 
 @pytest.mark.parametrize("name", list(EDGE_CASES))
-def test_edge_cases(name: str) -> None:
+def test_edge_cases(name: str, layout: None) -> None:
     torch.manual_seed(1)
     check_against_float64(EDGE_CASES[name]())
 
@@ -63,17 +77,40 @@ def test_opcheck() -> None:
     )
 
 
-def test_backward_keeps_only_the_inputs_and_the_routing() -> None:
-    """No [pairs, ·] intermediate survives the forward: backward recomputes them."""
-    case = sigma_moe(n_tokens=32, k=4)
+def _bytes_kept_beyond_the_arguments(case: Case) -> int:
     inputs = [t.detach().requires_grad_() for t in case.inputs]
-    given = {t.untyped_storage().data_ptr() for t in (*inputs, *case.routing)}
-    saved: list[torch.Tensor] = []
+    given = {t.untyped_storage().data_ptr() for t in (*inputs, *case.routing) if torch.is_tensor(t)}
+    kept: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        saved.append(tensor)
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in given:
+            kept[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        moe_mlp(*inputs, *case.routing, backend="torch")
-    assert saved and {t.untyped_storage().data_ptr() for t in saved} <= given
+        case.op(*inputs, *case.routing, backend="torch")
+    return sum(kept.values())
+
+
+def test_backward_keeps_the_hidden_activations_and_nothing_else() -> None:
+    """Beyond the inputs and the routing, σ-MoE's backward keeps its [pairs, m] ReLU outputs
+    and the projections keep nothing: no gathered rows, no products, nothing padded."""
+    mlp = sigma_moe(n_tokens=32, k=4, hidden=32)
+    assert _bytes_kept_beyond_the_arguments(mlp) == 32 * 4 * 32 * 4  # pairs · m · fp32
+    assert _bytes_kept_beyond_the_arguments(switchhead_v()) == 0
+
+
+def test_layout_pads_balanced_routings_on_several_threads_only() -> None:
+    torch.manual_seed(0)
+    balanced = torch.arange(64) % 4  # 16 pairs on each of 4 experts
+    concentrated = torch.tensor([0] * 40 + [1, 2, 3])  # padded: 160 rows for 43 pairs
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert isinstance(torch_kernels._layout(balanced, 4), torch_kernels._Padded)
+        assert isinstance(torch_kernels._layout(concentrated, 4), torch_kernels._Sorted)
+        torch.set_num_threads(1)
+        assert isinstance(torch_kernels._layout(balanced, 4), torch_kernels._Sorted)
+    finally:
+        torch.set_num_threads(threads)

@@ -100,11 +100,12 @@ def moe_mlp(
     """out[rows[p]] += gates[p] · relu(x[rows[p]] @ up[e]) @ down[e], e = experts[p].
 
     x: [N, d]; up: [E, d, m]; down: [E, m, d_out]; gates: [P]; experts, rows: [P] int64.
-    Returns [N, d_out]; rows no pair refers to are zero. Backward keeps no [P, m] hidden
-    activations: both paths recompute them.
+    Returns [N, d_out]; rows no pair refers to are zero. For backward the Triton path keeps no
+    [P, m] hidden activations (it recomputes them), the PyTorch path keeps them (see `ops`).
     """
     triton = use_triton(x, backend)
     x, up, down = _same_dtype(x, up, down)
-    return ops.moe_mlp_op(
+    out, _ = ops.moe_mlp_op(
         x, up, down, gates, experts, rows, triton, _resolve_deterministic(deterministic)
     )
+    return out

@@ -3,7 +3,13 @@
 Four ops: `moeut::moe_linear`, `moeut::moe_mlp` and their backward ops. Registering the
 backward as ops too keeps `torch.compile` (including AOT autograd) tracing through both passes
 without graph breaks, and the data-dependent sizes of a routing (pairs per expert) stay inside
-the ops, so a new routing never recompiles. Autograd saves only the inputs and the routing.
+the ops, so a new routing never recompiles.
+
+Autograd saves the inputs and the routing, and for σ-MoE whatever hidden activations the
+implementation keeps: the forward op returns them as a second output, which the backward op
+takes back. The Triton kernels keep none (they recompute the hidden layer; on a GPU memory is
+what limits the batch) and return an empty [0, m]; the PyTorch path keeps its [P, m] ReLU
+outputs, since recomputing them would cost one more per-expert matmul.
 
 `triton` chooses the implementation (`kernels.use_triton` decides it, the one place that does):
 the Triton kernels of `triton_kernels` (CUDA, or CPU under `TRITON_INTERPRET=1`, which is how
@@ -107,16 +113,19 @@ def moe_mlp_op(
     rows: torch.Tensor,
     triton: bool,
     deterministic: bool,
-) -> torch.Tensor:
-    """out[rows[p]] += gates[p] · relu(x[rows[p]] @ up[e]) @ down[e], e = experts[p]."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, hidden): out[rows[p]] += gates[p] · relu(x[rows[p]] @ up[e]) @ down[e],
+    e = experts[p]; hidden is what the backward gets back: [P, m] (PyTorch) or [0, m] (Triton)."""
     if triton:
-        return triton_kernels.mlp_forward(x, up, down, gates, experts, rows, deterministic)
+        out = triton_kernels.mlp_forward(x, up, down, gates, experts, rows, deterministic)
+        return out, x.new_empty(0, up.shape[2])
     return torch_kernels.mlp_forward(x, up, down, gates, experts, rows)
 
 
 @moe_mlp_op.register_fake
 def _(x, up, down, gates, experts, rows, triton, deterministic):
-    return x.new_empty(x.shape[0], down.shape[2])
+    kept_rows = 0 if triton else experts.shape[0]
+    return x.new_empty(x.shape[0], down.shape[2]), x.new_empty(kept_rows, up.shape[2])
 
 
 @torch.library.custom_op("moeut::moe_mlp_backward", mutates_args=())
@@ -128,19 +137,21 @@ def moe_mlp_backward_op(
     gates: torch.Tensor,
     experts: torch.Tensor,
     rows: torch.Tensor,
+    hidden: torch.Tensor,
     triton: bool,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_up, grad_down, grad_gates) of `moeut::moe_mlp`; recomputes the hidden layer."""
+    """(grad_x, grad_up, grad_down, grad_gates) of `moeut::moe_mlp`, given the hidden output it
+    returned (the Triton path recomputes the hidden layer)."""
     if triton:
         return triton_kernels.mlp_backward(
             grad_out, x, up, down, gates, experts, rows, deterministic
         )
-    return torch_kernels.mlp_backward(grad_out, x, up, down, gates, experts, rows)
+    return torch_kernels.mlp_backward(grad_out, x, up, down, gates, experts, rows, hidden)
 
 
 @moe_mlp_backward_op.register_fake
-def _(grad_out, x, up, down, gates, experts, rows, triton, deterministic):
+def _(grad_out, x, up, down, gates, experts, rows, hidden, triton, deterministic):
     return (
         torch.empty_like(x),
         torch.empty_like(up),
@@ -149,14 +160,15 @@ def _(grad_out, x, up, down, gates, experts, rows, triton, deterministic):
     )
 
 
-def _mlp_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    # Only the inputs are kept: the [pairs, m] hidden activations are recomputed in backward.
+def _mlp_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     *tensors, triton, deterministic = inputs
-    ctx.save_for_backward(*tensors)
+    hidden = output[1]
+    ctx.mark_non_differentiable(hidden)
+    ctx.save_for_backward(*tensors, hidden)
     ctx.flags = triton, deterministic
 
 
-def _mlp_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+def _mlp_backward(ctx: Any, grad_out: torch.Tensor, _: Any) -> tuple[Any, ...]:
     grads = moe_mlp_backward_op(grad_out, *ctx.saved_tensors, *ctx.flags)
     return *grads, None, None, None, None
 
