@@ -151,9 +151,13 @@ def test_the_export_loads_with_torch_and_transformers_alone(isolated, model_dir)
     assert error <= 1e-5
     torch.testing.assert_close(results["loss"], lm_loss(expected[:, :-1], tokens[:, 1:]))
     torch.testing.assert_close(results["incremental"], expected[:, -1:])
-    with torch.no_grad():  # the same computation in bf16
+    with torch.no_grad():
         expected_bf16 = reference.to(torch.bfloat16)(tokens).logits.float()
-    torch.testing.assert_close(results["bf16_logits"], expected_bf16)
+    # The export computes the experts with the reference, which rounds in another order than
+    # our PyTorch path (it gates the products, ours the hidden layer): in bf16 the two are held
+    # to the same accuracy against fp32 rather than to each other's bits.
+    ours_bf16_error = (expected_bf16 - expected).abs().max()
+    assert (results["bf16_logits"] - expected).abs().max() <= 1.5 * ours_bf16_error
     assert results["bf16_generated"].shape[1] > len(results["prompt_ids"])
 
 
