@@ -33,6 +33,7 @@ if not torch.cuda.is_available():
     # Must precede the first `triton.jit` decoration, i.e. importing the kernels.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from moeut_dist.activation_memory import SavedTensorBytes
 from moeut_dist.kernels import moe_linear, moe_mlp, reference
 
 ON_GPU = torch.cuda.is_available()
@@ -170,20 +171,11 @@ def peak_bytes(fn: Callable[[], object]) -> int | None:
 
 def saved_activation_bytes(work: Workload, backend: str) -> int:
     """Bytes autograd keeps between forward and backward, beyond the inputs themselves."""
-    input_storages = {t.untyped_storage().data_ptr() for t in work.inputs}
-    input_storages |= {t.untyped_storage().data_ptr() for t in work.routing if torch.is_tensor(t)}
-    seen: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in input_storages:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    arguments = [*work.inputs, *(t for t in work.routing if torch.is_tensor(t))]
+    with SavedTensorBytes(arguments) as saved:
         out = _call(work, backend)
     del out
-    return sum(seen.values())
+    return saved.bytes
 
 
 def dense_matmul_seconds(flops: float) -> float:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from moeut_dist import DenseLM, MoEUTConfig, MoEUTLM, arch, profiles
+from moeut_dist.activation_memory import SavedTensorBytes
 from moeut_dist.model import lm_loss
 
 LR, GRAD_CLIP = 2.5e-4, 0.25
@@ -91,20 +92,11 @@ def framework_overhead(profile: str, batch: int, seq_len: int, steps: int) -> tu
 
 def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
     """Bytes of the tensors autograd keeps for backward, parameters excluded."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensorBytes(model.parameters()) as saved:
         output = model(tokens[:, :-1])
         loss = lm_loss(output.logits, tokens[:, 1:])
     del output, loss
-    return sum(seen.values())
+    return saved.bytes
 
 
 def forward_backward_seconds(model: torch.nn.Module, batches: Iterator, steps: int) -> float:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from moeut_dist.activation_memory import SavedTensorBytes
 from moeut_dist.kernels import ops, torch_kernels
 from tests.test_kernels import (
     CASES,
@@ -79,18 +80,9 @@ def test_opcheck() -> None:
 
 def _bytes_kept_beyond_the_arguments(case: Case) -> int:
     inputs = [t.detach().requires_grad_() for t in case.inputs]
-    given = {t.untyped_storage().data_ptr() for t in (*inputs, *case.routing) if torch.is_tensor(t)}
-    kept: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in given:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensorBytes(t for t in (*inputs, *case.routing) if torch.is_tensor(t)) as saved:
         case.op(*inputs, *case.routing, backend="torch")
-    return sum(kept.values())
+    return saved.bytes
 
 
 def test_backward_keeps_the_hidden_activations_and_nothing_else() -> None:
