@@ -4,8 +4,7 @@ The model classes are imported on first use (PEP 562), so that the data tools (`
 `data_prep`) start without importing torch.
 """
 
-import importlib
-from typing import Any
+from moeut_dist.lazy_exports import lazy_getattr
 
 # Exported name -> the module that defines it.
 _EXPORTS = {
@@ -19,10 +18,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'moeut_dist' has no attribute {name!r}")
-    module = importlib.import_module(_EXPORTS[name])
-    return module if name == "profiles" else getattr(module, name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

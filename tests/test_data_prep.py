@@ -300,6 +300,19 @@ def test_a_file_named_by_several_inputs_is_read_once(tmp_path):
     assert [source.path for source in resolve_inputs(inputs)] == [second, first]
 
 
+def test_prep_starts_without_importing_torch():
+    """`moeut prep` and the data package export lazily: torch's import would cost each prep
+    command more CPU time than reading a small corpus."""
+    code = (
+        "import sys; from moeut_dist.cli import main; import data_prep.cli; "
+        "from moeut_dist.data import Tokenizer, read_manifest; from moeut_dist import ConfigError; "
+        "print(sorted(m for m in ('torch', 'deepspeed', 'webdataset') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_paragraphs_are_documents(tmp_path):
     (tmp_path / "play.txt").write_text("\nHAMLET. To be,\nor not.\n\n\nOPHELIA. Good my lord.\n")
     paragraphs = iter_documents(

@@ -2,8 +2,7 @@
 loader. Names are imported on first use (PEP 562): the loader needs torch, the data tools do
 not."""
 
-import importlib
-from typing import Any
+from moeut_dist.lazy_exports import lazy_getattr
 
 # Exported name -> the module that defines it.
 _EXPORTS = {
@@ -20,9 +19,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'moeut_dist.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
