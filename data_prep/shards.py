@@ -5,7 +5,7 @@ input order and cut into samples of `seq_len + 1` tokens (the tail shorter than 
 dropped and counted). Shards hold a fixed number of samples, derived from the target shard size,
 so shard boundaries depend only on the token stream.
 
-Determinism: documents are grouped into chunks of `DOCUMENTS_PER_CHUNK` in input order; worker
+Determinism: documents are grouped into chunks of about `CHUNK_CHARACTERS` in input order; worker
 processes only tokenise chunks, and the main process consumes the results in chunk order. The
 bytes written therefore do not depend on the number of workers (tar members also get fixed
 names, mtimes and owners).
@@ -67,7 +67,10 @@ from moeut_dist.progress import Progress
 logger = logging.getLogger(__name__)
 
 TRAIN, VALIDATION = "train", "val"
-DOCUMENTS_PER_CHUNK = 256
+# A chunk holds documents in input order up to this many characters (or one longer document):
+# large enough that the per-chunk cost of handing it to a worker is small against tokenising it,
+# small enough that the chunks in flight stay a few MB per worker.
+CHUNK_CHARACTERS = 1 << 18
 _TAR_BLOCK = 512
 # Results a worker pool may hold ahead of the writer, per worker: enough to keep every worker
 # busy, few enough that memory stays bounded whatever the corpus size.
@@ -154,7 +157,6 @@ class _Chunk:
 class _TokenizedChunk:
     index: int
     tokens: dict[str, np.ndarray]  # split -> its documents' ids, each document ended by EOD
-    unknown_tokens: int  # `<unk>` ids among them: text the tokenizer cannot represent
 
 
 class _ChunkTokenizer:
@@ -162,7 +164,6 @@ class _ChunkTokenizer:
 
     def __init__(self, tokenizer_path: Path, val_fraction: float, dtype: np.dtype) -> None:
         self._tokenizer = Tokenizer(tokenizer_path)
-        self._unk_id = self._tokenizer.unk_id
         self._val_fraction = val_fraction
         self._dtype = dtype
 
@@ -174,8 +175,7 @@ class _ChunkTokenizer:
             if split in texts:
                 texts[split].append(text)
         tokens = {split: self._encode(split_texts) for split, split_texts in texts.items()}
-        unknown = sum(int(np.count_nonzero(ids == self._unk_id)) for ids in tokens.values())
-        return _TokenizedChunk(chunk.index, tokens, unknown)
+        return _TokenizedChunk(chunk.index, tokens)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         ids = self._tokenizer.encode_documents(texts)
@@ -238,6 +238,8 @@ class _Checkpoint:
 
     shards: tuple[ShardInfo, ...] = ()
     position: _Position = _Position(0, 0)
+    # `<unk>` ids in the shards: kept here so that a resumed build reports the whole build's.
+    unknown_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -258,6 +260,7 @@ class _SplitWriter:
         sample_len: int,
         dtype: np.dtype,
         samples_per_shard: int,
+        unk_id: int,
         resume: _Checkpoint,
     ) -> None:
         self._out = out
@@ -265,10 +268,13 @@ class _SplitWriter:
         self._split = split
         self._sample_len = sample_len
         self._samples_per_shard = samples_per_shard
+        self._unk_id = unk_id
         self.checkpoint = resume
         self._carry = np.empty(0, dtype)  # tokens short of a whole sample
         self._tar: ShardTarWriter | None = None
         self._shard_samples = 0
+        self._shard_unknown_tokens = 0
+        self._samples_done = sum(shard.samples for shard in resume.shards)
 
     @property
     def tokens_done(self) -> int:
@@ -298,6 +304,13 @@ class _SplitWriter:
             self._close_shard(self.checkpoint.position)
         return SplitInfo(shards=self.checkpoint.shards, dropped_tail_tokens=len(self._carry))
 
+    def unknown_tokens(self) -> int:
+        """`<unk>` ids among the split's tokens, once finished: its shards' and its tail's."""
+        return self.checkpoint.unknown_tokens + self._count_unknown(self._carry)
+
+    def _count_unknown(self, tokens: np.ndarray) -> int:
+        return int(np.count_nonzero(tokens == self._unk_id))
+
     def _shard_name(self) -> str:
         return f"{self._split}-{len(self.checkpoint.shards):06d}.tar"
 
@@ -307,9 +320,10 @@ class _SplitWriter:
     def _write_sample(self, sample: np.ndarray) -> None:
         if self._tar is None:
             self._tar = ShardTarWriter(self._partial_path())
-        index = sum(shard.samples for shard in self.checkpoint.shards) + self._shard_samples
+        index = self._samples_done + self._shard_samples
         self._tar.write(f"{index:010d}.{SAMPLE_FIELD}", sample.tobytes())
         self._shard_samples += 1
+        self._shard_unknown_tokens += self._count_unknown(sample)
 
     def _close_shard(self, position: _Position) -> None:
         assert self._tar is not None
@@ -322,9 +336,14 @@ class _SplitWriter:
             sha256=file_sha256(partial),
         )
         self._out.put(partial, shard.name)
-        self.checkpoint = _Checkpoint((*self.checkpoint.shards, shard), position)
+        self.checkpoint = _Checkpoint(
+            (*self.checkpoint.shards, shard),
+            position,
+            self.checkpoint.unknown_tokens + self._shard_unknown_tokens,
+        )
         self._tar = None
-        self._shard_samples = 0
+        self._samples_done += self._shard_samples
+        self._shard_samples = self._shard_unknown_tokens = 0
 
 
 @dataclass
@@ -357,7 +376,12 @@ class _UnknownTokens:
 def _chunks(documents: Iterator[Document], starts: dict[str, _Position]) -> Iterator[_Chunk]:
     """Chunks of documents in input order, each naming the splits that still need it."""
     for index in itertools.count():
-        texts = [document.text for document in itertools.islice(documents, DOCUMENTS_PER_CHUNK)]
+        texts, characters = [], 0
+        for document in documents:
+            texts.append(document.text)
+            characters += len(document.text)
+            if characters >= CHUNK_CHARACTERS:
+                break
         if not texts:
             return
         splits = tuple(split for split, start in starts.items() if index >= start.chunk)
@@ -496,8 +520,7 @@ def build_shards(
     continue it; a rerun of a finished one returns its manifest. Returns the manifest.
     `progress`: a bar on a terminal, else a line every `progress_every_seconds`.
     `text_extensions` are read as plain text besides the known formats. The share of `<unk>`
-    tokens (in the documents tokenised by this call) is reported, with a warning above
-    `unknown_warn_rate`.
+    tokens in the build is reported, with a warning above `unknown_warn_rate`.
     """
     _check_arguments(seq_len, workers, val_fraction)
     tokenizer = _load_tokenizer(Path(tokenizer_path))
@@ -513,7 +536,7 @@ def build_shards(
         "val_fraction": val_fraction,
         "text_field": text_field,
         "text_unit": text_unit,
-        "documents_per_chunk": DOCUMENTS_PER_CHUNK,
+        "chunk_characters": CHUNK_CHARACTERS,
         # Which documents fill a chunk; builds that counted empty ones resume elsewhere.
         "empty_documents": "skipped",
     }
@@ -538,7 +561,14 @@ def build_shards(
     staging = out.staging_area(Path(scratch.name))
     writers = {
         split: _SplitWriter(
-            out, staging, split, sample_len, dtype, settings["samples_per_shard"], checkpoint
+            out,
+            staging,
+            split,
+            sample_len,
+            dtype,
+            settings["samples_per_shard"],
+            tokenizer.unk_id,
+            checkpoint,
         )
         for split, checkpoint in checkpoints.items()
     }
@@ -547,7 +577,6 @@ def build_shards(
     documents = iter_documents(sources, report, text_field=text_field, text_unit=text_unit)
     chunks = _chunks(documents, {split: c.position for split, c in checkpoints.items()})
     tokens_done = sum(writer.tokens_done for writer in writers.values())
-    unknown = _UnknownTokens()
     with (
         scratch,
         _tokenized(chunks, workers, (tokenizer.path, val_fraction, dtype)) as tokenized,
@@ -562,15 +591,17 @@ def build_shards(
     ):
         for chunk in tokenized:
             completed = False
-            unknown.unknown += chunk.unknown_tokens
             for split, tokens in chunk.tokens.items():
                 completed |= writers[split].add(chunk.index, tokens)
-                unknown.tokens += len(tokens)
                 bar.update(len(tokens))
             if completed:
                 save_progress()
 
         splits = {split: writer.finish() for split, writer in writers.items()}
+    unknown = _UnknownTokens(
+        unknown=sum(writer.unknown_tokens() for writer in writers.values()),
+        tokens=sum(split.tokens + split.dropped_tail_tokens for split in splits.values()),
+    )
     try:
         require_documents(report, text_field)
         _require_training_samples(splits[TRAIN], sample_len, report)

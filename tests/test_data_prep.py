@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from data_prep import cli
+from data_prep import cli, readers, shards
 from data_prep.readers import BadInputError, ReadReport, iter_documents, resolve_inputs
 from data_prep.shards import ShardTarWriter, build_shards, is_validation_document
 from data_prep.synthetic import synthetic_documents, write_jsonl
@@ -112,7 +112,15 @@ def test_decoded_shards_are_the_input_tokens_in_order(tmp_path, documents, corpu
         assert {s.samples for s in info.shards[:-1]} == {manifest.build["samples_per_shard"]}
 
 
-def test_shards_are_byte_identical_for_1_2_and_3_workers(tmp_path, corpus, tokenizer):
+@pytest.fixture
+def small_chunks(monkeypatch) -> int:
+    """Chunks of a few documents, so that a small corpus makes many: the unit of work of the
+    worker processes and of the position a build resumes from."""
+    monkeypatch.setattr(shards, "CHUNK_CHARACTERS", 2_000)
+    return shards.CHUNK_CHARACTERS
+
+
+def test_shards_are_byte_identical_for_1_2_and_3_workers(tmp_path, corpus, tokenizer, small_chunks):
     for workers in (1, 2, 3):
         build_shards(
             corpus,
@@ -130,8 +138,9 @@ def test_shards_are_byte_identical_for_1_2_and_3_workers(tmp_path, corpus, token
 
 _BUILD_SCRIPT = """
 import sys
-from data_prep.shards import build_shards
-build_shards(sys.argv[1:-2], sys.argv[-2], sys.argv[-1], 32, shard_bytes=20_000,
+from data_prep import shards
+shards.CHUNK_CHARACTERS = int(sys.argv.pop())
+shards.build_shards(sys.argv[1:-2], sys.argv[-2], sys.argv[-1], 32, shard_bytes=20_000,
              val_fraction=0.1, progress=False)
 """
 
@@ -144,7 +153,9 @@ def _has_checkpoint(shard_dir: Path) -> bool:
     return bool(progress["splits"]["train"]["shards"])
 
 
-def test_killed_build_completes_on_rerun_with_identical_output(tmp_path, corpus, tokenizer):
+def test_killed_build_completes_on_rerun_with_identical_output(
+    tmp_path, corpus, tokenizer, small_chunks
+):
     # A bigger corpus, so that the build is still running when its first shard appears.
     big = write_jsonl(
         tmp_path / "big.jsonl", synthetic_documents(800, seed=2, words_per_document=(20, 200))
@@ -158,6 +169,7 @@ def test_killed_build_completes_on_rerun_with_identical_output(tmp_path, corpus,
         *map(str, inputs),
         str(killed),
         str(tokenizer.path),
+        str(small_chunks),
     ]
     build = subprocess.Popen(command)
     deadline = time.monotonic() + 60
@@ -321,6 +333,24 @@ def test_paragraphs_are_documents(tmp_path):
     assert [(d.text, d.location) for d in paragraphs] == [
         ("HAMLET. To be,\nor not.", f"{tmp_path / 'play.txt'}:2"),
         ("OPHELIA. Good my lord.", f"{tmp_path / 'play.txt'}:6"),
+    ]
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2, 3, 5, 8, 13, 1 << 20])
+def test_paragraphs_are_the_same_whatever_the_read_blocks(tmp_path, monkeypatch, block_bytes):
+    """The reader cuts blocks at blank lines: a block boundary anywhere (inside a line, a
+    CRLF, a blank line) changes no paragraph and no line number."""
+    monkeypatch.setattr(readers, "_READ_BLOCK", block_bytes)
+    path = tmp_path / "text.txt"
+    path.write_bytes(
+        b"\n \t\nFirst line,\r\nsecond line.\r\n\r\n\x0b\x0c\n"
+        b"  indented\nx\n\n\n\nA line without blank lines around it ends the file \t"
+    )
+    documents = iter_documents(resolve_inputs([path]), ReadReport(), text_unit="paragraph")
+    assert [(d.text, d.location.rsplit(":", 1)[1]) for d in documents] == [
+        ("First line,\r\nsecond line.", "3"),
+        ("  indented\nx", "7"),
+        ("A line without blank lines around it ends the file \t", "12"),
     ]
 
 
