@@ -34,6 +34,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from moeut_dist.activation_memory import SavedTensorBytes
+from moeut_dist.host_memory import keep_freed_memory
 from moeut_dist.kernels import moe_linear, moe_mlp, reference
 
 ON_GPU = torch.cuda.is_available()
@@ -237,8 +238,13 @@ def alternating_median_seconds(fns: dict[str, Callable[[], object]], repeats: in
 
 
 def compare_pytorch_paths(repeats: int) -> None:
-    """The PyTorch path against the plain-autograd reference it replaced, at the 44M shapes."""
-    print(f"\nPyTorch path vs reference, MoEUT-44M shapes, fp32, {torch.get_num_threads()} threads")
+    """The PyTorch path against the plain-autograd reference it replaced, at the 44M shapes,
+    with freed memory kept for reuse as `moeut train` keeps it on CPUs."""
+    kept = keep_freed_memory() if not ON_GPU else False
+    print(
+        f"\nPyTorch path vs reference, MoEUT-44M shapes, fp32, {torch.get_num_threads()} threads, "
+        f"freed memory {'kept' if kept else 'returned'}"
+    )
     print(f"{'operation':<46} {'reference ms':>12} {'torch ms':>9} {'speed-up':>8} "
           f"{'ref B/token':>11} {'torch B/token':>13}")  # fmt: skip
     totals = {"reference": 0.0, "torch": 0.0}

@@ -30,6 +30,7 @@ import torch
 
 from moeut_dist import DenseLM, MoEUTConfig, MoEUTLM, arch, profiles
 from moeut_dist.activation_memory import SavedTensorBytes
+from moeut_dist.host_memory import keep_freed_memory
 from moeut_dist.model import lm_loss
 
 LR, GRAD_CLIP = 2.5e-4, 0.25
@@ -113,7 +114,11 @@ def forward_backward_seconds(model: torch.nn.Module, batches: Iterator, steps: i
 
 
 def cpu(steps: int) -> None:
-    print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    kept = keep_freed_memory()  # as `moeut train` does on CPUs, for both sides
+    print(
+        f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"freed memory {'kept' if kept else 'returned'}"
+    )
     print("\nFramework overhead: moeut train step / bare fwd + bwd + AdamW (goal ≤ 1.10)")
     print(f"{'profile':<10} {'tokens':>7} {'train_step s':>12} {'bare s':>8} {'ratio':>6}")
     for profile, batch, seq_len in (("tiny", 16, 128), ("moeut-44m", 2, 256)):

@@ -378,11 +378,15 @@ def test_deepspeed_config_accumulates_and_checks_bf16_overflow():
     assert (config["train_batch_size"], config["gradient_accumulation_steps"]) == (24, 3)
     assert config["train_micro_batch_size_per_gpu"] == 2
     assert config["bf16"] == {"enabled": True, "check_grad_overflow": True}
-    assert config["zero_optimization"] == {"stage": 2}
+    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 40_000_000}
     assert deepspeed_config(layout, settings, 2)["bf16"] == {"enabled": False}
+    # The reduce bucket, allocated for every backward, is no larger than the model's gradients.
+    small = deepspeed_config(layout, settings, 2, gradient_elements=1000)
+    assert small["zero_optimization"]["reduce_bucket_size"] == 1000
     # DeepSpeed's own parser accepts it (it rejects unknown keys) and reads the same numbers.
     parsed = DeepSpeedConfig(deepspeed_config(layout, settings, 2, 3, bf16=True))
     assert (parsed.train_batch_size, parsed.gradient_accumulation_steps) == (6, 3)
+    assert parsed.zero_config.reduce_bucket_size == 40_000_000
     assert parsed.bfloat16_config.enabled and parsed.bfloat16_config.check_grad_overflow
 
 

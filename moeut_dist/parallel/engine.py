@@ -139,6 +139,12 @@ def register_expert_groups(parallel: ParallelConfig) -> None:
             )
 
 
+# Gradient elements ZeRO gathers before reducing them, at most: Megatron-Core's default bucket.
+# DeepSpeed allocates its bucket anew for every backward, at 5e8 elements by default (2 GB in
+# fp32, twice with `overlap_comm`), whatever the model's size.
+REDUCE_BUCKET_ELEMENTS = 40_000_000
+
+
 def deepspeed_config(
     parallel: ParallelConfig,
     settings: OptimSection,
@@ -146,9 +152,11 @@ def deepspeed_config(
     gradient_accumulation_steps: int = 1,
     data_parallel_size: int = 1,
     bf16: bool = False,
+    gradient_elements: int = REDUCE_BUCKET_ELEMENTS,
 ) -> dict:
     """The DeepSpeed config of `create_engine`: a step is `gradient_accumulation_steps`
-    micro-batches of `micro_batch_size` sequences on each of `data_parallel_size` ranks."""
+    micro-batches of `micro_batch_size` sequences on each of `data_parallel_size` ranks, of a
+    model with `gradient_elements` parameters on each rank (sizing the reduce bucket)."""
     # ZeRO skips a step with a non-finite gradient norm in fp32 always, in bf16 only with
     # `check_grad_overflow`: set here, not left to a default DeepSpeed has changed (#5242, #6976).
     precision = {"enabled": True, "check_grad_overflow": True} if bf16 else {"enabled": False}
@@ -157,7 +165,10 @@ def deepspeed_config(
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "gradient_clipping": settings.grad_clip,
-        "zero_optimization": {"stage": parallel.zero_stage},
+        "zero_optimization": {
+            "stage": parallel.zero_stage,
+            "reduce_bucket_size": min(gradient_elements, REDUCE_BUCKET_ELEMENTS),
+        },
         "zero_allow_untested_optimizer": True,
         "bf16": precision,
         "steps_per_print": 2**31 - 1,
@@ -231,6 +242,7 @@ def create_engine(
             gradient_accumulation_steps,
             data_parallel_size=parallel_state.get_data_parallel_world_size(),
             bf16=torch.cuda.is_available() if bf16 is None else bf16,
+            gradient_elements=sum(p.numel() for p in model.parameters()),
         ),
         mpu=MegatronMPU(),
     )

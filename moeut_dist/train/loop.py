@@ -34,6 +34,7 @@ from moeut_dist.config import ConfigError
 from moeut_dist.data import TokenLoader
 from moeut_dist.data.mixture import MixtureLoader
 from moeut_dist.export import WEIGHTS_FILE
+from moeut_dist.host_memory import keep_freed_memory
 from moeut_dist.logs import stdout_on_rank0_only
 from moeut_dist.model import perplexity
 from moeut_dist.parallel.build import build_model, parallel_lm_loss
@@ -272,6 +273,8 @@ def train(config: TrainConfig) -> None:
 
 
 def _train(config: TrainConfig, plan: RunPlan) -> None:
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # the CPU has no caching allocator: see `host_memory`
     initialize(config.parallel, plan.model)
     checkpoints = CheckpointManager(config)
     resume = checkpoints.resume_point()
