@@ -8,8 +8,11 @@ tensor made anew every step (a weight gradient, a padded expert layout) costs a 
 dynamic threshold happened to stand. With the thresholds raised, freed blocks stay in the heap
 and the next step's tensors of the same sizes reuse them, as CUDA's caching allocator does.
 
-The cost is memory: up to `RETAINED_BYTES` of freed heap stays mapped, and an allocation that
-does not fit a free block grows the heap instead of mapping its own pages.
+A `moeut train` step of MoEUT-44M on 2 CPU threads made 360,000–720,000 page faults and took
+3.0–3.4 s; with freed memory kept, none and 2.5–2.8 s. The cost is memory: freed blocks stay
+mapped, and glibc places the first few repeats of a large aligned allocation apart before freed
+blocks coalesce, so the resident size settles 10–20% above the default's peak (2.2–2.4 against
+2.05 GB there), after a few steps.
 """
 
 from __future__ import annotations

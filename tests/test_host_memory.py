@@ -1,4 +1,4 @@
-"""`keep_freed_memory`: a large CPU tensor made again after one was freed reuses its pages."""
+"""`keep_freed_memory`: a large CPU tensor made again and again comes to reuse freed pages."""
 
 from __future__ import annotations
 
@@ -7,25 +7,28 @@ import sys
 
 import pytest
 
-_FAULTS_OF_A_SECOND_TENSOR = """
+_FAULTS_ONCE_SETTLED = """
 import resource, sys
 import torch
 from moeut_dist.host_memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 size = 40 << 20  # bytes: above glibc's largest mmap threshold (32 MB)
-for _ in range(2):
+faults = []
+for _ in range(20):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     tensor = torch.empty(size // 4).fill_(1.0)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     del tensor
-print(faults)  # of the second tensor
+# The fewest of the last ten: glibc places the first few apart (aligned allocations do not fit
+# the block just freed) until freed blocks coalesce, after a handful of rounds.
+print(min(faults[10:]))
 """
 
 
-def _faults_of_a_second_tensor(mode: str) -> int:
+def _faults_once_settled(mode: str) -> int:
     result = subprocess.run(
-        [sys.executable, "-c", _FAULTS_OF_A_SECOND_TENSOR, mode],
+        [sys.executable, "-c", _FAULTS_ONCE_SETTLED, mode],
         capture_output=True,
         text=True,
         check=True,
@@ -34,7 +37,7 @@ def _faults_of_a_second_tensor(mode: str) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_a_freed_tensor_s_pages_are_reused_without_page_faults():
+def test_freed_tensors_pages_are_reused_without_page_faults():
     pages = (40 << 20) // 4096
-    assert _faults_of_a_second_tensor("default") > pages // 2  # mapped afresh
-    assert _faults_of_a_second_tensor("keep") < pages // 20
+    assert _faults_once_settled("default") > pages // 2  # mapped afresh
+    assert _faults_once_settled("keep") < pages // 20

@@ -5,6 +5,7 @@ there is no switch for it in DeepSpeed 0.19.8) and autograd makes fresh gradient
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -35,12 +36,12 @@ with loop.distributed_session():
         build_model(config, parallel, seed=0), parallel, OptimSection(lr=1e-3), 2, bf16=False
     )
     faults = []
-    for _ in range(6):
+    for _ in range(8):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         loop.train_step(engine, batches, plan)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 parameter_bytes = sum(p.numel() * p.element_size() for p in engine.module.parameters())
-print(statistics.median(faults[2:]), parameter_bytes)
+print(statistics.median(faults[4:]), parameter_bytes)
 """
 
 
@@ -50,7 +51,7 @@ def _page_faults_per_step(mode: str) -> tuple[float, int]:
         capture_output=True,
         text=True,
         check=True,
-        env={"OMP_NUM_THREADS": "1", **__import__("os").environ},
+        env={"OMP_NUM_THREADS": "1", **os.environ},
     )
     faults, parameter_bytes = result.stdout.split()[-2:]
     return float(faults), int(parameter_bytes)
