@@ -15,10 +15,11 @@ completed shard, `progress.json` records, per split, the shards done and the str
 just after them as (chunk index, tokens of that chunk already consumed). A rerun of the same
 command re-reads the inputs up to that point without tokenising them and continues, producing
 the same bytes as an uninterrupted build. `manifest.json` is written last and marks completion.
-A build is recognised by its settings, input files by resolved path, so a rerun may come from
-another working directory. A build without documents or without a training sample is refused
-before its manifest is written, and its files are removed, so that a corrected rerun can start
-afresh in the same directory.
+A build is recognised by the settings that determine its bytes, input files by resolved path,
+so a rerun may come from another working directory; an unfinished build also by how it cuts its
+input into chunks, which its resume position counts in. A build without documents or without a
+training sample is refused before its manifest is written, and its files are removed, so that
+a corrected rerun can start afresh in the same directory.
 """
 
 from __future__ import annotations
@@ -536,6 +537,11 @@ def build_shards(
         "val_fraction": val_fraction,
         "text_field": text_field,
         "text_unit": text_unit,
+    }
+    # How a build proceeds, not what it writes: an unfinished build made otherwise would resume
+    # at another place, but a finished one is the same build.
+    progress_settings = {
+        **settings,
         "chunk_characters": CHUNK_CHARACTERS,
         # Which documents fill a chunk; builds that counted empty ones resume elsewhere.
         "empty_documents": "skipped",
@@ -546,14 +552,15 @@ def build_shards(
             manifest = read_manifest(out.location)
         except ValueError as error:
             raise _damaged_build(out.location, str(error)) from error
-        _require_same_settings(out.location, manifest.build, settings)
+        found = {key: manifest.build.get(key) for key in settings}  # not how it proceeded
+        _require_same_settings(out.location, found, settings)
         return manifest
     split_names = (TRAIN, VALIDATION) if val_fraction > 0 else (TRAIN,)
-    checkpoints = _load_progress(out, settings, split_names)
+    checkpoints = _load_progress(out, progress_settings, split_names)
 
     def save_progress() -> None:
         states = {split: writer.checkpoint.to_dict() for split, writer in writers.items()}
-        record = json.dumps({"settings": settings, "splits": states}, indent=1)
+        record = json.dumps({"settings": progress_settings, "splits": states}, indent=1)
         out.write_bytes(PROGRESS_NAME, record.encode())
 
     # A shard is written locally and moved into place (renamed, or uploaded) once complete.
@@ -617,7 +624,7 @@ def build_shards(
         eod_id=tokenizer.eod_id,
         splits=splits,
         sources=tuple(str(source.path) for source in sources),
-        build=settings,
+        build=progress_settings,
         input_report={**report.to_dict(), "unknown_tokens": unknown.to_dict()},
     )
     write_manifest(out.location, manifest)  # last: it marks the build complete

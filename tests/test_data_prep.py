@@ -489,17 +489,33 @@ def test_rerun_from_another_working_directory_is_the_same_build(
     assert again == first
 
 
-def test_build_of_an_earlier_version_is_refused_not_resumed(tmp_path, documents, tokenizer):
-    """Earlier versions recorded inputs as given and counted empty documents into chunks: an
+def test_unfinished_build_of_an_earlier_version_is_refused_not_resumed(
+    tmp_path, documents, tokenizer
+):
+    """Earlier versions cut the input into chunks of 256 documents, counting empty ones: an
     interrupted build of theirs would resume at other documents."""
+    write_jsonl(tmp_path / "corpus.jsonl", documents[:20])
+    args = ([tmp_path / "corpus.jsonl"], tmp_path / "shards", tokenizer.path, SEQ_LEN)
+    manifest = build_shards(*args, progress=False)
+    earlier = {k: v for k, v in manifest.build.items() if k != "chunk_characters"}
+    earlier |= {"documents_per_chunk": 256, "empty_documents": "counted"}
+    (tmp_path / "shards" / "manifest.json").unlink()
+    progress = {"settings": earlier, "splits": {"train": {}, "val": {}}}
+    (tmp_path / "shards" / "progress.json").write_text(json.dumps(progress))
+    with pytest.raises(BadInputError, match=r"different settings.*chunk_characters"):
+        build_shards(*args, progress=False)
+
+
+def test_finished_build_of_an_earlier_version_is_kept(tmp_path, documents, tokenizer):
+    """How a finished build cut its input into chunks does not change its shards."""
     write_jsonl(tmp_path / "corpus.jsonl", documents[:20])
     args = ([tmp_path / "corpus.jsonl"], tmp_path / "shards", tokenizer.path, SEQ_LEN)
     build_shards(*args, progress=False)
     recorded = json.loads((tmp_path / "shards" / "manifest.json").read_text())
-    del recorded["build"]["empty_documents"]
+    del recorded["build"]["chunk_characters"]
+    recorded["build"]["documents_per_chunk"] = 256
     (tmp_path / "shards" / "manifest.json").write_text(json.dumps(recorded))
-    with pytest.raises(BadInputError, match=r"different settings.*empty_documents"):
-        build_shards(*args, progress=False)
+    assert build_shards(*args, progress=False).build == recorded["build"]
 
 
 def test_other_input_files_are_named_by_their_first_difference(tmp_path, documents, tokenizer):
