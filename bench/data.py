@@ -25,12 +25,15 @@ import functools
 import http.server
 import multiprocessing
 import resource
+import shutil
 import sysconfig
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from resource import RUSAGE_CHILDREN, RUSAGE_SELF
+from typing import TypeVar
 
 from data_prep.readers import ReadReport, iter_documents, resolve_inputs
 from data_prep.shards import build_shards
@@ -39,8 +42,8 @@ from data_prep.tokenizer import train_tokenizer
 from moeut_dist.corpora import fetch_shakespeare
 
 LOADER_WORKERS = 2
-LOADER_REPEATS = 3
-BUILD_REPEATS = 3
+REPEATS = 3  # of each timed run, alternating; the best counts
+T = TypeVar("T")
 LOADER_TOKENS = 20_000_000  # read at least this many: seconds, not the workers' start
 
 
@@ -61,6 +64,13 @@ def _timed(function):
 def _tokens_per_cpu_second(run: tuple[int, float, float]) -> float:
     tokens, _, cpu = run
     return tokens / cpu
+
+
+def _best_of_alternating(runs: list[Callable[[], T]], rate: Callable[[T], float]) -> list[T]:
+    """Each of `runs` called `REPEATS` times in turn, and the result of each with the best
+    `rate`: a burst of load on the shared machine hits one run, not all of one side."""
+    results = [[run() for run in runs] for _ in range(REPEATS)]
+    return [max(side, key=rate) for side in zip(*results, strict=True)]
 
 
 def _encode_share(tokenizer_path: str, texts: list[str]) -> int:
@@ -162,10 +172,12 @@ def _bench(corpus: str, args) -> None:
         unit = reading.get("text_unit", "file")
         texts = [d.text for d in iter_documents(sources, ReadReport(), text_unit=unit)]
 
-        def build(workers: int, repeat: int) -> int:
+        def build(workers: int) -> int:
+            out = work / f"shards-{workers}"
+            shutil.rmtree(out, ignore_errors=True)  # built afresh, not found finished
             manifest = build_shards(
                 inputs,
-                work / f"shards-{workers}-{repeat}",
+                out,
                 tokenizer.path,
                 args.seq_len,
                 shard_bytes=args.shard_size,
@@ -178,12 +190,14 @@ def _bench(corpus: str, args) -> None:
 
         raw_rows, build_rows = [], []
         for workers in (1, 2):
-            raw_runs, build_runs = [], []
-            for repeat in range(BUILD_REPEATS):  # alternating: a burst of load hits one run
-                encode = functools.partial(_raw_encode, str(tokenizer.path), texts, workers)
-                raw_runs.append(_timed(encode))
-                build_runs.append(_timed(functools.partial(build, workers, repeat)))
-            raw, built = (max(runs, key=_tokens_per_cpu_second) for runs in (raw_runs, build_runs))
+            encode = functools.partial(_raw_encode, str(tokenizer.path), texts, workers)
+            raw, built = _best_of_alternating(
+                [
+                    functools.partial(_timed, encode),
+                    functools.partial(_timed, functools.partial(build, workers)),
+                ],
+                _tokens_per_cpu_second,
+            )
             label = f"raw SentencePiece encode, {workers} process(es)"
             raw_rows.append((label, raw[0] / raw[1], _tokens_per_cpu_second(raw), "1.00 (ceiling)"))
             ratio = f"{_tokens_per_cpu_second(built) / _tokens_per_cpu_second(raw):.2f}"
@@ -195,14 +209,13 @@ def _bench(corpus: str, args) -> None:
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
-            url = f"http://127.0.0.1:{server.server_port}/shards-1-0"
-            # Alternating, best of each: a burst of load on the shared machine hits one run.
-            runs = [
-                [_loader_run(location, args, str(tokenizer.path)) for location in locations]
-                for locations in [(str(work / "shards-1-0"), url)] * LOADER_REPEATS
-            ]
-            local, remote = (
-                max(side, key=lambda run: run[0] / run[1]) for side in zip(*runs, strict=True)
+            url = f"http://127.0.0.1:{server.server_port}/shards-1"
+            local, remote = _best_of_alternating(
+                [
+                    functools.partial(_loader_run, location, args, str(tokenizer.path))
+                    for location in (str(work / "shards-1"), url)
+                ],
+                lambda run: run[0] / run[1],
             )
         finally:
             server.shutdown()
