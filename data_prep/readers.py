@@ -421,7 +421,7 @@ def _paragraphs(path: Path, report: ReadReport) -> Iterator[Document]:
             block = f.read(_READ_BLOCK)
             data = pending + block
             cut = _end_of_last_blank_line(data, len(pending)) if block else len(data)
-            complete, pending = data[: max(cut, 0)], data[max(cut, 0) :]
+            complete, pending = data[:cut], data[cut:]
             position = 0
             for paragraph in _PARAGRAPH.finditer(complete):
                 first_line += complete.count(b"\n", position, paragraph.start())
@@ -441,14 +441,14 @@ _READ_BLOCK = 1 << 20
 
 def _end_of_last_blank_line(data: bytes, start: int) -> int:
     """The index just past the last blank line of `data` whose newline lies at or after
-    `start`, or -1 if there is none (`data[:start]` was searched before)."""
+    `start`, or 0 if there is none (`data[:start]` was searched before)."""
     end = data.rfind(b"\n")
     while end >= start:
         begin = data.rfind(b"\n", 0, end) + 1
         if not data[begin:end].strip():
             return end + 1
         end = begin - 1
-    return -1
+    return 0
 
 
 def _parquet_documents(path: Path, text_field: str, report: ReadReport) -> Iterator[Document]:
