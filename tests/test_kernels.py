@@ -237,15 +237,18 @@ def test_opcheck() -> None:
         for case, op in ((mlp, ops.moe_mlp_op), (linear, ops.moe_linear_op)):
             torch.library.opcheck(op, (*differentiable(case), *case.routing, True, deterministic))
     grad_out = torch.randn(3, 16, device=DEVICE)
-    no_hidden = torch.empty(0, 16, device=DEVICE)  # the Triton path keeps none
+    # The Triton path hands nothing over to its backward.
+    no_rows, no_plan = torch.empty(0, 16, device=DEVICE), torch.empty(0, dtype=torch.int64)
     torch.library.opcheck(
-        ops.moe_mlp_backward_op, (grad_out, *mlp.inputs, *mlp.routing, no_hidden, True, True)
+        ops.moe_mlp_backward_op,
+        (grad_out, *mlp.inputs, *mlp.routing, no_rows, no_plan.to(DEVICE), True, True),
     )
     experts, in_rows, out_rows, _ = linear.routing
     torch.library.opcheck(
         ops.moe_linear_backward_op,
-        (grad_out, *linear.inputs, experts, in_rows, out_rows, True, True),
-    )
+        (grad_out, *linear.inputs, experts, in_rows, out_rows, no_rows, no_plan.to(DEVICE),
+         True, True),
+    )  # fmt: skip
 
 
 def test_torch_compile_traces_without_graph_breaks() -> None:

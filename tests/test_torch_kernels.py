@@ -3,7 +3,6 @@ the cases of the Triton kernel tests, and what its custom ops keep for backward.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +18,7 @@ from tests.test_kernels import (
     _relative_error,
     poisoned_allocations,
     sigma_moe,
+    switchhead_o,
     switchhead_v,
 )
 
@@ -28,7 +28,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 @pytest.fixture(params=["padded", "sorted"])
 def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Runs the test in the given layout of the PyTorch path, whatever the routing."""
-    padding = math.inf if request.param == "padded" else 0.0
+    # Padding to E rows per pair pads every routing (E ≤ 7 in the cases); 0 pads none.
+    padding = 8.0 if request.param == "padded" else 0.0
     monkeypatch.setattr(torch_kernels, "MAX_PADDING", padding)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # one CPU thread never pads
@@ -85,12 +86,51 @@ def _bytes_kept_beyond_the_arguments(case: Case) -> int:
     return saved.bytes
 
 
-def test_backward_keeps_the_hidden_activations_and_nothing_else() -> None:
-    """Beyond the inputs and the routing, σ-MoE's backward keeps its [pairs, m] ReLU outputs
-    and the projections keep nothing: no gathered rows, no products, nothing padded."""
-    mlp = sigma_moe(n_tokens=32, k=4, hidden=32)
-    assert _bytes_kept_beyond_the_arguments(mlp) == 32 * 4 * 32 * 4  # pairs · m · fp32
-    assert _bytes_kept_beyond_the_arguments(switchhead_v()) == 0
+def _plan_and_kept_rows_bytes(case: Case) -> int:
+    """The plan (int64 [pairs + 1]) and one fp32 [kept rows, d_out] tensor of the case."""
+    experts, weight = case.routing[0], case.inputs[1]
+    n_pairs = len(experts)
+    return (n_pairs + 1) * 8 + torch_kernels.kept_rows(n_pairs) * weight.shape[2] * 4
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["1 thread (unpadded)", "2 threads (padded)"])
+def test_backward_keeps_the_layout_and_narrow_activations_only(threads: int) -> None:
+    """Beyond the inputs and the routing, the backward keeps the layout's plan and, in
+    `kept_rows(pairs)` rows whatever the layout, σ-MoE's ReLU outputs [·, m] and V's products
+    [·, head_dim] (narrower than its d-wide input); O, whose output is the wider side, keeps
+    only the plan. Nothing d-wide: no gathered rows, no products of O."""
+    torch.manual_seed(0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        mlp = sigma_moe(n_tokens=32, k=4, hidden=32)
+        v, o = switchhead_v(n_tokens=32), switchhead_o(n_tokens=32)
+        assert _bytes_kept_beyond_the_arguments(mlp) == _plan_and_kept_rows_bytes(mlp)
+        assert _bytes_kept_beyond_the_arguments(v) == _plan_and_kept_rows_bytes(v)
+        assert _bytes_kept_beyond_the_arguments(o) == (len(o.routing[0]) + 1) * 8
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_backward_uses_the_forward_layout_whatever_the_threads_then() -> None:
+    """The layout is decided once, in the forward: a backward run with fewer threads (which
+    alone would not pad) still reads the padded rows the forward kept."""
+    torch.manual_seed(4)
+    case = sigma_moe(n_tokens=32, k=4, hidden=32)
+    grad_out = torch.randn(32, 32)
+    expected, expected_grads = _float64_run(case, grad_out)
+    inputs = [t.detach().requires_grad_() for t in case.inputs]
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out = case.op(*inputs, *case.routing, backend="torch")
+        assert isinstance(torch_kernels._layout(case.routing[0], 5), torch_kernels._Padded)
+        torch.set_num_threads(1)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    finally:
+        torch.set_num_threads(previous)
+    for actual, wanted in zip([out, *grads], [expected, *expected_grads], strict=True):
+        assert _relative_error(actual, wanted) < 1e-5
 
 
 def test_layout_pads_balanced_routings_on_several_threads_only() -> None:

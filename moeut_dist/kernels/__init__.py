@@ -80,10 +80,11 @@ def moe_linear(
     """
     triton = use_triton(x, backend)
     x, weight = _same_dtype(x, weight)
-    return ops.moe_linear_op(
+    out, _, _ = ops.moe_linear_op(
         x, weight, gates, experts, in_rows, out_rows, n_out_rows,
         triton, _resolve_deterministic(deterministic),
     )  # fmt: skip
+    return out
 
 
 def moe_mlp(
@@ -105,7 +106,7 @@ def moe_mlp(
     """
     triton = use_triton(x, backend)
     x, up, down = _same_dtype(x, up, down)
-    out, _ = ops.moe_mlp_op(
+    out, _, _ = ops.moe_mlp_op(
         x, up, down, gates, experts, rows, triton, _resolve_deterministic(deterministic)
     )
     return out

@@ -5,11 +5,14 @@ backward as ops too keeps `torch.compile` (including AOT autograd) tracing throu
 without graph breaks, and the data-dependent sizes of a routing (pairs per expert) stay inside
 the ops, so a new routing never recompiles.
 
-Autograd saves the inputs and the routing, and for σ-MoE whatever hidden activations the
-implementation keeps: the forward op returns them as a second output, which the backward op
-takes back. The Triton kernels keep none (they recompute the hidden layer; on a GPU memory is
-what limits the batch) and return an empty [0, m]; the PyTorch path keeps its [P, m] ReLU
-outputs, since recomputing them would cost one more per-expert matmul.
+Autograd saves the inputs and the routing, and whatever else the implementation's forward
+hands to its backward: each forward op returns it as extra outputs, which the backward op takes
+back. The Triton kernels hand over nothing (they recompute the hidden layer; on a GPU memory is
+what limits the batch) and return empty tensors. The PyTorch path hands over its layout of the
+pairs (`plan`, int64 [pairs + 1]) and its narrow activations: σ-MoE's ReLU outputs, and a
+projection's ungated products when its output is narrower than its input. They are in its
+layout's rows (padded per expert when that pays), within `torch_kernels.kept_rows(pairs)` rows
+so that their shape does not depend on the routing.
 
 `triton` chooses the implementation (`kernels.use_triton` decides it, the one place that does):
 the Triton kernels of `triton_kernels` (CUDA, or CPU under `TRITON_INTERPRET=1`, which is how
@@ -43,18 +46,33 @@ def moe_linear_op(
     n_out_rows: int,
     triton: bool,
     deterministic: bool,
-) -> torch.Tensor:
-    """out[out_rows[p]] += gates[p] · x[in_rows[p]] @ weight[experts[p]]."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, products, plan): out[out_rows[p]] += gates[p] · x[in_rows[p]] @ weight[experts[p]];
+    what the backward gets back (see the module's docstring)."""
     if triton:
-        return triton_kernels.linear_forward(
+        out = triton_kernels.linear_forward(
             x, weight, gates, experts, in_rows, out_rows, n_out_rows, deterministic
         )
+        return out, x.new_empty(0, weight.shape[2]), experts.new_empty(0)
     return torch_kernels.linear_forward(x, weight, gates, experts, in_rows, out_rows, n_out_rows)
+
+
+def _kept_rows(experts: torch.Tensor, keeps: bool) -> int:
+    return torch_kernels.kept_rows(experts.shape[0]) if keeps else 0
+
+
+def _plan_size(experts: torch.Tensor, triton: bool) -> int:
+    return 0 if triton else experts.shape[0] + 1
 
 
 @moe_linear_op.register_fake
 def _(x, weight, gates, experts, in_rows, out_rows, n_out_rows, triton, deterministic):
-    return x.new_empty(n_out_rows, weight.shape[2])
+    kept_rows = _kept_rows(experts, not triton and torch_kernels.keeps_products(weight))
+    return (
+        x.new_empty(n_out_rows, weight.shape[2]),
+        x.new_empty(kept_rows, weight.shape[2]),
+        experts.new_empty(_plan_size(experts, triton)),
+    )
 
 
 @torch.library.custom_op("moeut::moe_linear_backward", mutates_args=())
@@ -66,29 +84,38 @@ def moe_linear_backward_op(
     experts: torch.Tensor,
     in_rows: torch.Tensor,
     out_rows: torch.Tensor,
+    products: torch.Tensor,
+    plan: torch.Tensor,
     triton: bool,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_weight, grad_gates) of `moeut::moe_linear`."""
+    """(grad_x, grad_weight, grad_gates) of `moeut::moe_linear`, given what it handed over."""
     if triton:
         return triton_kernels.linear_backward(
             grad_out, x, weight, gates, experts, in_rows, out_rows, deterministic
         )
-    return torch_kernels.linear_backward(grad_out, x, weight, gates, experts, in_rows, out_rows)
+    return torch_kernels.linear_backward(
+        grad_out, x, weight, gates, experts, in_rows, out_rows, products, plan
+    )
 
 
 @moe_linear_backward_op.register_fake
-def _(grad_out, x, weight, gates, experts, in_rows, out_rows, triton, deterministic):
+def _(grad_out, x, weight, gates, experts, in_rows, out_rows, products, plan, *flags):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(gates)
 
 
-def _linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+def _linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     x, weight, gates, experts, in_rows, out_rows, _, triton, deterministic = inputs
-    ctx.save_for_backward(x, weight, gates, experts, in_rows, out_rows)
+    _, products, plan = output
+    ctx.mark_non_differentiable(products, plan)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for outputs without one
+    ctx.save_for_backward(x, weight, gates, experts, in_rows, out_rows, products, plan)
     ctx.flags = triton, deterministic
 
 
-def _linear_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+def _linear_backward(ctx: Any, grad_out: torch.Tensor | None, *_: Any) -> tuple[Any, ...]:
+    if grad_out is None:  # no gradient reached the output (and none is materialised)
+        return (None,) * 9
     grad_x, grad_weight, grad_gates = moe_linear_backward_op(
         grad_out, *ctx.saved_tensors, *ctx.flags
     )
@@ -113,19 +140,22 @@ def moe_mlp_op(
     rows: torch.Tensor,
     triton: bool,
     deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, hidden): out[rows[p]] += gates[p] · relu(x[rows[p]] @ up[e]) @ down[e],
-    e = experts[p]; hidden is what the backward gets back: [P, m] (PyTorch) or [0, m] (Triton)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, hidden, plan): out[rows[p]] += gates[p] · relu(x[rows[p]] @ up[e]) @ down[e],
+    e = experts[p]; what the backward gets back (see the module's docstring)."""
     if triton:
         out = triton_kernels.mlp_forward(x, up, down, gates, experts, rows, deterministic)
-        return out, x.new_empty(0, up.shape[2])
+        return out, x.new_empty(0, up.shape[2]), experts.new_empty(0)
     return torch_kernels.mlp_forward(x, up, down, gates, experts, rows)
 
 
 @moe_mlp_op.register_fake
 def _(x, up, down, gates, experts, rows, triton, deterministic):
-    kept_rows = 0 if triton else experts.shape[0]
-    return x.new_empty(x.shape[0], down.shape[2]), x.new_empty(kept_rows, up.shape[2])
+    return (
+        x.new_empty(x.shape[0], down.shape[2]),
+        x.new_empty(_kept_rows(experts, not triton), up.shape[2]),
+        experts.new_empty(_plan_size(experts, triton)),
+    )
 
 
 @torch.library.custom_op("moeut::moe_mlp_backward", mutates_args=())
@@ -138,20 +168,21 @@ def moe_mlp_backward_op(
     experts: torch.Tensor,
     rows: torch.Tensor,
     hidden: torch.Tensor,
+    plan: torch.Tensor,
     triton: bool,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_up, grad_down, grad_gates) of `moeut::moe_mlp`, given the hidden output it
-    returned (the Triton path recomputes the hidden layer)."""
+    """(grad_x, grad_up, grad_down, grad_gates) of `moeut::moe_mlp`, given what it handed over
+    (the Triton path recomputes the hidden layer)."""
     if triton:
         return triton_kernels.mlp_backward(
             grad_out, x, up, down, gates, experts, rows, deterministic
         )
-    return torch_kernels.mlp_backward(grad_out, x, up, down, gates, experts, rows, hidden)
+    return torch_kernels.mlp_backward(grad_out, x, up, down, gates, experts, rows, hidden, plan)
 
 
 @moe_mlp_backward_op.register_fake
-def _(grad_out, x, up, down, gates, experts, rows, hidden, triton, deterministic):
+def _(grad_out, x, up, down, gates, experts, rows, hidden, plan, triton, deterministic):
     return (
         torch.empty_like(x),
         torch.empty_like(up),
@@ -162,13 +193,16 @@ def _(grad_out, x, up, down, gates, experts, rows, hidden, triton, deterministic
 
 def _mlp_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     *tensors, triton, deterministic = inputs
-    hidden = output[1]
-    ctx.mark_non_differentiable(hidden)
-    ctx.save_for_backward(*tensors, hidden)
+    _, hidden, plan = output
+    ctx.mark_non_differentiable(hidden, plan)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for outputs without one
+    ctx.save_for_backward(*tensors, hidden, plan)
     ctx.flags = triton, deterministic
 
 
-def _mlp_backward(ctx: Any, grad_out: torch.Tensor, _: Any) -> tuple[Any, ...]:
+def _mlp_backward(ctx: Any, grad_out: torch.Tensor | None, *_: Any) -> tuple[Any, ...]:
+    if grad_out is None:  # no gradient reached the output (and none is materialised)
+        return (None,) * 8
     grads = moe_mlp_backward_op(grad_out, *ctx.saved_tensors, *ctx.flags)
     return *grads, None, None, None, None
 
