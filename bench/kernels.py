@@ -10,8 +10,8 @@ test through the Triton interpreter (timings there mean nothing).
 Everywhere it then times the PyTorch path (`torch_kernels`, what CPUs run) against the
 plain-autograd reference it replaced, at the MoEUT-44M shapes in fp32 (512 tokens, d = 412,
 E = 155, m = 128, k = 12; H = 4, dh = 82, Ea = 8, ka = 2): forward + backward of σ-MoE and
-both SwitchHead projections, median of `--repeats` (the two alternating), and the activation
-bytes kept per token.
+both SwitchHead projections, the median and the minimum of `--repeats` runs (the two
+alternating), and the activation bytes kept per token.
 
     python bench/kernels.py [--repeats 5]
 
@@ -224,9 +224,12 @@ def main() -> None:
     print("vs dense: fraction of an equal-FLOP dense matmul's throughput (1.0 = ceiling)")
 
 
-def alternating_median_seconds(fns: dict[str, Callable[[], object]], repeats: int):
-    """Median seconds of each function, run in turn `repeats` times after one warm-up each,
-    so that a shared machine's load hits all of them alike."""
+def alternating_seconds(
+    fns: dict[str, Callable[[], object]], repeats: int
+) -> dict[str, tuple[float, float]]:
+    """(median, minimum) seconds of each function, run in turn `repeats` times after one
+    warm-up each, so that a shared machine's load hits all of them alike. The minimum is the
+    run least disturbed by other jobs; the median, what a run typically got."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for repeat in range(repeats + 1):
         for name, fn in fns.items():
@@ -234,7 +237,7 @@ def alternating_median_seconds(fns: dict[str, Callable[[], object]], repeats: in
             fn()
             if repeat:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
 
 
 def compare_pytorch_paths(repeats: int) -> None:
@@ -243,30 +246,43 @@ def compare_pytorch_paths(repeats: int) -> None:
     kept = keep_freed_memory() if not ON_GPU else False
     print(
         f"\nPyTorch path vs reference, MoEUT-44M shapes, fp32, {torch.get_num_threads()} threads, "
-        f"freed memory {'kept' if kept else 'returned'}"
+        f"freed memory {'kept' if kept else 'returned'}; medians (and minima) of {repeats} runs"
     )
     print(f"{'operation':<46} {'reference ms':>12} {'torch ms':>9} {'speed-up':>8} "
-          f"{'ref B/token':>11} {'torch B/token':>13}")  # fmt: skip
-    totals = {"reference": 0.0, "torch": 0.0}
+          f"{'(minima)':>8} {'ref B/token':>11} {'torch B/token':>13}")  # fmt: skip
+    totals = {"reference": [0.0, 0.0], "torch": [0.0, 0.0]}
     saved = {"reference": 0.0, "torch": 0.0}
     for work in workloads(MOEUT_44M, torch.float32):
-        times = alternating_median_seconds(
+        times = alternating_seconds(
             {backend: lambda w=work, b=backend: forward_backward(w, b) for backend in totals},
             repeats,
         )
         for backend in totals:
-            totals[backend] += times[backend]
+            totals[backend] = [t + s for t, s in zip(totals[backend], times[backend], strict=True)]
             saved[backend] += saved_activation_bytes(work, backend) / MOEUT_44M.n_tokens
-        print(
-            f"{work.name:<46} {times['reference'] * 1e3:>12.1f} {times['torch'] * 1e3:>9.1f} "
-            f"{times['reference'] / times['torch']:>8.2f} "
-            f"{saved_activation_bytes(work, 'reference') / MOEUT_44M.n_tokens:>11.0f} "
-            f"{saved_activation_bytes(work, 'torch') / MOEUT_44M.n_tokens:>13.0f}"
-        )
+        _print_comparison(work.name, times["reference"], times["torch"], (
+            saved_activation_bytes(work, "reference") / MOEUT_44M.n_tokens,
+            saved_activation_bytes(work, "torch") / MOEUT_44M.n_tokens,
+        ))  # fmt: skip
+    _print_comparison(
+        "σ-MoE + SwitchHead V + O",
+        tuple(totals["reference"]),
+        tuple(totals["torch"]),
+        (saved["reference"], saved["torch"]),
+    )
+
+
+def _print_comparison(
+    name: str,
+    reference: tuple[float, float],
+    torch_path: tuple[float, float],
+    kept_bytes: tuple[float, float],
+) -> None:
+    """One row: median ms of both, the speed-up of the medians and of the minima, bytes kept."""
     print(
-        f"{'σ-MoE + SwitchHead V + O':<46} {totals['reference'] * 1e3:>12.1f} "
-        f"{totals['torch'] * 1e3:>9.1f} {totals['reference'] / totals['torch']:>8.2f} "
-        f"{saved['reference']:>11.0f} {saved['torch']:>13.0f}"
+        f"{name:<46} {reference[0] * 1e3:>12.1f} {torch_path[0] * 1e3:>9.1f} "
+        f"{reference[0] / torch_path[0]:>8.2f} {reference[1] / torch_path[1]:>8.2f} "
+        f"{kept_bytes[0]:>11.0f} {kept_bytes[1]:>13.0f}"
     )
 
 
