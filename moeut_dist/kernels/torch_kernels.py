@@ -130,6 +130,9 @@ class _Layout(ABC):
 class _Sorted(_Layout):
     """[P, ·], expert by expert, unpadded; each product is a loop of one matmul per expert."""
 
+    def __init__(self, slots: torch.Tensor, counts: list[int]) -> None:
+        super().__init__(slots, counts, len(slots))
+
     def gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return x.index_select(0, index)  # no padding rows, so no zero row to append
 
@@ -184,14 +187,14 @@ def _layout(experts: torch.Tensor, n_experts: int) -> _Layout:
         shift = torch.arange(n_experts, device=experts.device) * capacity - first_pair
         slot_in_sort_order += shift[sorted_experts]
     slots = torch.empty_like(order).index_copy_(0, order, slot_in_sort_order)
-    return _Padded(slots, counts, capacity) if padded else _Sorted(slots, counts, len(order))
+    return _Padded(slots, counts, capacity) if padded else _Sorted(slots, counts)
 
 
 def _from_plan(plan: torch.Tensor, experts: torch.Tensor, n_experts: int) -> _Layout:
     """The layout `_layout` made in the forward, from its `plan()`."""
     slots, capacity = plan[:-1], int(plan[-1])
     counts = _counts(experts, n_experts)
-    return _Padded(slots, counts, capacity) if capacity else _Sorted(slots, counts, len(slots))
+    return _Padded(slots, counts, capacity) if capacity else _Sorted(slots, counts)
 
 
 def keeps_products(weight: torch.Tensor) -> bool:
