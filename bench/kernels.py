@@ -257,13 +257,19 @@ def compare_pytorch_paths(repeats: int) -> None:
             {backend: lambda w=work, b=backend: forward_backward(w, b) for backend in totals},
             repeats,
         )
+        kept_per_token = {
+            backend: saved_activation_bytes(work, backend) / MOEUT_44M.n_tokens
+            for backend in totals
+        }
         for backend in totals:
             totals[backend] = [t + s for t, s in zip(totals[backend], times[backend], strict=True)]
-            saved[backend] += saved_activation_bytes(work, backend) / MOEUT_44M.n_tokens
-        _print_comparison(work.name, times["reference"], times["torch"], (
-            saved_activation_bytes(work, "reference") / MOEUT_44M.n_tokens,
-            saved_activation_bytes(work, "torch") / MOEUT_44M.n_tokens,
-        ))  # fmt: skip
+            saved[backend] += kept_per_token[backend]
+        _print_comparison(
+            work.name,
+            times["reference"],
+            times["torch"],
+            (kept_per_token["reference"], kept_per_token["torch"]),
+        )
     _print_comparison(
         "σ-MoE + SwitchHead V + O",
         tuple(totals["reference"]),
