@@ -3,6 +3,7 @@ the cases of the Triton kernel tests, and what its custom ops keep for backward.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -22,19 +23,35 @@ from tests.test_kernels import (
     switchhead_v,
 )
 
+
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
-@pytest.fixture(params=["padded", "sorted"])
+LAYOUTS = {
+    "blocks": max,  # every expert within its block
+    "blocks and overflow": lambda counts: sorted(counts)[len(counts) // 2],
+    "sorted": lambda counts: 0,  # no blocks: one matmul per expert
+}
+
+
+@pytest.fixture(params=list(LAYOUTS))
 def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Runs the test in the given layout of the PyTorch path, whatever the routing."""
-    # Padding to E rows per pair pads every routing (E ≤ 7 in the cases); 0 pads none.
-    padding = 8.0 if request.param == "padded" else 0.0
-    monkeypatch.setattr(torch_kernels, "MAX_PADDING", padding)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # one CPU thread never pads
-    yield
-    torch.set_num_threads(threads)
+    """Runs the test with the given block capacity in the PyTorch path, whatever the routing."""
+    monkeypatch.setattr(torch_kernels, "_capacity", LAYOUTS[request.param])
+    # Blocks of the largest count may hold up to E rows per pair (E ≤ 7 in the cases).
+    monkeypatch.setattr(torch_kernels, "MAX_PADDING", 8.0)
+    with cpu_threads(2):  # one CPU thread never makes blocks
+        yield
 
 
 def check_against_float64(case: Case) -> None:
@@ -100,49 +117,70 @@ def test_backward_keeps_the_layout_and_narrow_activations_only(threads: int) -> 
     [·, head_dim] (narrower than its d-wide input); O, whose output is the wider side, keeps
     only the plan. Nothing d-wide: no gathered rows, no products of O."""
     torch.manual_seed(0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with cpu_threads(threads):
         mlp = sigma_moe(n_tokens=32, k=4, hidden=32)
         v, o = switchhead_v(n_tokens=32), switchhead_o(n_tokens=32)
         assert _bytes_kept_beyond_the_arguments(mlp) == _plan_and_kept_rows_bytes(mlp)
         assert _bytes_kept_beyond_the_arguments(v) == _plan_and_kept_rows_bytes(v)
         assert _bytes_kept_beyond_the_arguments(o) == (len(o.routing[0]) + 1) * 8
-    finally:
-        torch.set_num_threads(previous)
 
 
 def test_backward_uses_the_forward_layout_whatever_the_threads_then() -> None:
     """The layout is decided once, in the forward: a backward run with fewer threads (which
-    alone would not pad) still reads the padded rows the forward kept."""
+    alone would make no blocks) still reads the blocked rows the forward kept."""
     torch.manual_seed(4)
     case = sigma_moe(n_tokens=32, k=4, hidden=32)
     grad_out = torch.randn(32, 32)
     expected, expected_grads = _float64_run(case, grad_out)
     inputs = [t.detach().requires_grad_() for t in case.inputs]
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with cpu_threads(2):
         out = case.op(*inputs, *case.routing, backend="torch")
-        assert isinstance(torch_kernels._layout(case.routing[0], 5), torch_kernels._Padded)
-        torch.set_num_threads(1)
+        assert torch_kernels._Layout.of(case.routing[0], 5).capacity > 0
+    with cpu_threads(1):
         grads = torch.autograd.grad(out, inputs, grad_out)
-    finally:
-        torch.set_num_threads(previous)
     for actual, wanted in zip([out, *grads], [expected, *expected_grads], strict=True):
         assert _relative_error(actual, wanted) < 1e-5
 
 
-def test_layout_pads_balanced_routings_on_several_threads_only() -> None:
+def _layout(experts: list[int], n_experts: int) -> torch_kernels._Layout:
+    return torch_kernels._Layout.of(torch.tensor(experts), n_experts)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_layout_places_every_pair_in_its_experts_block_or_overflow(threads: int) -> None:
+    """Within a block or an overflow, an expert's pairs keep their order; blocks come first."""
     torch.manual_seed(0)
-    balanced = torch.arange(64) % 4  # 16 pairs on each of 4 experts
-    concentrated = torch.tensor([0] * 40 + [1, 2, 3])  # padded: 160 rows for 43 pairs
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        assert isinstance(torch_kernels._layout(balanced, 4), torch_kernels._Padded)
-        assert isinstance(torch_kernels._layout(concentrated, 4), torch_kernels._Sorted)
-        torch.set_num_threads(1)
-        assert isinstance(torch_kernels._layout(balanced, 4), torch_kernels._Sorted)
-    finally:
-        torch.set_num_threads(threads)
+    experts = torch.randint(0, 6, (200,)).tolist()
+    with cpu_threads(threads):
+        layout = _layout(experts, 6)
+    assert (layout.capacity > 0) == (threads > 1)
+    expected_rows: dict[int, list[int]] = {}
+    for expert in experts:
+        rank = len(expected_rows.setdefault(expert, []))
+        if rank < layout.capacity:
+            row = expert * layout.capacity + rank
+        else:
+            row = layout.overflow_start[expert] + rank - layout.capacity
+        expected_rows[expert].append(row)
+    expected_slots = [expected_rows[e].pop(0) for e in experts]
+    assert layout.slots.tolist() == expected_slots
+    assert layout.n_rows <= torch_kernels.kept_rows(len(experts))
+
+
+def test_capacity_weighs_padding_against_overflow_matmuls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    balanced = [e % 4 for e in range(64)]  # 16 pairs on each of 4 experts
+    # One expert of 40: padding the others to 40 would be 160 rows for 88 pairs; it overflows
+    # its block of 16 instead.
+    outlier = [e % 3 for e in range(48)] + [3] * 40
+    with cpu_threads(2):
+        assert _layout(balanced, 4).capacity == 16  # one bmm, no padding
+        layout = _layout(outlier, 4)
+        assert (layout.capacity, layout.n_rows) == (16, 88)
+        assert [e for e, _ in layout.overflowing] == [3]
+        # Were a matmul free, blocks would not pay: they pad, and overflow matmuls replace them.
+        monkeypatch.setattr(torch_kernels, "OVERFLOW_MATMUL_ROWS", 0)
+        assert _layout(outlier, 4).capacity == 0
+    with cpu_threads(1):
+        assert _layout(balanced, 4).capacity == 0

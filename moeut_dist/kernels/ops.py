@@ -11,7 +11,7 @@ back. The Triton kernels hand over nothing (they recompute the hidden layer; on 
 what limits the batch) and return empty tensors. The PyTorch path hands over its layout of the
 pairs (`plan`, int64 [pairs + 1]) and its narrow activations: σ-MoE's ReLU outputs, and a
 projection's ungated products when its output is narrower than its input. They are in its
-layout's rows (padded per expert when that pays), within `torch_kernels.kept_rows(pairs)` rows
+layout's rows (blocks per expert, padded), within `torch_kernels.kept_rows(pairs)` rows
 so that their shape does not depend on the routing.
 
 `triton` chooses the implementation (`kernels.use_triton` decides it, the one place that does):

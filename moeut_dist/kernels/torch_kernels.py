@@ -7,35 +7,42 @@ outputs (recomputing them would cost one more matmul per expert, and these small
 where the time goes), and the ungated products of a projection whose output is narrower than
 its input (SwitchHead's V: its gate gradient is then a dot product over d_out, not d_in).
 
-The pairs are laid out per expert once per forward (`_layout`). When the routing is balanced,
-as it normally is, each expert's rows are padded to the largest expert's count and every
-product is one `bmm` over all experts. That parallelises across experts, where a loop of
-~40-row matmuls splits each tiny GEMM over the threads (and, on a busy machine, waits for all
-of them once per expert). Padding rows read zeros and scatter into a discarded row, so they
-change nothing. On one CPU thread a `bmm` is the same loop of matmuls plus the padding, and a
-routing concentrated on a few experts would make the padded layout up to E times the pairs:
-then the rows stay unpadded and each expert is one matmul over its contiguous segment.
+The pairs are laid out per expert once per forward (`_Layout.of`). Every product is one `bmm`
+over a block of rows per expert, which parallelises across experts where a loop of ~40-row
+matmuls splits each tiny GEMM over the threads (and, on a busy machine, waits for all of them
+once per expert). Padding every block to the largest expert's count would add 15-45 % rows to
+a balanced routing, so the blocks are smaller than that and the few experts that overflow them
+get one matmul each over their remaining rows: `_capacity` weighs those matmuls against the
+padding. Padding rows read zeros and scatter into a discarded row, so they change nothing. On
+one CPU thread a `bmm` is the same loop of matmuls plus the padding: there are no blocks and
+each expert is one matmul over its contiguous rows.
 Outputs and input gradients are scatter-added with `index_add_`, which is deterministic on CPU.
 
 Gates scale whichever side of a product is narrower (σ-MoE: the m hidden units, not the d
 outputs), so every elementwise pass runs over the narrow rows.
 
-`torch.bincount(...).tolist()` sizes the layout: one host sync per call, which is inside the
-custom op, hence invisible to `torch.compile` (no graph break, no recompile as routing changes).
+The layout is computed on the host from the expert ids: one copy to the host per call (a sync
+on a GPU), inside the custom op, hence invisible to `torch.compile` (no graph break, no
+recompile as the routing changes).
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-# The padded layout is used while it holds at most this many rows per pair. Balanced routings
-# pad by 15-45 % at the MoEUT shapes; on 2 CPU threads a bmm ran 1.5-1.6× faster than the loop
-# of per-expert matmuls it replaces (bench/kernels.py shapes), so more padding than that loses.
+# A layout may hold at most this many rows per pair, which bounds what a forward keeps
+# (`kept_rows`). Blocks as large as the largest expert pad balanced routings by 15-45 % at the
+# MoEUT shapes; more padding than this was slower than one matmul per expert (bench/kernels.py
+# shapes, 2 CPU threads).
 MAX_PADDING = 1.5
+
+# What one overflowing expert's extra matmul costs, in rows of a block `bmm`: the call, and
+# reading the expert's weight once more (measured at the MoEUT-44M shapes, 2 CPU threads).
+OVERFLOW_MATMUL_ROWS = 32
 
 
 def kept_rows(n_pairs: int) -> int:
@@ -45,24 +52,65 @@ def kept_rows(n_pairs: int) -> int:
     return max(n_pairs, math.floor(MAX_PADDING * n_pairs))
 
 
-class _Layout(ABC):
-    """Where each pair's rows sit for the per-expert products: `slots[p]` is the layout row of
-    pair p (pairs in the caller's order), the rows of each expert contiguous and in pair order.
-    Per-row tensors in the layout have `n_rows` rows, shaped by `shaped`."""
+class _Layout:
+    """Where each pair's rows sit for the per-expert products, and those products.
 
-    capacity = 0  # rows per expert when padded; 0: unpadded
+    Expert e's first `capacity` pairs fill block e of a [E, capacity, ·] region, padded up to
+    capacity with rows that read zeros and scatter into a discarded row; its pairs beyond
+    capacity, its overflow, follow all the blocks, expert by expert. A product is one `bmm` over
+    the blocks and one matmul per overflowing expert. Capacity 0 is the plain sort by expert:
+    one matmul per expert. Within a block or an overflow the rows are in pair order.
 
-    def __init__(self, slots: torch.Tensor, counts: list[int], n_rows: int) -> None:
-        self.slots, self.counts, self.n_rows = slots, counts, n_rows
+    `slots[p]` is the layout row of pair p (pairs in the caller's order); per-row tensors in the
+    layout have `n_rows` rows.
+    """
+
+    def __init__(self, counts: np.ndarray, capacity: int, slots: torch.Tensor) -> None:
+        self.n_experts, self.capacity, self.slots = len(counts), capacity, slots
+        self.n_blocked = self.n_experts * capacity
+        overflow = np.maximum(counts - capacity, 0)
+        # Each expert's overflow rows: overflow_start[e] to overflow_end[e].
+        self.overflow_end = self.n_blocked + np.cumsum(overflow)
+        self.overflow_start = self.overflow_end - overflow
+        self.n_rows = int(self.overflow_end[-1]) if self.n_experts else 0
+        self.overflowing = self._overflow_spans(overflow.nonzero()[0])  # the experts with some
+
+    @classmethod
+    def of(cls, experts: torch.Tensor, n_experts: int) -> _Layout:
+        """The pairs sorted by expert (stably) and laid out at the capacity `_capacity` picks.
+
+        Computed on the host, which needs the layout's sizes anyway: at a few thousand pairs,
+        numpy's ops take microseconds where torch's CPU ops take tens (a stable sort of
+        integers of at most 16 bits is a radix sort in numpy, a comparison sort in torch).
+        """
+        ids = _host_ids(experts, n_experts)
+        counts = np.bincount(ids, minlength=n_experts)
+        batched = experts.device.type != "cpu" or torch.get_num_threads() > 1
+        capacity = _capacity(counts) if batched else 0
+        layout = cls(counts, capacity, experts.new_empty(0))  # its slots, from its overflows:
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        rank = np.arange(len(ids)) - (np.cumsum(counts) - counts)[sorted_ids]  # within its expert
+        first_row = np.where(
+            rank < capacity,
+            sorted_ids.astype(np.int64) * capacity,
+            layout.overflow_start[sorted_ids] - capacity,
+        )
+        slots = np.empty_like(rank)
+        slots[order] = first_row + rank
+        layout.slots = torch.from_numpy(slots).to(experts.device)
+        return layout
+
+    @classmethod
+    def from_plan(cls, plan: torch.Tensor, experts: torch.Tensor, n_experts: int) -> _Layout:
+        """The layout `of` made in the forward, from its `plan()`."""
+        counts = np.bincount(_host_ids(experts, n_experts), minlength=n_experts)
+        return cls(counts, int(plan[-1]), plan[:-1])
 
     def plan(self) -> torch.Tensor:
         """The layout as one int64 tensor [P + 1] (the slots, then the capacity), for the
-        backward to rebuild it with `_from_plan` instead of sorting again."""
+        backward to rebuild it with `from_plan` instead of sorting again."""
         return torch.cat([self.slots, self.slots.new_tensor([self.capacity])])
-
-    def shaped(self, rows: torch.Tensor) -> torch.Tensor:
-        """Layout rows [n_rows, w] as the products take them."""
-        return rows
 
     def index(self, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
         """For each layout row, the row of a [n_rows, ·] tensor it holds; padding rows hold
@@ -71,25 +119,24 @@ class _Layout(ABC):
         return index.index_copy_(0, self.slots, rows)
 
     def gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """x[index], shaped: each pair's row of x at its slot."""
-        with_zero_row = F.pad(x, (0, 0, 0, 1))
-        return self.shaped(with_zero_row.index_select(0, index))
+        """x[index]: each pair's row of x at its slot."""
+        if self.n_rows == len(self.slots):  # no padding rows, so no zero row to append
+            return x.index_select(0, index)
+        return F.pad(x, (0, 0, 0, 1)).index_select(0, index)
 
     def scatter(self, values: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
-        """out[index[r]] += values of layout row r: [n_rows, w]."""
-        width = values.shape[-1]
-        out = values.new_zeros(n_rows + 1, width)
-        return out.index_add_(0, index, values.reshape(-1, width))[:n_rows]
+        """out[index[r]] += values[r]: [n_rows, ·]."""
+        out = values.new_zeros(n_rows + 1, values.shape[1])
+        return out.index_add_(0, index, values)[:n_rows]
 
     def per_pair(self, values: torch.Tensor) -> torch.Tensor:
-        """One value per pair ([P], pair order) at its slot, shaped to scale rows; zero at
-        padding."""
-        at_slots = values.new_zeros(self.n_rows).index_copy_(0, self.slots, values)
-        return self.shaped(at_slots[:, None])
+        """One value per pair ([P], pair order) at its slot, [n_rows, 1] to scale rows; zero
+        at padding."""
+        return values.new_zeros(self.n_rows).index_copy_(0, self.slots, values)[:, None]
 
     def pair_values(self, values: torch.Tensor) -> torch.Tensor:
         """The inverse of `per_pair`: [P], pair order."""
-        return values.reshape(-1).index_select(0, self.slots)
+        return values.index_select(0, self.slots)
 
     def matmul(
         self, rows: torch.Tensor, weight: torch.Tensor, reuse: torch.Tensor | None = None
@@ -97,9 +144,9 @@ class _Layout(ABC):
         """Rows of expert e @ weight[e], for every e. Written into `reuse`, a tensor the caller
         is done with, if it has the product's shape: its memory is still in cache, where a
         fresh one would be fetched from RAM to be overwritten."""
-        shape = (*rows.shape[:-1], weight.shape[2])
+        shape = (self.n_rows, weight.shape[2])
         out = reuse if reuse is not None and reuse.shape == shape else rows.new_empty(shape)
-        self.matmul_into(rows, weight, out)
+        self._matmul_into(rows, weight, out)
         return out
 
     def matmul_kept(
@@ -110,91 +157,57 @@ class _Layout(ABC):
         kept = rows.new_empty(kept_rows(len(self.slots)), weight.shape[2])
         kept[self.n_rows :].zero_()
         out = self.from_kept(kept)
-        self.matmul_into(rows, weight, out)
+        self._matmul_into(rows, weight, out)
         return out, kept
 
     def from_kept(self, kept: torch.Tensor) -> torch.Tensor:
         """The product `matmul_kept` wrote into `kept`."""
-        return self.shaped(kept[: self.n_rows])
+        return kept[: self.n_rows]
 
-    @abstractmethod
-    def matmul_into(self, rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-        """`matmul`, written into out."""
-
-    @abstractmethod
     def weight_grad(self, rows: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """(rows of expert e)ᵀ @ grads of expert e, for every e: [E, ·, ·]; zero for the
         experts without pairs."""
-
-
-class _Sorted(_Layout):
-    """[P, ·], expert by expert, unpadded; each product is a loop of one matmul per expert."""
-
-    def __init__(self, slots: torch.Tensor, counts: list[int]) -> None:
-        super().__init__(slots, counts, len(slots))
-
-    def gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return x.index_select(0, index)  # no padding rows, so no zero row to append
-
-    def matmul_into(self, rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-        segments = rows.split(self.counts), weight.unbind(0), out.split(self.counts)
-        for r, w, o in zip(*segments, strict=True):
-            torch.mm(r, w, out=o)
-
-    def weight_grad(self, rows: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        out = rows.new_empty(len(self.counts), rows.shape[1], grads.shape[1])
-        segments = rows.split(self.counts), grads.split(self.counts), out.unbind(0)
-        for r, g, o in zip(*segments, strict=True):
-            torch.mm(r.T, g, out=o)  # a matmul over no rows writes zeros
+        if not self.capacity:  # all rows overflow; a matmul over no rows writes zeros
+            out = rows.new_empty(self.n_experts, rows.shape[1], grads.shape[1])
+            for expert, span in self._overflow_spans(np.arange(self.n_experts)):
+                torch.mm(rows[span].T, grads[span], out=out[expert])
+            return out
+        out = torch.bmm(self._blocks(rows).mT, self._blocks(grads))
+        for expert, span in self.overflowing:
+            out[expert].addmm_(rows[span].T, grads[span])
         return out
 
+    def _matmul_into(self, rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+        if self.capacity:
+            torch.bmm(self._blocks(rows), weight, out=self._blocks(out))
+        for expert, span in self.overflowing:
+            torch.mm(rows[span], weight[expert], out=out[span])
 
-class _Padded(_Layout):
-    """[E, capacity, ·]: expert e's pairs fill the first counts[e] rows of block e, the rest is
-    padding; each product is one `bmm`."""
+    def _blocks(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows[: self.n_blocked].view(self.n_experts, self.capacity, rows.shape[1])
 
-    def __init__(self, slots: torch.Tensor, counts: list[int], capacity: int) -> None:
-        super().__init__(slots, counts, len(counts) * capacity)
-        self.capacity = capacity
-
-    def shaped(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.view(len(self.counts), self.capacity, *rows.shape[1:])
-
-    def matmul_into(self, rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-        torch.bmm(rows, weight, out=out)
-
-    def weight_grad(self, rows: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(rows.mT, grads)
+    def _overflow_spans(self, experts: np.ndarray) -> list[tuple[int, slice]]:
+        bounds = (experts, self.overflow_start[experts], self.overflow_end[experts])
+        return [(e, slice(a, b)) for e, a, b in zip(*(x.tolist() for x in bounds), strict=True)]
 
 
-def _counts(experts: torch.Tensor, n_experts: int) -> list[int]:
-    return torch.bincount(experts, minlength=n_experts).tolist()
+def _host_ids(experts: torch.Tensor, n_experts: int) -> np.ndarray:
+    """The expert ids on the host, in the smallest integer type that holds them."""
+    return experts.cpu().numpy().astype(np.min_scalar_type(n_experts))
 
 
-def _layout(experts: torch.Tensor, n_experts: int) -> _Layout:
-    """Sorts the pairs by expert (stably) and lays them out, padded if that pays."""
-    counts = _counts(experts, n_experts)
-    sorted_experts, order = torch.sort(experts, stable=True)
-    capacity = max(counts, default=0)
-    batched = experts.device.type != "cpu" or torch.get_num_threads() > 1
-    padded = batched and capacity > 0 and n_experts * capacity <= MAX_PADDING * len(order)
-    # The i-th sorted pair sits at row i unpadded; padded, its expert's block starts at
-    # e·capacity instead of at e's first sorted pair, which shifts it by the difference.
-    slot_in_sort_order = torch.arange(len(order), device=experts.device)
-    if padded:
-        count_tensor = torch.tensor(counts, device=experts.device)
-        first_pair = count_tensor.cumsum(0) - count_tensor
-        shift = torch.arange(n_experts, device=experts.device) * capacity - first_pair
-        slot_in_sort_order += shift[sorted_experts]
-    slots = torch.empty_like(order).index_copy_(0, order, slot_in_sort_order)
-    return _Padded(slots, counts, capacity) if padded else _Sorted(slots, counts)
+def _capacity(counts: np.ndarray) -> int:
+    """The block capacity that costs the fewest rows, each overflowing expert's matmul counted
+    as OVERFLOW_MATMUL_ROWS more, among those within MAX_PADDING rows per pair (0 always is).
 
-
-def _from_plan(plan: torch.Tensor, experts: torch.Tensor, n_experts: int) -> _Layout:
-    """The layout `_layout` made in the forward, from its `plan()`."""
-    slots, capacity = plan[:-1], int(plan[-1])
-    counts = _counts(experts, n_experts)
-    return _Padded(slots, counts, capacity) if capacity else _Sorted(slots, counts)
+    Between two counts the rows grow with the capacity, so the best is 0 or one of the counts.
+    """
+    candidates = np.unique(np.append(counts, 0))  # ascending: ties go to the smaller
+    overflow = np.maximum(counts - candidates[:, None], 0)
+    rows = len(counts) * candidates + overflow.sum(1)
+    cost = rows + OVERFLOW_MATMUL_ROWS * np.count_nonzero(overflow, axis=1)
+    allowed = rows <= MAX_PADDING * counts.sum()
+    return int(candidates[np.argmin(np.where(allowed, cost, np.inf))])
 
 
 def keeps_products(weight: torch.Tensor) -> bool:
@@ -214,7 +227,7 @@ def linear_forward(
     """(out, products, plan): out[out_rows[p]] += gates[p] · x[in_rows[p]] @ weight[experts[p]];
     the ungated products as `matmul_kept` keeps them if `keeps_products(weight)` (else empty),
     and the layout's plan."""
-    layout = _layout(experts, weight.shape[0])
+    layout = _Layout.of(experts, weight.shape[0])
     inputs = layout.gather(x, layout.index(in_rows, x.shape[0]))
     pair_gates = layout.per_pair(gates.to(x.dtype))
     out_index = layout.index(out_rows, n_out_rows)
@@ -238,7 +251,7 @@ def linear_backward(
     plan: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight, grad_gates) of `linear_forward`, given what it returned."""
-    layout = _from_plan(plan, experts, weight.shape[0])
+    layout = _Layout.from_plan(plan, experts, weight.shape[0])
     in_index = layout.index(in_rows, x.shape[0])
     inputs = layout.gather(x, in_index)
     grads = layout.gather(grad_out, layout.index(out_rows, grad_out.shape[0]))
@@ -267,7 +280,7 @@ def mlp_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, hidden, plan): out[rows[p]] += gates[p] · relu(x[rows[p]] @ up[e]) @ down[e],
     e = experts[p]; the ReLU outputs as `matmul_kept` keeps them, and the layout's plan."""
-    layout = _layout(experts, up.shape[0])
+    layout = _Layout.of(experts, up.shape[0])
     index = layout.index(rows, x.shape[0])
     inputs = layout.gather(x, index)
     hidden, kept = layout.matmul_kept(inputs, up)
@@ -289,7 +302,7 @@ def mlp_backward(
     plan: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_up, grad_down, grad_gates) of `mlp_forward`, given what it returned."""
-    layout = _from_plan(plan, experts, up.shape[0])
+    layout = _Layout.from_plan(plan, experts, up.shape[0])
     index = layout.index(rows, x.shape[0])
     inputs, grads = layout.gather(x, index), layout.gather(grad_out, index)
     hidden = layout.from_kept(hidden)
