@@ -14,8 +14,8 @@ once per expert). Padding every block to the largest expert's count would add 15
 a balanced routing, so the blocks are smaller than that and the few experts that overflow them
 get one matmul each over their remaining rows: `_capacity` weighs those matmuls against the
 padding. Padding rows read zeros and scatter into a discarded row, so they change nothing. On
-one CPU thread a `bmm` is the same loop of matmuls plus the padding: there are no blocks and
-each expert is one matmul over its contiguous rows.
+one CPU thread, where a `bmm` is a loop of matmuls too, the blocks still save a call per
+expert and pass.
 Outputs and input gradients are scatter-added with `index_add_`, which is deterministic on CPU.
 
 Gates scale whichever side of a product is narrower (σ-MoE: the m hidden units, not the d
@@ -85,8 +85,7 @@ class _Layout:
         """
         ids = _host_ids(experts, n_experts)
         counts = np.bincount(ids, minlength=n_experts)
-        batched = experts.device.type != "cpu" or torch.get_num_threads() > 1
-        capacity = _capacity(counts) if batched else 0
+        capacity = _capacity(counts)
         layout = cls(counts, capacity, experts.new_empty(0))  # its slots, from its overflows:
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
