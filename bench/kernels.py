@@ -10,10 +10,13 @@ test through the Triton interpreter (timings there mean nothing).
 Everywhere it then times the PyTorch path (`torch_kernels`, what CPUs run) against the
 plain-autograd reference it replaced, at the MoEUT-44M shapes in fp32 (512 tokens, d = 412,
 E = 155, m = 128, k = 12; H = 4, dh = 82, Ea = 8, ka = 2): forward + backward of σ-MoE and
-both SwitchHead projections, the median and the minimum of `--repeats` runs (the two
-alternating), and the activation bytes kept per token.
+both SwitchHead projections, the median and the minimum of `--repeats` runs (the paths
+alternating), and the activation bytes kept per token. With `--against REVISION` a third path
+alternates with those two: the PyTorch path as it was at that git revision (its
+`torch_kernels.py`, swapped into the custom ops), so that a change is measured against what it
+changed in one run, on one machine's load.
 
-    python bench/kernels.py [--repeats 5]
+    python bench/kernels.py [--repeats 5] [--against REVISION]
 
 Imports only torch, triton, numpy and moeut_dist.kernels.
 """
@@ -21,11 +24,16 @@ Imports only torch, triton, numpy and moeut_dist.kernels.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import statistics
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -35,7 +43,7 @@ if not torch.cuda.is_available():
 
 from moeut_dist.activation_memory import SavedTensorBytes
 from moeut_dist.host_memory import keep_freed_memory
-from moeut_dist.kernels import moe_linear, moe_mlp, reference
+from moeut_dist.kernels import moe_linear, moe_mlp, ops, reference
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -240,61 +248,88 @@ def alternating_seconds(
     return {name: (statistics.median(values), min(values)) for name, values in times.items()}
 
 
-def compare_pytorch_paths(repeats: int) -> None:
-    """The PyTorch path against the plain-autograd reference it replaced, at the 44M shapes,
-    with freed memory kept for reuse as `moeut train` keeps it on CPUs."""
+def torch_kernels_at(revision: str) -> ModuleType:
+    """`moeut_dist/kernels/torch_kernels.py` as it was at a git revision of this checkout."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:moeut_dist/kernels/torch_kernels.py"],
+        cwd=Path(__file__).resolve().parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    module = ModuleType(f"torch_kernels at {revision}")
+    exec(compile(source, f"{revision}:torch_kernels.py", "exec"), module.__dict__)
+    return module
+
+
+@contextlib.contextmanager
+def pytorch_path(module: ModuleType) -> Iterator[None]:
+    """Runs the custom ops' PyTorch path from `module` (a `torch_kernels`) within the block."""
+    today, ops.torch_kernels = ops.torch_kernels, module
+    try:
+        yield
+    finally:
+        ops.torch_kernels = today
+
+
+def compare_pytorch_paths(repeats: int, against: str | None = None) -> None:
+    """The PyTorch path against the plain-autograd reference it replaced, and against its
+    version at git revision `against` if given, at the 44M shapes, with freed memory kept for
+    reuse as `moeut train` keeps it on CPUs."""
     kept = keep_freed_memory() if not ON_GPU else False
     print(
         f"\nPyTorch path vs reference, MoEUT-44M shapes, fp32, {torch.get_num_threads()} threads, "
-        f"freed memory {'kept' if kept else 'returned'}; medians (and minima) of {repeats} runs"
+        f"freed memory {'kept' if kept else 'returned'}; medians (and minima) of {repeats} "
+        "alternating runs"
     )
-    print(f"{'operation':<46} {'reference ms':>12} {'torch ms':>9} {'speed-up':>8} "
-          f"{'(minima)':>8} {'ref B/token':>11} {'torch B/token':>13}")  # fmt: skip
-    totals = {"reference": [0.0, 0.0], "torch": [0.0, 0.0]}
-    saved = {"reference": 0.0, "torch": 0.0}
+    paths = {"reference": ("reference", ops.torch_kernels), "torch": ("torch", ops.torch_kernels)}
+    if against:
+        paths[f"torch at {against}"] = ("torch", torch_kernels_at(against))
+    header = (
+        f"{'operation':<46} {'path':<20} {'ms':>7} {'speed-up':>8} {'(minima)':>8} "
+        f"{'B/token kept':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    totals = dict.fromkeys(paths, (0.0, 0.0, 0.0))
     for work in workloads(MOEUT_44M, torch.float32):
-        times = alternating_seconds(
-            {backend: lambda w=work, b=backend: forward_backward(w, b) for backend in totals},
-            repeats,
-        )
-        kept_per_token = {
-            backend: saved_activation_bytes(work, backend) / MOEUT_44M.n_tokens
-            for backend in totals
-        }
-        for backend in totals:
-            totals[backend] = [t + s for t, s in zip(totals[backend], times[backend], strict=True)]
-            saved[backend] += kept_per_token[backend]
-        _print_comparison(
-            work.name,
-            times["reference"],
-            times["torch"],
-            (kept_per_token["reference"], kept_per_token["torch"]),
-        )
-    _print_comparison(
-        "σ-MoE + SwitchHead V + O",
-        tuple(totals["reference"]),
-        tuple(totals["torch"]),
-        (saved["reference"], saved["torch"]),
-    )
+
+        def run(path: str, work: Workload = work) -> None:
+            backend, module = paths[path]
+            with pytorch_path(module):
+                forward_backward(work, backend)
+
+        times = alternating_seconds({path: functools.partial(run, path) for path in paths}, repeats)
+        rows = {}
+        for path, (backend, module) in paths.items():
+            with pytorch_path(module):
+                kept_bytes = saved_activation_bytes(work, backend) / MOEUT_44M.n_tokens
+            rows[path] = (*times[path], kept_bytes)
+            totals[path] = tuple(t + r for t, r in zip(totals[path], rows[path], strict=True))
+        _print_comparison(work.name, rows)
+    _print_comparison("σ-MoE + SwitchHead V + O", totals)
 
 
-def _print_comparison(
-    name: str,
-    reference: tuple[float, float],
-    torch_path: tuple[float, float],
-    kept_bytes: tuple[float, float],
-) -> None:
-    """One row: median ms of both, the speed-up of the medians and of the minima, bytes kept."""
-    print(
-        f"{name:<46} {reference[0] * 1e3:>12.1f} {torch_path[0] * 1e3:>9.1f} "
-        f"{reference[0] / torch_path[0]:>8.2f} {reference[1] / torch_path[1]:>8.2f} "
-        f"{kept_bytes[0]:>11.0f} {kept_bytes[1]:>13.0f}"
-    )
+def _print_comparison(name: str, rows: dict[str, tuple[float, float, float]]) -> None:
+    """A line per path: its median ms, its speed-up over the reference by medians and by
+    minima, and the bytes per token it keeps for backward."""
+    reference_median, reference_minimum, _ = rows["reference"]
+    for path, (median, minimum, kept_bytes) in rows.items():
+        print(
+            f"{name:<46} {path:<20} {median * 1e3:>7.1f} {reference_median / median:>8.2f} "
+            f"{reference_minimum / minimum:>8.2f} {kept_bytes:>12.0f}"
+        )
+        name = ""
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--against",
+        metavar="REVISION",
+        help="also time the PyTorch path as it was at this git revision (its torch_kernels.py)",
+    )
     arguments = parser.parse_args()
     main()
-    compare_pytorch_paths(arguments.repeats)
+    compare_pytorch_paths(arguments.repeats, arguments.against)

@@ -3,6 +3,9 @@ the cases of the Triton kernel tests, and what its custom ops keep for backward.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +24,17 @@ from tests.test_kernels import (
     switchhead_v,
 )
 
+
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
@@ -34,7 +48,8 @@ CAPACITIES = {  # of the blocks, from the number of pairs of each expert
 @pytest.fixture(params=list(CAPACITIES))
 def block_capacity(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs the test with the given block capacity in the PyTorch path, whatever the routing."""
-    monkeypatch.setattr(torch_kernels, "_capacity", CAPACITIES[request.param])
+    capacity = CAPACITIES[request.param]
+    monkeypatch.setattr(torch_kernels, "_capacity", lambda counts, device: capacity(counts))
     # Blocks of the largest count may hold up to E rows per pair (E ≤ 7 in the cases).
     monkeypatch.setattr(torch_kernels, "MAX_PADDING", 8.0)
 
@@ -137,10 +152,13 @@ def test_capacity_weighs_padding_against_overflow_matmuls(
     # One expert of 40: padding the others to 40 would be 160 rows for 88 pairs; it overflows
     # its block of 16 instead.
     outlier = [e % 3 for e in range(48)] + [3] * 40
-    assert _layout(balanced, 4).capacity == 16  # one bmm, no padding
-    layout = _layout(outlier, 4)
-    assert (layout.capacity, layout.n_rows) == (16, 88)
-    assert [e for e, _ in layout.overflowing] == [3]
-    # Were a matmul free, blocks would not pay: they pad, and overflow matmuls replace them.
-    monkeypatch.setattr(torch_kernels, "OVERFLOW_MATMUL_ROWS", 0)
-    assert _layout(outlier, 4).capacity == 0
+    with cpu_threads(2):
+        assert _layout(balanced, 4).capacity == 16  # one bmm, no padding
+        layout = _layout(outlier, 4)
+        assert (layout.capacity, layout.n_rows) == (16, 88)
+        assert [e for e, _ in layout.overflowing] == [3]
+        # Were a matmul free, blocks would not pay: they pad, and overflow matmuls replace them.
+        monkeypatch.setattr(torch_kernels, "OVERFLOW_MATMUL_ROWS", 0)
+        assert _layout(outlier, 4).capacity == 0
+    with cpu_threads(1):  # a bmm would be a loop of matmuls plus padding
+        assert _layout(balanced, 4).capacity == 0

@@ -14,8 +14,8 @@ once per expert). Padding every block to the largest expert's count would add 15
 a balanced routing, so the blocks are smaller than that and the few experts that overflow them
 get one matmul each over their remaining rows: `_capacity` weighs those matmuls against the
 padding. Padding rows read zeros and scatter into a discarded row, so they change nothing. On
-one CPU thread, where a `bmm` is a loop of matmuls too, the blocks still save a call per
-expert and pass.
+one CPU thread a `bmm` is the same loop of matmuls plus the padding: there are no blocks, and
+each expert is one matmul over its contiguous rows.
 Outputs and input gradients are scatter-added with `index_add_`, which is deterministic on CPU.
 
 Gates scale whichever side of a product is narrower (σ-MoE: the m hidden units, not the d
@@ -66,14 +66,17 @@ class _Layout:
     """
 
     def __init__(self, counts: np.ndarray, capacity: int, slots: torch.Tensor) -> None:
-        self.n_experts, self.capacity, self.slots = len(counts), capacity, slots
+        self.counts, self.capacity, self.slots = counts.tolist(), capacity, slots
+        self.n_experts = len(counts)
         self.n_blocked = self.n_experts * capacity
         overflow = np.maximum(counts - capacity, 0)
-        # Each expert's overflow rows: overflow_start[e] to overflow_end[e].
-        self.overflow_end = self.n_blocked + np.cumsum(overflow)
-        self.overflow_start = self.overflow_end - overflow
-        self.n_rows = int(self.overflow_end[-1]) if self.n_experts else 0
-        self.overflowing = self._overflow_spans(overflow.nonzero()[0])  # the experts with some
+        ends = self.n_blocked + np.cumsum(overflow)
+        self.overflow_start = ends - overflow  # of each expert's overflow rows
+        self.n_rows = int(ends[-1]) if self.n_experts else 0
+        bounds = zip(self.overflow_start.tolist(), ends.tolist(), strict=True)
+        self.overflowing = [  # (e, expert e's overflow rows) for each expert with some
+            (e, slice(start, end)) for e, (start, end) in enumerate(bounds) if end > start
+        ]
 
     @classmethod
     def of(cls, experts: torch.Tensor, n_experts: int) -> _Layout:
@@ -85,7 +88,7 @@ class _Layout:
         """
         ids = _host_ids(experts, n_experts)
         counts = np.bincount(ids, minlength=n_experts)
-        capacity = _capacity(counts)
+        capacity = _capacity(counts, experts.device)
         layout = cls(counts, capacity, experts.new_empty(0))  # its slots, from its overflows:
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
@@ -166,10 +169,11 @@ class _Layout:
     def weight_grad(self, rows: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """(rows of expert e)ᵀ @ grads of expert e, for every e: [E, ·, ·]; zero for the
         experts without pairs."""
-        if not self.capacity:  # all rows overflow; a matmul over no rows writes zeros
+        if not self.capacity:  # a matmul per expert (over no rows: zeros)
             out = rows.new_empty(self.n_experts, rows.shape[1], grads.shape[1])
-            for expert, span in self._overflow_spans(np.arange(self.n_experts)):
-                torch.mm(rows[span].T, grads[span], out=out[expert])
+            segments = rows.split(self.counts), grads.split(self.counts), out.unbind(0)
+            for expert_rows, expert_grads, expert_out in zip(*segments, strict=True):
+                torch.mm(expert_rows.T, expert_grads, out=expert_out)
             return out
         out = torch.bmm(self._blocks(rows).mT, self._blocks(grads))
         for expert, span in self.overflowing:
@@ -177,17 +181,17 @@ class _Layout:
         return out
 
     def _matmul_into(self, rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-        if self.capacity:
-            torch.bmm(self._blocks(rows), weight, out=self._blocks(out))
+        if not self.capacity:  # a matmul per expert; one split per tensor, not E slices
+            segments = rows.split(self.counts), weight.unbind(0), out.split(self.counts)
+            for expert_rows, expert_weight, expert_out in zip(*segments, strict=True):
+                torch.mm(expert_rows, expert_weight, out=expert_out)
+            return
+        torch.bmm(self._blocks(rows), weight, out=self._blocks(out))
         for expert, span in self.overflowing:
             torch.mm(rows[span], weight[expert], out=out[span])
 
     def _blocks(self, rows: torch.Tensor) -> torch.Tensor:
         return rows[: self.n_blocked].view(self.n_experts, self.capacity, rows.shape[1])
-
-    def _overflow_spans(self, experts: np.ndarray) -> list[tuple[int, slice]]:
-        bounds = (experts, self.overflow_start[experts], self.overflow_end[experts])
-        return [(e, slice(a, b)) for e, a, b in zip(*(x.tolist() for x in bounds), strict=True)]
 
 
 def _host_ids(experts: torch.Tensor, n_experts: int) -> np.ndarray:
@@ -195,12 +199,15 @@ def _host_ids(experts: torch.Tensor, n_experts: int) -> np.ndarray:
     return experts.cpu().numpy().astype(np.min_scalar_type(n_experts))
 
 
-def _capacity(counts: np.ndarray) -> int:
+def _capacity(counts: np.ndarray, device: torch.device) -> int:
     """The block capacity that costs the fewest rows, each overflowing expert's matmul counted
     as OVERFLOW_MATMUL_ROWS more, among those within MAX_PADDING rows per pair (0 always is).
+    On one CPU thread, where a `bmm` is a loop of matmuls too, the padding is pure loss: 0.
 
     Between two counts the rows grow with the capacity, so the best is 0 or one of the counts.
     """
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return 0
     candidates = np.unique(np.append(counts, 0))  # ascending: ties go to the smaller
     overflow = np.maximum(counts - candidates[:, None], 0)
     rows = len(counts) * candidates + overflow.sum(1)
