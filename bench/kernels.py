@@ -236,13 +236,15 @@ def alternating_seconds(
     fns: dict[str, Callable[[], object]], repeats: int
 ) -> dict[str, tuple[float, float]]:
     """(median, minimum) seconds of each function, run in turn `repeats` times after one
-    warm-up each, so that a shared machine's load hits all of them alike. The minimum is the
-    run least disturbed by other jobs; the median, what a run typically got."""
+    warm-up each, so that a shared machine's load hits all of them alike. The order reverses
+    every round, so that each function follows each of the others (and itself) equally often:
+    one that always ran right after another would inherit its caches and freed memory. The
+    minimum is the run least disturbed by other jobs; the median, what a run typically got."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for repeat in range(repeats + 1):
-        for name, fn in fns.items():
+        for name in list(fns) if repeat % 2 else reversed(fns):
             start = time.perf_counter()
-            fn()
+            fns[name]()
             if repeat:
                 times[name].append(time.perf_counter() - start)
     return {name: (statistics.median(values), min(values)) for name, values in times.items()}
