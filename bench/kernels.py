@@ -10,9 +10,11 @@ test through the Triton interpreter (timings there mean nothing).
 Everywhere it then times the PyTorch path (`torch_kernels`, what CPUs run) against the
 plain-autograd reference it replaced, at the MoEUT-44M shapes in fp32 (512 tokens, d = 412,
 E = 155, m = 128, k = 12; H = 4, dh = 82, Ea = 8, ka = 2): forward + backward of σ-MoE and
-both SwitchHead projections, the median and the minimum of `--repeats` runs (the paths
-alternating), and the activation bytes kept per token. With `--against REVISION` a third path
-alternates with those two: the PyTorch path as it was at that git revision (its
+both SwitchHead projections over `--repeats` rounds (each path once a round, the order
+reversing every round): the median time, the speed-up over the reference by medians, by
+minima and paired (the median of each round's own ratio, which a change in the machine's load
+between rounds does not move), and the activation bytes kept per token. With `--against
+REVISION` a third path joins the rounds: the PyTorch path as it was at that git revision (its
 `torch_kernels.py`, swapped into the custom ops), so that a change is measured against what it
 changed in one run, on one machine's load.
 
@@ -234,12 +236,11 @@ def main() -> None:
 
 def alternating_seconds(
     fns: dict[str, Callable[[], object]], repeats: int
-) -> dict[str, tuple[float, float]]:
-    """(median, minimum) seconds of each function, run in turn `repeats` times after one
-    warm-up each, so that a shared machine's load hits all of them alike. The order reverses
-    every round, so that each function follows each of the others (and itself) equally often:
-    one that always ran right after another would inherit its caches and freed memory. The
-    minimum is the run least disturbed by other jobs; the median, what a run typically got."""
+) -> dict[str, list[float]]:
+    """Seconds of each function in each of `repeats` rounds, after a warm-up round. In a round
+    every function runs once, so that a shared machine's load hits all of them alike, and the
+    order reverses every round, so that each follows each of the others (and itself) equally
+    often: one that always ran right after another would inherit its caches and freed memory."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for repeat in range(repeats + 1):
         for name in list(fns) if repeat % 2 else reversed(fns):
@@ -247,7 +248,7 @@ def alternating_seconds(
             fns[name]()
             if repeat:
                 times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
+    return times
 
 
 def torch_kernels_at(revision: str) -> ModuleType:
@@ -281,19 +282,19 @@ def compare_pytorch_paths(repeats: int, against: str | None = None) -> None:
     kept = keep_freed_memory() if not ON_GPU else False
     print(
         f"\nPyTorch path vs reference, MoEUT-44M shapes, fp32, {torch.get_num_threads()} threads, "
-        f"freed memory {'kept' if kept else 'returned'}; medians (and minima) of {repeats} "
-        "alternating runs"
+        f"freed memory {'kept' if kept else 'returned'}; {repeats} rounds. Speed-up over the "
+        "reference: of the medians, of the minima, and the median of each round's own ratio"
     )
     paths = {"reference": ("reference", ops.torch_kernels), "torch": ("torch", ops.torch_kernels)}
     if against:
         paths[f"torch at {against}"] = ("torch", torch_kernels_at(against))
     header = (
         f"{'operation':<46} {'path':<20} {'ms':>7} {'speed-up':>8} {'(minima)':>8} "
-        f"{'B/token kept':>12}"
+        f"{'(paired)':>8} {'B/token kept':>12}"
     )
     print(header)
     print("-" * len(header))
-    totals = dict.fromkeys(paths, (0.0, 0.0, 0.0))
+    totals = {path: ([0.0] * repeats, 0.0) for path in paths}
     for work in workloads(MOEUT_44M, torch.float32):
 
         def run(path: str, work: Workload = work) -> None:
@@ -301,25 +302,33 @@ def compare_pytorch_paths(repeats: int, against: str | None = None) -> None:
             with pytorch_path(module):
                 forward_backward(work, backend)
 
-        times = alternating_seconds({path: functools.partial(run, path) for path in paths}, repeats)
+        rounds = alternating_seconds(
+            {path: functools.partial(run, path) for path in paths}, repeats
+        )
         rows = {}
         for path, (backend, module) in paths.items():
             with pytorch_path(module):
                 kept_bytes = saved_activation_bytes(work, backend) / MOEUT_44M.n_tokens
-            rows[path] = (*times[path], kept_bytes)
-            totals[path] = tuple(t + r for t, r in zip(totals[path], rows[path], strict=True))
+            rows[path] = (rounds[path], kept_bytes)
+            total_rounds, total_bytes = totals[path]
+            summed = [t + r for t, r in zip(total_rounds, rounds[path], strict=True)]
+            totals[path] = (summed, total_bytes + kept_bytes)
         _print_comparison(work.name, rows)
     _print_comparison("σ-MoE + SwitchHead V + O", totals)
 
 
-def _print_comparison(name: str, rows: dict[str, tuple[float, float, float]]) -> None:
-    """A line per path: its median ms, its speed-up over the reference by medians and by
-    minima, and the bytes per token it keeps for backward."""
-    reference_median, reference_minimum, _ = rows["reference"]
-    for path, (median, minimum, kept_bytes) in rows.items():
+def _print_comparison(name: str, rows: dict[str, tuple[list[float], float]]) -> None:
+    """A line per path: its median ms, its speed-up over the reference (by medians, by minima,
+    and paired: the median of the rounds' own ratios, each round having run both back to back,
+    so that a change in the machine's load between rounds cancels), and the bytes per token it
+    keeps for backward."""
+    reference = rows["reference"][0]
+    for path, (seconds, kept_bytes) in rows.items():
+        paired = statistics.median(r / s for r, s in zip(reference, seconds, strict=True))
         print(
-            f"{name:<46} {path:<20} {median * 1e3:>7.1f} {reference_median / median:>8.2f} "
-            f"{reference_minimum / minimum:>8.2f} {kept_bytes:>12.0f}"
+            f"{name:<46} {path:<20} {statistics.median(seconds) * 1e3:>7.1f} "
+            f"{statistics.median(reference) / statistics.median(seconds):>8.2f} "
+            f"{min(reference) / min(seconds):>8.2f} {paired:>8.2f} {kept_bytes:>12.0f}"
         )
         name = ""
 
