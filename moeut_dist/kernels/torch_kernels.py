@@ -89,7 +89,7 @@ class _Layout:
         ids = _host_ids(experts, n_experts)
         counts = np.bincount(ids, minlength=n_experts)
         capacity = _capacity(counts, experts.device)
-        layout = cls(counts, capacity, experts.new_empty(0))  # its slots, from its overflows:
+        layout = cls(counts, capacity, experts.new_empty(0))  # slots follow from its overflows
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         rank = np.arange(len(ids)) - (np.cumsum(counts) - counts)[sorted_ids]  # within its expert
