@@ -123,6 +123,23 @@ def test_backward_keeps_the_layout_and_narrow_activations_only(block_capacity: N
     assert _bytes_kept_beyond_the_arguments(o) == (len(o.routing[0]) + 1) * 8
 
 
+def test_backward_uses_the_forward_layout_whatever_the_threads_then() -> None:
+    """The layout is decided once, in the forward: a backward run on one thread (which alone
+    would make no blocks) still reads the blocked rows the forward kept."""
+    torch.manual_seed(4)
+    case = sigma_moe(n_tokens=32, k=4, hidden=32)
+    grad_out = torch.randn(32, 32)
+    expected, expected_grads = _float64_run(case, grad_out)
+    inputs = [t.detach().requires_grad_() for t in case.inputs]
+    with cpu_threads(2):
+        out = case.op(*inputs, *case.routing, backend="torch")
+        assert torch_kernels._Layout.of(case.routing[0], 5).capacity > 0
+    with cpu_threads(1):
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    for actual, wanted in zip([out, *grads], [expected, *expected_grads], strict=True):
+        assert _relative_error(actual, wanted) < 1e-5
+
+
 def _layout(experts: list[int], n_experts: int) -> torch_kernels._Layout:
     return torch_kernels._Layout.of(torch.tensor(experts), n_experts)
 
