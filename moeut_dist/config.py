@@ -41,7 +41,8 @@ class MoEUTConfig(DictConvertible):
     att_entropy_reg: float = 0.001  # δ
     rope_base: float = 10000.0
     kernel: KernelBackend = "auto"
-    # Each layer compiled with torch.compile (inductor), the expert custom ops inside its graph.
+    # Each layer compiled with torch.compile (inductor), the expert custom ops inside its graph
+    # (the collectives of tensor and expert parallelism between its graphs).
     compile: bool = False
 
     def __post_init__(self) -> None:

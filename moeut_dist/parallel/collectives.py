@@ -1,18 +1,37 @@
-"""Differentiable collectives that megatron-core only provides for CUDA.
+"""The differentiable collectives of tensor and expert parallelism.
 
 megatron-core's gather/scatter mappings allocate their outputs on `torch.cuda.current_device()`,
 so they fail on CPU (gloo); these allocate on the input's device. Its all-reduce based mappings
-(`copy_to_tensor_model_parallel_region`, `reduce_from_tensor_model_parallel_region`) are
-device-agnostic and used directly. `data_parallel_mean` reduces logged values.
+are device-agnostic and wrapped as they are (`copy_to_tensor_region`, `reduce_from_tensor_region`).
+`data_parallel_mean` reduces logged values.
+
+Every collective here runs outside `torch.compile`'s graphs (`outside_compiled_graphs`): dynamo
+fails on megatron-core's copy, an autograd Function that returns its input as is, and the
+uneven all-to-alls take their split sizes as Python lists that change with every routing. A
+compiled layer is therefore one graph per stretch between collectives, which is where a
+parallel layout's communication happens anyway.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
+
+_Function = TypeVar("_Function", bound=Callable)
+
+
+def outside_compiled_graphs(function: _Function) -> _Function:
+    """`function` runs eagerly when called from code that `torch.compile` traces."""
+    return torch.compiler.disable(function)
 
 
 def _all_gather_first_dim(x: torch.Tensor, group) -> torch.Tensor:
@@ -133,6 +152,7 @@ class _PackedAllToAll(torch.autograd.Function):
         return None, None, None, *(returned.get(i) for i in range(len(ctx.layout)))
 
 
+@outside_compiled_graphs
 def all_to_all_packed(
     tensors: list[torch.Tensor], send_counts: list[int], recv_counts: list[int], group
 ) -> list[torch.Tensor]:
@@ -141,23 +161,39 @@ def all_to_all_packed(
     return list(_PackedAllToAll.apply(send_counts, recv_counts, group, *tensors))
 
 
+@outside_compiled_graphs
+def copy_to_tensor_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Identity forward, all-reduce of the gradient over `group` (megatron-core's copy)."""
+    return copy_to_tensor_model_parallel_region(x, group=group)
+
+
+@outside_compiled_graphs
+def reduce_from_tensor_region(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce over `group` forward, identity backward (megatron-core's reduce)."""
+    return reduce_from_tensor_model_parallel_region(x, group=group)
+
+
+@outside_compiled_graphs
 def split_first_dim(x: torch.Tensor, group) -> torch.Tensor:
     """This rank's chunk of a tensor replicated over `group`; backward all-gathers the gradient,
     so the replicated input gets the full gradient on every rank."""
     return _SplitFirstDim.apply(x, group)
 
 
+@outside_compiled_graphs
 def gather_first_dim(x: torch.Tensor, group) -> torch.Tensor:
     """All-gather along dim 0; for outputs whose gradient is replicated over `group`, so the
     backward keeps this rank's chunk."""
     return _GatherFirstDim.apply(x, group)
 
 
+@outside_compiled_graphs
 def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
     """All-gather along the last dim, backward keeps this rank's chunk (replicated gradient)."""
     return _GatherLastDim.apply(x, group)
 
 
+@outside_compiled_graphs
 def all_to_all(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group):
     """Uneven all-to-all along dim 0 (rows grouped by destination); the gradient travels back."""
     return _AllToAll.apply(x, send_counts, recv_counts, group)

@@ -25,6 +25,7 @@ from moeut_dist.parallel.collectives import (
     all_to_all,
     all_to_all_packed,
     gather_first_dim,
+    outside_compiled_graphs,
     split_first_dim,
 )
 
@@ -142,6 +143,8 @@ class ExpertParallelDispatcher:
     def _tensor_parallel(self) -> bool:
         return self.tensor_group is not None and dist.get_world_size(self.tensor_group) > 1
 
+    # The split sizes are fetched to the host mid-dispatch, and change with every routing.
+    @outside_compiled_graphs
     def __call__(
         self,
         x: torch.Tensor,

@@ -1,11 +1,12 @@
 """Tensor parallelism with megatron-core: attention split by heads, vocabulary-parallel ends.
 
 A TP rank holds `n_heads / TP` whole heads: their Q/K rows and each head's V/O experts and
-selectors. Its inputs enter through `copy_to_tensor_model_parallel_region` (backward: all-reduce
-of the input gradient) and its partial output leaves through
-`reduce_from_tensor_model_parallel_region` (forward: all-reduce). The selection logits are
-all-gathered over heads so that every TP rank computes the regulariser over all heads, exactly as
-one process would; its gradient for a rank's own heads is then that rank's slice.
+selectors. Its inputs enter through megatron-core's `copy_to_tensor_model_parallel_region`
+(backward: all-reduce of the input gradient) and its partial output leaves through
+`reduce_from_tensor_model_parallel_region` (forward: all-reduce), both as `collectives` wraps
+them. The selection logits are all-gathered over heads so that every TP rank computes the
+regulariser over all heads, exactly as one process would; its gradient for a rank's own heads
+is then that rank's slice.
 
 The dense baseline's attention is split the same way (each head's rows of Q, K, V and columns of
 O), and its feed-forward Megatron's way: column-parallel up-projection, row-parallel
@@ -25,8 +26,6 @@ import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import (
     VocabParallelEmbedding,
-    copy_to_tensor_model_parallel_region,
-    reduce_from_tensor_model_parallel_region,
     vocab_parallel_cross_entropy,
 )
 from torch import nn
@@ -36,7 +35,11 @@ from moeut_dist.model.attention import KVCache, SwitchHead
 from moeut_dist.model.dense import DenseAttention, FeedForward
 from moeut_dist.model.lm_head import LMHead
 from moeut_dist.model.moe import at_least_fp32
-from moeut_dist.parallel.collectives import gather_last_dim
+from moeut_dist.parallel.collectives import (
+    copy_to_tensor_region,
+    gather_last_dim,
+    reduce_from_tensor_region,
+)
 from moeut_dist.parallel.shards import tensor_shard_range
 
 
@@ -56,17 +59,21 @@ class TensorParallelSwitchHead(SwitchHead):
         key_padding: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, KVCache, dict[str, torch.Tensor]]:
-        copied = {}  # q_src and k_src are usually one tensor: all-reduce its gradient once
+        # The sources are usually one or two tensors: each enters (its gradient all-reduced)
+        # once. Compared by identity, which torch.compile guards without recompiling per call.
+        entered: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def enter(x: torch.Tensor) -> torch.Tensor:
-            if id(x) not in copied:
-                copied[id(x)] = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
-            return copied[id(x)]
+            for source, copy in entered:
+                if source is x:
+                    return copy
+            entered.append((x, copy_to_tensor_region(x, self.tp_group)))
+            return entered[-1][1]
 
         partial, new_cache, logits = super().forward(
             enter(q_src), enter(k_src), enter(v_src), key_padding, cache
         )
-        out = reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
+        out = reduce_from_tensor_region(partial, self.tp_group)
         return out, new_cache, {name: self._all_heads(value) for name, value in logits.items()}
 
     def _all_heads(self, logits: torch.Tensor) -> torch.Tensor:
@@ -85,9 +92,9 @@ class TensorParallelDenseAttention(DenseAttention):
     def forward(
         self, x: torch.Tensor, key_padding: torch.Tensor | None, cache: KVCache | None
     ) -> tuple[torch.Tensor, KVCache]:
-        x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        x = copy_to_tensor_region(x, self.tp_group)
         partial, new_cache = super().forward(x, key_padding, cache)
-        return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group), new_cache
+        return reduce_from_tensor_region(partial, self.tp_group), new_cache
 
 
 class TensorParallelFeedForward(FeedForward):
@@ -99,8 +106,8 @@ class TensorParallelFeedForward(FeedForward):
         self.tp_group = tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = super().forward(copy_to_tensor_model_parallel_region(x, group=self.tp_group))
-        return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
+        partial = super().forward(copy_to_tensor_region(x, self.tp_group))
+        return reduce_from_tensor_region(partial, self.tp_group)
 
 
 class VocabParallelLMHead(LMHead):
@@ -112,9 +119,7 @@ class VocabParallelLMHead(LMHead):
         self.tp_group = tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(
-            copy_to_tensor_model_parallel_region(x, group=self.tp_group), self.weight, self.bias
-        )
+        return F.linear(copy_to_tensor_region(x, self.tp_group), self.weight, self.bias)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy from vocabulary-sharded logits [B, T, V / TP]."""
