@@ -16,9 +16,11 @@ minima and paired (the median of each round's own ratio, which a change in the m
 between rounds does not move), and the activation bytes kept per token. With `--against
 REVISION` a third path joins the rounds: the PyTorch path as it was at that git revision (its
 `torch_kernels.py`, swapped into the custom ops), so that a change is measured against what it
-changed in one run, on one machine's load.
+changed in one run, on one machine's load. With `--compiled`, the reference under
+`torch.compile` (dynamic shapes, since the split sizes change with every routing) joins them
+too, after a first call that is timed apart (tracing and inductor's C++ builds).
 
-    python bench/kernels.py [--repeats 5] [--against REVISION]
+    python bench/kernels.py [--repeats 5] [--against REVISION] [--compiled]
 
 Imports only torch, triton, numpy and moeut_dist.kernels.
 """
@@ -132,10 +134,18 @@ def workloads(s: Shapes, dtype: torch.dtype = DTYPE) -> list[Workload]:
 
 
 def _call(work: Workload, backend: str, **kwargs: object) -> torch.Tensor:
-    """`backend` "reference" is the plain-autograd path; the others are `kernels` backends."""
+    """`backend` "reference" is the plain-autograd path, "compiled reference" the same under
+    `torch.compile`; the others are `kernels` backends."""
     if backend == "reference":
         return work.reference(*work.inputs, *work.routing)
+    if backend == "compiled reference":
+        return _compiled(work.reference)(*work.inputs, *work.routing)
     return work.op(*work.inputs, *work.routing, backend=backend, **kwargs)
+
+
+@functools.cache
+def _compiled(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    return torch.compile(function, dynamic=True)
 
 
 def forward_backward(work: Workload, backend: str, **kwargs: object) -> list[torch.Tensor]:
@@ -275,10 +285,10 @@ def pytorch_path(module: ModuleType) -> Iterator[None]:
         ops.torch_kernels = today
 
 
-def compare_pytorch_paths(repeats: int, against: str | None = None) -> None:
-    """The PyTorch path against the plain-autograd reference it replaced, and against its
-    version at git revision `against` if given, at the 44M shapes, with freed memory kept for
-    reuse as `moeut train` keeps it on CPUs."""
+def compare_pytorch_paths(repeats: int, against: str | None = None, compiled: bool = False) -> None:
+    """The PyTorch path against the plain-autograd reference it replaced, against its version
+    at git revision `against` if given, and against the reference compiled if `compiled`, at
+    the 44M shapes, with freed memory kept for reuse as `moeut train` keeps it on CPUs."""
     kept = keep_freed_memory() if not ON_GPU else False
     print(
         f"\nPyTorch path vs reference, MoEUT-44M shapes, fp32, {torch.get_num_threads()} threads, "
@@ -288,6 +298,8 @@ def compare_pytorch_paths(repeats: int, against: str | None = None) -> None:
     paths = {"reference": ("reference", ops.torch_kernels), "torch": ("torch", ops.torch_kernels)}
     if against:
         paths[f"torch at {against}"] = ("torch", torch_kernels_at(against))
+    if compiled:
+        paths["compiled reference"] = ("compiled reference", ops.torch_kernels)
     header = (
         f"{'operation':<46} {'path':<20} {'ms':>7} {'speed-up':>8} {'(minima)':>8} "
         f"{'(paired)':>8} {'B/token kept':>12}"
@@ -295,7 +307,10 @@ def compare_pytorch_paths(repeats: int, against: str | None = None) -> None:
     print(header)
     print("-" * len(header))
     totals = {path: ([0.0] * repeats, 0.0) for path in paths}
+    first_calls = []
     for work in workloads(MOEUT_44M, torch.float32):
+        if compiled:
+            first_calls.append(f"{work.name}: {seconds_of_first_call(work):.0f} s")
 
         def run(path: str, work: Workload = work) -> None:
             backend, module = paths[path]
@@ -315,6 +330,14 @@ def compare_pytorch_paths(repeats: int, against: str | None = None) -> None:
             totals[path] = (summed, total_bytes + kept_bytes)
         _print_comparison(work.name, rows)
     _print_comparison("σ-MoE + SwitchHead V + O", totals)
+    if compiled:
+        print("compiled reference, first call:", "; ".join(first_calls))
+
+
+def seconds_of_first_call(work: Workload) -> float:
+    started = time.perf_counter()
+    forward_backward(work, "compiled reference")
+    return time.perf_counter() - started
 
 
 def _print_comparison(name: str, rows: dict[str, tuple[list[float], float]]) -> None:
@@ -341,6 +364,9 @@ if __name__ == "__main__":
         metavar="REVISION",
         help="also time the PyTorch path as it was at this git revision (its torch_kernels.py)",
     )
+    parser.add_argument(
+        "--compiled", action="store_true", help="also time the reference under torch.compile"
+    )
     arguments = parser.parse_args()
     main()
-    compare_pytorch_paths(arguments.repeats, arguments.against)
+    compare_pytorch_paths(arguments.repeats, arguments.against, arguments.compiled)

@@ -1,6 +1,6 @@
 """Training-step benchmark: framework overhead, and MoEUT against its dense baseline.
 
-    python bench/train_step.py [--steps 5]     # CPU, 1 process
+    python bench/train_step.py [--steps 5] [--compile]    # CPU, 1 process
     python bench/train_step.py --gpu           # one CUDA GPU, bf16; imports only torch + triton
 
 CPU (fp32, PyTorch expert path):
@@ -12,6 +12,9 @@ CPU (fp32, PyTorch expert path):
    the ratio of their medians is the overhead (goal ≤ 1.10). Data loading is not part of either.
 2. MoEUT-44M against dense-44M: tokens/s of forward + backward and the activation bytes per
    token autograd keeps for backward (weights not counted), as ratios in one run.
+3. With `--compile`: MoEUT eager against `model.compile: true` at the tiny and 44M profiles,
+   forward + backward alternating step by step, and the seconds of the first compiled step
+   (tracing and inductor's C++ builds).
 
 GPU (`--gpu`): MoEUT-244M with the Triton kernels and with the PyTorch path, and dense-244M, in
 bf16 autocast over fp32 weights with AdamW: tokens/s, MFU against the device's bf16 peak
@@ -100,17 +103,21 @@ def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
     return saved.bytes
 
 
+def forward_backward_step_seconds(model: torch.nn.Module, tokens: torch.Tensor) -> float:
+    started = time.perf_counter()
+    output = model(tokens[:, :-1])
+    lm_loss(output.logits, tokens[:, 1:]).backward()
+    seconds = time.perf_counter() - started
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
 def forward_backward_seconds(model: torch.nn.Module, batches: Iterator, steps: int) -> float:
-    times = []
-    for step in range(steps + 1):
-        tokens = next(batches)
-        started = time.perf_counter()
-        output = model(tokens[:, :-1])
-        lm_loss(output.logits, tokens[:, 1:]).backward()
-        if step:
-            times.append(time.perf_counter() - started)
-        model.zero_grad(set_to_none=True)
-    return statistics.median(times)
+    """Median seconds of `steps` forward + backward passes, after one untimed pass."""
+    forward_backward_step_seconds(model, next(batches))
+    return statistics.median(
+        forward_backward_step_seconds(model, next(batches)) for _ in range(steps)
+    )
 
 
 def cpu(steps: int) -> None:
@@ -145,6 +152,29 @@ def cpu(steps: int) -> None:
         f"ratio moeut/dense: tokens/s {moe_speed / dense_speed:.2f}, "
         f"activation memory per token {moe_memory / dense_memory:.2f}"
     )
+
+
+def eager_against_compiled(steps: int) -> None:
+    print("\nMoEUT eager against model.compile: true: forward + backward, fp32")
+    print(f"{'profile':<10} {'tokens':>7} {'eager s':>8} {'compiled s':>10} {'speed-up':>8} "
+          f"{'first compiled step s':>21}")  # fmt: skip
+    for profile, batch, seq_len in (("tiny", 16, 128), ("moeut-44m", 2, 256)):
+        models = {}
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            config = MoEUTConfig.from_profile(profile, kernel="torch", compile=compiled)
+            models[compiled] = MoEUTLM(config).train()
+        batches = random_batches(models[False].config.vocab_size, batch, seq_len)
+        first = forward_backward_step_seconds(models[True], next(batches))
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for step in range(steps + 1):
+            for compiled in (False, True) if step % 2 else (True, False):
+                seconds = forward_backward_step_seconds(models[compiled], next(batches))
+                if step:  # the eager model's first step allocates
+                    times[compiled].append(seconds)
+        eager, compiled = (statistics.median(times[c]) for c in (False, True))
+        print(f"{profile:<10} {batch * seq_len:>7} {eager:>8.3f} {compiled:>10.3f} "
+              f"{eager / compiled:>8.2f} {first:>21.1f}")  # fmt: skip
 
 
 def gpu(steps: int, peak_tflops: float, batch: int, seq_len: int) -> None:
@@ -188,6 +218,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument(
+        "--compile", action="store_true", help="CPU mode: also eager against model.compile"
+    )
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--batch", type=int, default=16, help="GPU mode: sequences per step")
     parser.add_argument("--seq-len", type=int, default=1024, help="GPU mode")
@@ -196,6 +229,8 @@ def main() -> None:
         gpu(args.steps, args.peak_tflops, args.batch, args.seq_len)
     else:
         cpu(args.steps)
+        if args.compile:
+            eager_against_compiled(args.steps)
 
 
 if __name__ == "__main__":
