@@ -92,9 +92,8 @@ def training_config(settings: DemoSettings) -> dict:
     """The tiny profile on 2 processes, expert parallel; batch 16 × 128 tokens.
 
     Eager, not `model.compile`: compiled, 200 steps trained 4 % faster in wall time (69 against
-    72 s), but the exported model would compile again for the validation and the sample (35 s
-    against 2 s for the sample alone), and inductor needs a C++ compiler on the machine
-    (docs/benchmarks.md, session 8)."""
+    72 s), within this machine's run-to-run swings, and inductor needs a C++ compiler, which the
+    README's two commands do not install (docs/benchmarks.md, session 8)."""
     return {
         "out_dir": str(settings.run_dir),
         "seed": settings.seed,

@@ -16,6 +16,7 @@ and moves it into place whole.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -198,7 +199,11 @@ def save_pretrained(
 
 def read_config(model_dir: str | os.PathLike) -> ModelConfig:
     """The config of a model directory (its `arch`, "moeut" if it names none, and that
-    architecture's fields); a `ConfigError` naming the file if it is damaged."""
+    architecture's fields); a `ConfigError` naming the file if it is damaged.
+
+    With `compile` false whatever the run chose: compiling is the choice of the program that
+    loads the model (`model.compile()`), and sampling, whose KV cache grows every token, would
+    recompile at each one (20 tokens of the demo's model: 35 s compiled, 2 s eager)."""
     path = Path(model_dir) / CONFIG_FILE
     try:
         values = json.loads(path.read_bytes())
@@ -207,13 +212,16 @@ def read_config(model_dir: str | os.PathLike) -> ModelConfig:
     if not isinstance(values, dict):
         raise ConfigError(f"{path} holds a JSON {type(values).__name__}, not an object")
     try:
-        return arch.get(values.pop("arch", "moeut")).config_class.from_dict(values)
+        config = arch.get(values.pop("arch", "moeut")).config_class.from_dict(values)
     except (ValueError, TypeError) as error:  # unknown keys; missing keys or wrong types
         raise ConfigError(f"{path}: {error}") from error
+    if getattr(config, "compile", False):  # MoEUT's field; the dense baseline has none
+        config = dataclasses.replace(config, compile=False)
+    return config
 
 
 def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """The model saved in `model_dir`, in eval mode, with the saved dtype."""
+    """The model saved in `model_dir`, in eval mode, with the saved dtype; eager (`read_config`)."""
     model_dir = Path(model_dir)
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if not (model_dir / required).is_file():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch._dynamo.utils import counters
 
 from moeut_dist import MoEUTConfig, MoEUTLM
 from moeut_dist.arch.moeut import to_official_state_dict
@@ -107,6 +109,17 @@ def test_model_directory_round_trip(model, tmp_path):
     loaded = load_pretrained(tmp_path)
     assert loaded.config == model.config
     torch.testing.assert_close(loaded(prompt()).logits, model(prompt()).logits, rtol=0, atol=0)
+
+
+def test_a_model_trained_compiled_loads_eager(tmp_path):
+    """Compiling is the loading program's choice: compiled, sampling would recompile the layers
+    as the KV cache grows."""
+    torch.manual_seed(0)
+    save_pretrained(MoEUTLM(dataclasses.replace(TINY, compile=True)), tmp_path)
+    loaded = load_pretrained(tmp_path)
+    counters.clear()
+    list(generate(loaded, prompt(), SamplingConfig(3, temperature=0)))
+    assert counters["frames"]["total"] == 0  # no frame was handed to dynamo
 
 
 def test_model_directory_mismatch_names_the_tensor(model, tmp_path):
