@@ -40,6 +40,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from alternating import alternating_seconds, paired_ratio
 
 if not torch.cuda.is_available():
     # Must precede the first `triton.jit` decoration, i.e. importing the kernels.
@@ -244,23 +245,6 @@ def main() -> None:
     print("vs dense: fraction of an equal-FLOP dense matmul's throughput (1.0 = ceiling)")
 
 
-def alternating_seconds(
-    fns: dict[str, Callable[[], object]], repeats: int
-) -> dict[str, list[float]]:
-    """Seconds of each function in each of `repeats` rounds, after a warm-up round. In a round
-    every function runs once, so that a shared machine's load hits all of them alike, and the
-    order reverses every round, so that each follows each of the others (and itself) equally
-    often: one that always ran right after another would inherit its caches and freed memory."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for repeat in range(repeats + 1):
-        for name in list(fns) if repeat % 2 else reversed(fns):
-            start = time.perf_counter()
-            fns[name]()
-            if repeat:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
 def torch_kernels_at(revision: str) -> ModuleType:
     """`moeut_dist/kernels/torch_kernels.py` as it was at a git revision of this checkout."""
     source = subprocess.run(
@@ -342,12 +326,10 @@ def seconds_of_first_call(work: Workload) -> float:
 
 def _print_comparison(name: str, rows: dict[str, tuple[list[float], float]]) -> None:
     """A line per path: its median ms, its speed-up over the reference (by medians, by minima,
-    and paired: the median of the rounds' own ratios, each round having run both back to back,
-    so that a change in the machine's load between rounds cancels), and the bytes per token it
-    keeps for backward."""
+    and paired), and the bytes per token it keeps for backward."""
     reference = rows["reference"][0]
     for path, (seconds, kept_bytes) in rows.items():
-        paired = statistics.median(r / s for r, s in zip(reference, seconds, strict=True))
+        paired = paired_ratio(reference, seconds)
         print(
             f"{name:<46} {path:<20} {statistics.median(seconds) * 1e3:>7.1f} "
             f"{statistics.median(reference) / statistics.median(seconds):>8.2f} "

@@ -1,6 +1,6 @@
 """Training-step benchmark: framework overhead, and MoEUT against its dense baseline.
 
-    python bench/train_step.py [--steps 5] [--compile]    # CPU, 1 process
+    python bench/train_step.py [--steps 11] [--compile]   # CPU, 1 process
     python bench/train_step.py --gpu           # one CUDA GPU, bf16; imports only torch + triton
 
 CPU (fp32, PyTorch expert path):
@@ -8,10 +8,13 @@ CPU (fp32, PyTorch expert path):
 1. Framework overhead at the tiny and MoEUT-44M profiles: one step of `moeut train`'s
    `train_step` (DeepSpeed ZeRO-1 engine, 1 process, losses kept on the device) against a bare
    forward + backward + clipping + `torch.optim.AdamW` step of the same model on the same
-   batches. The two alternate step by step, so that the shared machine's load hits both alike;
-   the ratio of their medians is the overhead (goal ≤ 1.10). Data loading is not part of either.
-2. MoEUT-44M against dense-44M: tokens/s of forward + backward and the activation bytes per
-   token autograd keeps for backward (weights not counted), as ratios in one run.
+   batches. The two alternate step by step, the order reversing every step (`alternating`), so
+   that the shared machine's load hits both alike; the overhead is the ratio of their medians,
+   and paired, the median of each step's own ratio (goal ≤ 1.10). Data loading is not part of
+   either.
+2. MoEUT-44M against dense-44M: tokens/s of forward + backward, alternating step by step, and
+   the activation bytes per token autograd keeps for backward (weights not counted), as ratios
+   in one run.
 3. With `--compile`: MoEUT eager against `model.compile: true` at the tiny and 44M profiles,
    forward + backward alternating step by step, and the seconds of the first compiled step
    (tracing and inductor's C++ builds).
@@ -24,12 +27,14 @@ bf16 autocast over fp32 weights with AdamW: tokens/s, MFU against the device's b
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
 
 import torch
+from alternating import alternating_seconds, paired_ratio
 
 from moeut_dist import DenseLM, MoEUTConfig, MoEUTLM, arch, profiles
 from moeut_dist.activation_memory import SavedTensorBytes
@@ -56,8 +61,9 @@ def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: 
     optimizer.zero_grad(set_to_none=True)
 
 
-def framework_overhead(profile: str, batch: int, seq_len: int, steps: int) -> tuple[float, float]:
-    """Median seconds of (moeut train's step, the bare step) at `profile`."""
+def framework_overhead(profile: str, batch: int, seq_len: int, steps: int) -> dict[str, list]:
+    """Seconds of moeut train's step ("train_step") and of the bare step ("bare") at `profile`,
+    alternating step by step."""
     from moeut_dist.parallel.build import build_model
     from moeut_dist.parallel.engine import create_engine
     from moeut_dist.parallel.layout import ParallelConfig, initialize
@@ -81,17 +87,13 @@ def framework_overhead(profile: str, batch: int, seq_len: int, steps: int) -> tu
         optimizer = torch.optim.AdamW(bare.parameters(), lr=LR, weight_decay=0.01)
         engine_batches = random_batches(config.vocab_size, batch, seq_len)
         bare_batches = random_batches(config.vocab_size, batch, seq_len)
-        times: dict[str, list[float]] = {"train_step": [], "bare": []}
-        for step in range(steps + 1):
-            for name, run in (
-                ("train_step", lambda: loop.train_step(engine, engine_batches, plan)),
-                ("bare", lambda: bare_step(bare, optimizer, next(bare_batches))),
-            ):
-                started = time.perf_counter()
-                run()
-                if step:  # the first step allocates and starts threads
-                    times[name].append(time.perf_counter() - started)
-        return statistics.median(times["train_step"]), statistics.median(times["bare"])
+        return alternating_seconds(
+            {
+                "train_step": lambda: loop.train_step(engine, engine_batches, plan),
+                "bare": lambda: bare_step(bare, optimizer, next(bare_batches)),
+            },
+            steps,
+        )
 
 
 def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
@@ -103,78 +105,85 @@ def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
     return saved.bytes
 
 
-def forward_backward_step_seconds(model: torch.nn.Module, tokens: torch.Tensor) -> float:
-    started = time.perf_counter()
+def forward_backward(model: torch.nn.Module, batches: Iterator) -> None:
+    tokens = next(batches)
     output = model(tokens[:, :-1])
     lm_loss(output.logits, tokens[:, 1:]).backward()
-    seconds = time.perf_counter() - started
     model.zero_grad(set_to_none=True)
-    return seconds
 
 
-def forward_backward_seconds(model: torch.nn.Module, batches: Iterator, steps: int) -> float:
-    """Median seconds of `steps` forward + backward passes, after one untimed pass."""
-    forward_backward_step_seconds(model, next(batches))
-    return statistics.median(
-        forward_backward_step_seconds(model, next(batches)) for _ in range(steps)
-    )
+def alternating_forward_backward(
+    models: dict[str, torch.nn.Module], batches: Iterator, steps: int
+) -> dict[str, list[float]]:
+    """Seconds of each model's forward + backward in each of `steps` rounds, alternating."""
+    rounds = {
+        name: functools.partial(forward_backward, model, batches) for name, model in models.items()
+    }
+    return alternating_seconds(rounds, steps)
 
 
 def cpu(steps: int) -> None:
     kept = keep_freed_memory()  # as `moeut train` does on CPUs, for both sides
     print(
         f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"freed memory {'kept' if kept else 'returned'}"
+        f"freed memory {'kept' if kept else 'returned'}; {steps} rounds, alternating"
     )
-    print("\nFramework overhead: moeut train step / bare fwd + bwd + AdamW (goal ≤ 1.10)")
-    print(f"{'profile':<10} {'tokens':>7} {'train_step s':>12} {'bare s':>8} {'ratio':>6}")
+    print(
+        "\nFramework overhead: moeut train step / bare fwd + bwd + AdamW (goal ≤ 1.10), by "
+        "medians and paired"
+    )
+    print(f"{'profile':<10} {'tokens':>7} {'train_step s':>12} {'bare s':>8} {'ratio':>6} "
+          f"{'paired':>6}")  # fmt: skip
     for profile, batch, seq_len in (("tiny", 16, 128), ("moeut-44m", 2, 256)):
-        full, bare = framework_overhead(profile, batch, seq_len, steps)
-        tokens = batch * seq_len
-        print(f"{profile:<10} {tokens:>7} {full:>12.3f} {bare:>8.3f} {full / bare:>6.2f}")
+        times = framework_overhead(profile, batch, seq_len, steps)
+        full, bare = (statistics.median(times[name]) for name in ("train_step", "bare"))
+        paired = paired_ratio(times["train_step"], times["bare"])
+        print(f"{profile:<10} {batch * seq_len:>7} {full:>12.3f} {bare:>8.3f} {full / bare:>6.2f} "
+              f"{paired:>6.2f}")  # fmt: skip
 
     print("\nMoEUT-44M against dense-44M: forward + backward, fp32, batch 2 × 256")
     print(f"{'model':<10} {'tokens/s':>9} {'activation MB/token':>20}")
-    results = {}
+    models = {}
     for name, build in (
         ("moeut-44m", lambda: MoEUTLM(MoEUTConfig.from_profile("moeut-44m", kernel="torch"))),
         ("dense-44m", lambda: DenseLM(profiles.get_dense("dense-44m"))),
     ):
         torch.manual_seed(0)
-        model = build().train()
-        batches = random_batches(model.config.vocab_size, 2, 256)
-        seconds = forward_backward_seconds(model, batches, steps)
-        activation = saved_activation_bytes(model, next(batches)) / (2 * 256)
-        results[name] = (2 * 256 / seconds, activation)
-        print(f"{name:<10} {results[name][0]:>9.0f} {activation / 1e6:>20.3f}")
-    (moe_speed, moe_memory), (dense_speed, dense_memory) = results.values()
+        models[name] = build().train()
+    batches = random_batches(models["moeut-44m"].config.vocab_size, 2, 256)
+    times = alternating_forward_backward(models, batches, steps)
+    speed = {name: 2 * 256 / statistics.median(times[name]) for name in models}
+    memory = {
+        name: saved_activation_bytes(m, next(batches)) / (2 * 256) for name, m in models.items()
+    }
+    for name in models:
+        print(f"{name:<10} {speed[name]:>9.0f} {memory[name] / 1e6:>20.3f}")
     print(
-        f"ratio moeut/dense: tokens/s {moe_speed / dense_speed:.2f}, "
-        f"activation memory per token {moe_memory / dense_memory:.2f}"
+        f"ratio moeut/dense: tokens/s {speed['moeut-44m'] / speed['dense-44m']:.2f} (paired "
+        f"{paired_ratio(times['dense-44m'], times['moeut-44m']):.2f}), activation memory per "
+        f"token {memory['moeut-44m'] / memory['dense-44m']:.2f}"
     )
 
 
 def eager_against_compiled(steps: int) -> None:
     print("\nMoEUT eager against model.compile: true: forward + backward, fp32")
     print(f"{'profile':<10} {'tokens':>7} {'eager s':>8} {'compiled s':>10} {'speed-up':>8} "
-          f"{'first compiled step s':>21}")  # fmt: skip
+          f"{'paired':>6} {'first compiled step s':>21}")  # fmt: skip
     for profile, batch, seq_len in (("tiny", 16, 128), ("moeut-44m", 2, 256)):
         models = {}
         for compiled in (False, True):
             torch.manual_seed(0)
             config = MoEUTConfig.from_profile(profile, kernel="torch", compile=compiled)
-            models[compiled] = MoEUTLM(config).train()
-        batches = random_batches(models[False].config.vocab_size, batch, seq_len)
-        first = forward_backward_step_seconds(models[True], next(batches))
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for step in range(steps + 1):
-            for compiled in (False, True) if step % 2 else (True, False):
-                seconds = forward_backward_step_seconds(models[compiled], next(batches))
-                if step:  # the eager model's first step allocates
-                    times[compiled].append(seconds)
-        eager, compiled = (statistics.median(times[c]) for c in (False, True))
+            models["compiled" if compiled else "eager"] = MoEUTLM(config).train()
+        batches = random_batches(config.vocab_size, batch, seq_len)
+        started = time.perf_counter()
+        forward_backward(models["compiled"], batches)
+        first = time.perf_counter() - started
+        times = alternating_forward_backward(models, batches, steps)
+        eager, compiled = (statistics.median(times[name]) for name in ("eager", "compiled"))
+        paired = paired_ratio(times["eager"], times["compiled"])
         print(f"{profile:<10} {batch * seq_len:>7} {eager:>8.3f} {compiled:>10.3f} "
-              f"{eager / compiled:>8.2f} {first:>21.1f}")  # fmt: skip
+              f"{eager / compiled:>8.2f} {paired:>6.2f} {first:>21.1f}")  # fmt: skip
 
 
 def gpu(steps: int, peak_tflops: float, batch: int, seq_len: int) -> None:
@@ -216,7 +225,7 @@ def gpu(steps: int, peak_tflops: float, batch: int, seq_len: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=11)
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument(
         "--compile", action="store_true", help="CPU mode: also eager against model.compile"
