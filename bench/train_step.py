@@ -61,7 +61,9 @@ def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: 
     optimizer.zero_grad(set_to_none=True)
 
 
-def framework_overhead(profile: str, batch: int, seq_len: int, steps: int) -> dict[str, list]:
+def framework_overhead(
+    profile: str, batch: int, seq_len: int, steps: int
+) -> dict[str, list[float]]:
     """Seconds of moeut train's step ("train_step") and of the bare step ("bare") at `profile`,
     alternating step by step."""
     from moeut_dist.parallel.build import build_model
@@ -175,7 +177,7 @@ def eager_against_compiled(steps: int) -> None:
             torch.manual_seed(0)
             config = MoEUTConfig.from_profile(profile, kernel="torch", compile=compiled)
             models["compiled" if compiled else "eager"] = MoEUTLM(config).train()
-        batches = random_batches(config.vocab_size, batch, seq_len)
+        batches = random_batches(models["eager"].config.vocab_size, batch, seq_len)
         started = time.perf_counter()
         forward_backward(models["compiled"], batches)
         first = time.perf_counter() - started
